@@ -1,0 +1,24 @@
+"""Errors raised for bad user input.
+
+Every error a user can cause by a config value, a path or a file's contents is one of these.
+The CLI prints them as a single line (``error: ...``) instead of a traceback, so the message
+must name the bad value and say how to fix it.
+"""
+
+from __future__ import annotations
+
+
+class LmexpError(Exception):
+    """Base class of the errors the CLI reports as one line."""
+
+
+class ConfigError(LmexpError, ValueError):
+    """A configuration value is invalid (unknown preset, impossible sizes, ...)."""
+
+
+class DataError(LmexpError, ValueError):
+    """Input data is missing, unreadable, or too small for the requested setup."""
+
+
+class CheckpointError(LmexpError, ValueError):
+    """A checkpoint is missing, unreadable, or does not match the tokenizer or model."""
