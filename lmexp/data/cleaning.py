@@ -1,0 +1,99 @@
+"""Text cleaning: Unicode normalization, control characters, empty/short/duplicate removal."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+Normalization = Literal["NFC", "NFKC", "none"]
+Dedupe = Literal["documents", "lines", "none"]
+
+# Control characters (Unicode category Cc) except newline and tab, which carry layout.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+@dataclass
+class CleaningReport:
+    """What cleaning did, so a surprising corpus size can be explained."""
+
+    documents_in: int = 0
+    normalized: int = 0
+    control_chars_removed: int = 0
+    empty_dropped: int = 0
+    too_short_dropped: int = 0
+    duplicates_dropped: int = 0
+    duplicate_lines_dropped: int = 0
+    documents_out: int = 0
+    chars_out: int = 0
+
+    def summary(self) -> str:
+        return (
+            f"cleaning: {self.documents_in} documents in, {self.documents_out} kept "
+            f"({self.chars_out:,} chars); dropped {self.empty_dropped} empty, "
+            f"{self.too_short_dropped} too short, {self.duplicates_dropped} duplicate documents, "
+            f"{self.duplicate_lines_dropped} duplicate lines; {self.normalized} normalized, "
+            f"{self.control_chars_removed} control characters removed"
+        )
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def clean_text(text: str, normalization: Normalization = "NFC") -> tuple[str, bool, int]:
+    """Normalize one document; returns (text, whether normalization changed it, controls removed)."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    normalized = text if normalization == "none" else unicodedata.normalize(normalization, text)
+    cleaned, removed = _CONTROL.subn("", normalized)
+    return cleaned.strip("\n"), normalized != text, removed
+
+
+def clean_documents(
+    texts: Iterable[str],
+    normalization: Normalization = "NFC",
+    min_chars: int = 1,
+    dedupe: Dedupe = "documents",
+) -> tuple[list[str], CleaningReport]:
+    """Clean documents and drop empty, too-short and exact-duplicate ones.
+
+    ``dedupe="lines"`` also drops every line seen before anywhere in the corpus (useful for
+    scraped text with boilerplate; harmful for verse or code, where lines legitimately repeat).
+    """
+    report = CleaningReport()
+    seen_documents: set[bytes] = set()
+    seen_lines: set[bytes] = set()
+    kept: list[str] = []
+    for raw in texts:
+        report.documents_in += 1
+        text, changed, removed = clean_text(raw, normalization)
+        report.normalized += changed
+        report.control_chars_removed += removed
+        if dedupe == "lines":
+            lines = []
+            for line in text.split("\n"):
+                key = hashlib.blake2b(line.encode(), digest_size=16).digest()
+                if line.strip() and key in seen_lines:
+                    report.duplicate_lines_dropped += 1
+                    continue
+                seen_lines.add(key)
+                lines.append(line)
+            text = "\n".join(lines)
+        if not text.strip():
+            report.empty_dropped += 1
+            continue
+        if len(text) < min_chars:
+            report.too_short_dropped += 1
+            continue
+        if dedupe != "none":
+            key = hashlib.blake2b(text.encode(), digest_size=16).digest()
+            if key in seen_documents:
+                report.duplicates_dropped += 1
+                continue
+            seen_documents.add(key)
+        kept.append(text)
+        report.chars_out += len(text)
+    report.documents_out = len(kept)
+    return kept, report

@@ -1,0 +1,238 @@
+"""TextDataModule: raw text in, resumable token batches out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
+from tokenizers import Tokenizer
+from torch.utils.data import DataLoader
+
+from lmexp.data.batches import TokenBatches, causal_lm_batch
+from lmexp.data.cache import TokenCache, build_token_cache
+from lmexp.data.cleaning import Dedupe, Normalization
+from lmexp.data.masking import MLMBatchTransform
+from lmexp.data.sources import lmexp_cache_dir, source_fingerprint
+from lmexp.data.tokenizer import Task, TokenizerKind, special_tokens_for
+from lmexp.errors import ConfigError, DataError
+
+
+class TextDataModule(pl.LightningDataModule):
+    """Clean a text corpus, train a tokenizer, cache token ids, and serve batches.
+
+    The task (causal or masked LM) and the block size come from the model being trained unless
+    set here, so they are never typed twice. ``prepare_data`` does the expensive work once per
+    node; every rank then memory-maps the same cache and reads its own share of the batches.
+
+    Args:
+        source: A text file, folder, glob, ``.jsonl``/``.csv``/``.tsv`` file, or a built-in
+            corpus: ``python-docs`` (offline, the default), ``python-stdlib``, ``tinyshakespeare``.
+        text_column: Field or column that holds the text in JSONL/CSV/TSV input.
+        tokenizer: ``char``, ``bpe`` (byte-level) or ``wordpiece``.
+        vocab_size: Target vocabulary size for ``bpe``/``wordpiece`` (``char`` uses its alphabet).
+        batch_size: Samples per batch on each device.
+        block_size: Tokens per sample; ``None`` takes the model's context length.
+        task: ``causal_lm`` or ``masked_lm``; ``None`` takes the model's.
+        val_fraction: Share of documents held out for validation.
+        test_fraction: Share of documents held out for testing.
+        seed: Seed of the split and of the batch order.
+        normalization: Unicode normalization applied while cleaning.
+        min_chars: Documents shorter than this are dropped.
+        dedupe: Drop exact-duplicate ``documents`` (default), also repeated ``lines``, or ``none``.
+        mlm_probability: Share of tokens selected for masked LM.
+        sentence_order: Add sentence-order prediction labels (masked LM only).
+        cache_dir: Where token caches live; default ``$LMEXP_CACHE_DIR`` or ``~/.cache/lmexp``.
+        num_workers: DataLoader workers; 0 is fastest here since batches are memory-map slices.
+    """
+
+    def __init__(
+        self,
+        source: str = "python-docs",
+        text_column: str = "text",
+        tokenizer: TokenizerKind = "char",
+        vocab_size: int = 4096,
+        batch_size: int = 12,
+        block_size: int | None = None,
+        task: Task | None = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.0,
+        seed: int = 1337,
+        normalization: Normalization = "NFC",
+        min_chars: int = 1,
+        dedupe: Dedupe = "documents",
+        mlm_probability: float = 0.15,
+        sentence_order: bool = False,
+        cache_dir: str | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"data.{name}={value} must be in [0, 1), e.g. 0.1")
+        if val_fraction + test_fraction >= 1.0:
+            raise ConfigError(
+                f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction} leaves no "
+                "training data: keep their sum below 1"
+            )
+        if batch_size < 1:
+            raise ConfigError(f"data.batch_size={batch_size} must be at least 1")
+        self.save_hyperparameters()
+        self.source = source
+        self.text_column = text_column
+        self.tokenizer_kind = tokenizer
+        self.vocab_size_target = vocab_size
+        self.batch_size = batch_size
+        self.block_size = block_size
+        self.task = task
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.seed = seed
+        self.normalization = normalization
+        self.min_chars = min_chars
+        self.dedupe = dedupe
+        self.mlm_probability = mlm_probability
+        self.sentence_order = sentence_order
+        self.cache_root = Path(cache_dir) if cache_dir else lmexp_cache_dir() / "tokens"
+        self.num_workers = num_workers
+        self.cache: TokenCache | None = None
+        self._train: TokenBatches | None = None
+        self._resume: dict[str, int] | None = None
+
+    # ----------------------------------------------------------------- what the model needs
+    def _model_attribute(self, name: str) -> Any:
+        trainer = self.trainer
+        module = trainer.lightning_module if trainer is not None else None
+        return getattr(module, name, None)
+
+    def resolved_task(self) -> Task:
+        task = self.task or self._model_attribute("data_task")
+        if task is None:
+            raise ConfigError("data.task is not set and the model does not declare one: set data.task")
+        return task
+
+    def resolved_block_size(self) -> int:
+        block_size = self.block_size or self._model_attribute("block_size")
+        if block_size is None:
+            raise ConfigError("data.block_size is not set and the model does not declare one: set data.block_size")
+        return int(block_size)
+
+    def cache_settings(self) -> dict[str, Any]:
+        task = self.resolved_task()
+        return {
+            "source": self.source,
+            "fingerprint": source_fingerprint(self.source),
+            "text_column": self.text_column,
+            "normalization": self.normalization,
+            "min_chars": self.min_chars,
+            "dedupe": self.dedupe,
+            "val_fraction": self.val_fraction,
+            "test_fraction": self.test_fraction,
+            "seed": self.seed,
+            "tokenizer": self.tokenizer_kind,
+            "vocab_size": self.vocab_size_target,
+            "special_tokens": special_tokens_for(self.tokenizer_kind, task),
+        }
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def prepare_data(self) -> None:
+        build_token_cache(self.cache_root, self.cache_settings(), log=rank_zero_info)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.cache is None:
+            self.cache = build_token_cache(self.cache_root, self.cache_settings(), log=lambda _: None)
+        needed = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"]}.get(stage or "fit", [])
+        window, _ = self._window()
+        for split in needed:
+            tokens = self.cache.meta["splits"][split]["tokens"]
+            if tokens < window:
+                fraction = {"train": "", "val": " or a larger data.val_fraction", "test": " or a larger data.test_fraction"}
+                raise DataError(
+                    f"the {split} split has {tokens} tokens, fewer than one sample of {window} "
+                    f"(block_size={self.resolved_block_size()}): use more text, a smaller block_size{fraction[split]}"
+                )
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self.cache is None:
+            raise RuntimeError("the tokenizer exists after prepare_data() and setup()")
+        return self.cache.tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def bytes_per_token(self, split: str = "val") -> float:
+        """UTF-8 bytes per token, to turn nats per token into bits per byte."""
+        assert self.cache is not None
+        return self.cache.bytes_per_token(split)
+
+    # -------------------------------------------------------------------- batches
+    def _transform(self):
+        if self.resolved_task() == "masked_lm":
+            return MLMBatchTransform(
+                self.tokenizer.get_vocab(), self.mlm_probability, self.sentence_order, self.seed
+            )
+        if self.sentence_order:
+            raise ConfigError("data.sentence_order applies to masked LM only: remove it or train MaskedLM")
+        return causal_lm_batch
+
+    def _window(self) -> tuple[int, int]:
+        """(tokens fetched per sample, distance between samples)."""
+        block_size = self.resolved_block_size()
+        if self.resolved_task() == "masked_lm":
+            framing = 3 if self.sentence_order else 2
+            return block_size - framing, block_size - framing
+        return block_size + 1, block_size  # inputs and shifted labels share all but one token
+
+    def _batches(self, split: str, shuffle: bool) -> TokenBatches:
+        assert self.cache is not None
+        window, stride = self._window()
+        trainer = self.trainer
+        return TokenBatches(
+            self.cache.tokens(split),
+            window,
+            stride,
+            self.batch_size,
+            shuffle=shuffle,
+            seed=self.seed,
+            rank=trainer.global_rank if trainer else 0,
+            world_size=trainer.world_size if trainer else 1,
+            transform=self._transform(),
+            epoch_fn=(lambda: trainer.current_epoch) if trainer else (lambda: 0),
+        )
+
+    def _loader(self, dataset: TokenBatches) -> DataLoader:
+        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        self._train = self._batches("train", shuffle=True)
+        if len(self._train) == 0:
+            raise DataError(
+                f"the train split has too few tokens for one batch of {self.batch_size} x "
+                f"{self.resolved_block_size()}: lower data.batch_size or block_size, or add text"
+            )
+        if self._resume is not None:
+            self._train.resume_from(self._resume["epoch"], self._resume["batches_done"])
+            self._resume = None
+        return self._loader(self._train)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self._batches("val", shuffle=False))
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self._batches("test", shuffle=False))
+
+    # ------------------------------------------------------ exact mid-epoch resume
+    def state_dict(self) -> dict[str, Any]:
+        """Where training stands in the data, saved in every checkpoint."""
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        return {"epoch": trainer.current_epoch, "batches_done": int(done)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict:
+            self._resume = {"epoch": int(state_dict["epoch"]), "batches_done": int(state_dict["batches_done"])}

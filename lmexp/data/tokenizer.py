@@ -1,0 +1,88 @@
+"""Tokenizers trained with Hugging Face ``tokenizers``: character-level, byte-level BPE, WordPiece."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Literal
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from lmexp.errors import ConfigError
+
+TokenizerKind = Literal["char", "bpe", "wordpiece"]
+Task = Literal["causal_lm", "masked_lm"]
+
+PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
+MLM_SPECIAL_TOKENS = [PAD, UNK, CLS, SEP, MASK]
+
+
+def special_tokens_for(kind: TokenizerKind, task: Task) -> list[str]:
+    """Special tokens a tokenizer needs: masked LM needs the BERT set, otherwise only [UNK]."""
+    if task == "masked_lm":
+        return list(MLM_SPECIAL_TOKENS)
+    # Byte-level BPE can encode any string, so it needs no unknown token.
+    return [] if kind == "bpe" else [UNK]
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    kind: TokenizerKind = "char",
+    vocab_size: int = 4096,
+    special_tokens: list[str] | None = None,
+) -> Tokenizer:
+    """Train a tokenizer on an iterator of documents.
+
+    ``char`` keeps every character seen as one token (``vocab_size`` is then ignored: the
+    alphabet decides it); ``bpe`` is GPT-2-style byte-level BPE; ``wordpiece`` is BERT's.
+    """
+    specials = list(special_tokens or [])
+    if kind == "char":
+        # A BPE model with no merges is exactly a character vocabulary.
+        tokenizer = Tokenizer(models.BPE(unk_token=UNK if UNK in specials else None))
+        tokenizer.decoder = decoders.Fuse()
+        trainer = trainers.BpeTrainer(vocab_size=1, special_tokens=specials, show_progress=False)
+    elif kind == "bpe":
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+    elif kind == "wordpiece":
+        tokenizer = Tokenizer(models.WordPiece(unk_token=UNK))
+        tokenizer.normalizer = normalizers.BertNormalizer(lowercase=False)
+        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tokenizer.decoder = decoders.WordPiece()
+        if UNK not in specials:
+            specials.insert(0, UNK)
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    else:
+        raise ConfigError(f"tokenizer {kind!r} is unknown: choose one of char, bpe, wordpiece")
+    if kind != "char" and vocab_size < 32:
+        raise ConfigError(f"vocab_size={vocab_size} is too small for {kind}: use at least 32")
+    tokenizer.train_from_iterator(_as_iterator(texts), trainer)
+    return tokenizer
+
+
+def _as_iterator(texts: Iterable[str]) -> Iterator[str]:
+    yield from texts
+
+
+def tokenizer_hash(tokenizer: Tokenizer) -> str:
+    """Identity of a tokenizer's full definition, to tell whether two tokenizers agree."""
+    return hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:16]
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load ``tokenizer.json`` (or the one inside a folder)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise ConfigError(f"tokenizer file {str(path)!r} does not exist: pass a tokenizer.json or its folder")
+    return Tokenizer.from_file(str(path))

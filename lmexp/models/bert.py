@@ -1,0 +1,60 @@
+"""BERT: bidirectional encoder trained by masked language modelling."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lmexp.models.config import ModelConfig
+from lmexp.models.layers import TransformerTrunk, init_gpt2_weights
+
+
+class MaskedLMHead(nn.Module):
+    """Transform then decode hidden states to vocabulary logits, as in the original BERT."""
+
+    def __init__(self, config: ModelConfig, embedding: nn.Embedding) -> None:
+        super().__init__()
+        vocab_size = config.require_vocab_size()
+        self.dense = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.act = nn.GELU(approximate="tanh")
+        self.ln = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.decoder = nn.Linear(config.n_embd, vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.decoder.weight = embedding.weight
+        # Kept apart from the decoder so the tied weight matrix can stay bias-free.
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.decoder(self.ln(self.act(self.dense(hidden)))) + self.bias  # (B, T, V)
+
+
+class BERT(nn.Module):
+    """Bidirectional transformer with token-type embeddings, an MLM head and a [CLS] pooler."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.trunk = TransformerTrunk(config, causal=False, token_types=True)
+        self.mlm_head = MaskedLMHead(config, self.trunk.tok_emb)
+        self.pooler = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        init_gpt2_weights(self, config.n_layer)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+    ) -> Tensor:
+        """input_ids (B, T) -> hidden states (B, T, C).
+
+        attention_mask (B, T): 1 for real tokens, 0 for padding; token_type_ids (B, T): segment ids.
+        """
+        return self.trunk(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+
+    def mlm_logits(self, hidden: Tensor) -> Tensor:
+        """hidden (B, T, C) -> logits (B, T, V). Apply it to masked positions only to save compute."""
+        return self.mlm_head(hidden)
+
+    def pool(self, hidden: Tensor) -> Tensor:
+        """hidden (B, T, C) -> (B, C): the [CLS] state, for sequence classification."""
+        return torch.tanh(self.pooler(hidden[:, 0]))

@@ -1,0 +1,133 @@
+"""Model configuration shared by every architecture, and named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+from lmexp.errors import ConfigError
+
+Arch = Literal["gpt", "bert", "lstm"]
+Position = Literal["learned", "rotary"]
+
+
+@dataclass
+class ModelConfig:
+    """Architecture and sizes of a language model."""
+
+    arch: Arch = "gpt"
+    """Architecture: gpt (causal transformer), bert (bidirectional transformer) or lstm."""
+    n_layer: int = 4
+    """Number of transformer blocks or LSTM layers."""
+    n_head: int = 4
+    """Attention heads per block (ignored by lstm)."""
+    n_embd: int = 128
+    """Width of the hidden states (embedding and LSTM hidden size)."""
+    block_size: int = 64
+    """Context length in tokens (bert: including [CLS]/[SEP])."""
+    vocab_size: int | None = None
+    """Vocabulary size; left unset it is taken from the tokenizer."""
+    dropout: float = 0.0
+    """Dropout probability on embeddings, attention probabilities and residual branches."""
+    bias: bool = True
+    """Use biases in linear layers and layer norms."""
+    position: Position = "learned"
+    """Position encoding of transformers: learned absolute embeddings or rotary (RoPE)."""
+    tie_embeddings: bool = True
+    """Share the token embedding matrix with the output projection."""
+    mlp_ratio: int = 4
+    """Hidden width of the transformer MLP as a multiple of n_embd."""
+    type_vocab_size: int = 2
+    """Number of bert token types (segments)."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block in the backward pass to save activation memory."""
+
+    def __post_init__(self) -> None:
+        _check_choice("arch", self.arch, get_args(Arch))
+        _check_choice("position", self.position, get_args(Position))
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "mlp_ratio", "type_vocab_size"):
+            _check_positive(name, getattr(self, name))
+        if self.vocab_size is not None:
+            _check_positive("vocab_size", self.vocab_size)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(
+                f"dropout={self.dropout} is outside [0, 1): use a probability such as 0.1, or 0 to disable"
+            )
+        if self.arch == "lstm":
+            return
+        if self.n_embd % self.n_head != 0:
+            raise ConfigError(
+                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
+                "choose n_embd as a multiple of n_head"
+            )
+        if self.position == "rotary" and self.head_dim % 2 != 0:
+            raise ConfigError(
+                f"rotary positions need an even head dimension but n_embd/n_head={self.head_dim}: "
+                "choose n_embd as a multiple of 2*n_head"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def require_vocab_size(self) -> int:
+        """The vocabulary size, which must be known before any weights are built."""
+        if self.vocab_size is None:
+            raise ConfigError(
+                "vocab_size is not set: it comes from the tokenizer; "
+                "set model vocab_size or train through a data module"
+            )
+        return self.vocab_size
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with some fields changed, validated like a new config."""
+        _check_fields(changes)
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Smallest useful transformer: for tests.
+    "gpt-tiny": dict(arch="gpt", n_layer=2, n_head=2, n_embd=32, block_size=32),
+    # nanoGPT's CPU recipe for character-level Shakespeare.
+    "gpt-nano": dict(arch="gpt", n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0),
+    # nanoGPT's GPU recipe for character-level Shakespeare.
+    "gpt-mini": dict(arch="gpt", n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2),
+    # GPT-2 small (124M parameters with its BPE vocabulary).
+    "gpt2": dict(arch="gpt", n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),
+    "bert-tiny": dict(arch="bert", n_layer=2, n_head=2, n_embd=32, block_size=32),
+    "bert-mini": dict(arch="bert", n_layer=4, n_head=4, n_embd=256, block_size=128),
+    # BERT-base sizes (110M parameters with its WordPiece vocabulary).
+    "bert-base": dict(arch="bert", n_layer=12, n_head=12, n_embd=768, block_size=512, vocab_size=30522),
+    "lstm-small": dict(arch="lstm", n_layer=2, n_embd=256, block_size=64),
+}
+
+
+def from_name(name: str, **overrides: Any) -> ModelConfig:
+    """The preset called `name`, with some fields overridden."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}: choose one of {', '.join(PRESETS)}")
+    _check_fields(overrides)
+    return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+def _check_fields(changes: dict[str, Any]) -> None:
+    fields = [f.name for f in dataclasses.fields(ModelConfig)]
+    unknown = sorted(set(changes) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown model config field(s) {', '.join(unknown)}: valid fields are {', '.join(fields)}"
+        )
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not supported: choose one of {', '.join(choices)}")
+
+
+def _check_positive(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name}={value!r} must be a positive integer: set it to 1 or more")

@@ -1,0 +1,215 @@
+"""The transformer stack shared by GPT (causal) and BERT (bidirectional)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from lmexp.models.config import ModelConfig
+from lmexp.models.kv_cache import KVCache
+
+Rope = tuple[Tensor, Tensor]
+"""Rotary cos and sin tables for the positions of the current input, each (T, hs)."""
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position tables (RoPE, rotate-half layout), precomputed for the whole context."""
+
+    def __init__(self, head_dim: int, max_length: int, base: float = 10000.0) -> None:
+        super().__init__()
+        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(max_length, dtype=torch.float32), inv_freq)  # (L, hs/2)
+        angles = torch.cat((angles, angles), dim=-1)  # (L, hs)
+        # Not persistent: derived from the config, so checkpoints need not carry them.
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, offset: int, length: int) -> Rope:
+        """Tables for positions [offset, offset + length)."""
+        return self.cos[offset : offset + length], self.sin[offset : offset + length]
+
+
+def apply_rotary(x: Tensor, rope: Rope) -> Tensor:
+    """Rotate queries or keys (B, nh, T, hs) by their positions' angles."""
+    cos, sin = (t.to(x.dtype) for t in rope)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through scaled_dot_product_attention (fused kernels when available)."""
+
+    def __init__(self, config: ModelConfig, causal: bool, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.causal = causal
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.out_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: Rope | None = None,
+        attn_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """x (B, T, C) -> (B, T, C).
+
+        attn_mask is boolean, True where a query may attend to a key, broadcastable to
+        (B, nh, T, S) with S the number of keys (cached plus new); causality is added here.
+        """
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        hs = C // self.n_head
+        q, k, v = (t.view(B, T, self.n_head, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if rope is not None:
+            q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.update(self.layer_idx, k, v)  # (B, nh, past + T, hs)
+        # The fused causal path assumes queries and keys start at the same position.
+        is_causal = self.causal and attn_mask is None and past == 0
+        if self.causal and not is_causal and T > 1:
+            # Query i sits at position past + i and sees keys [0, past + i].
+            causal_mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device)
+            causal_mask = causal_mask.tril(diagonal=past)  # (T, S)
+            attn_mask = causal_mask if attn_mask is None else attn_mask & causal_mask
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal,
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.out_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        hidden = config.mlp_ratio * config.n_embd
+        self.fc_in = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.act = nn.GELU(approximate="tanh")
+        self.out_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.out_proj(self.act(self.fc_in(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: normalising inside the residual branch keeps deep stacks stable."""
+
+    def __init__(self, config: ModelConfig, causal: bool, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = Attention(config, causal, layer_idx)
+        self.ln2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: Rope | None = None,
+        attn_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        x = x + self.attn(self.ln1(x), rope, attn_mask, cache)
+        return x + self.mlp(self.ln2(x))
+
+
+class TransformerTrunk(nn.Module):
+    """Embeddings, blocks and final LayerNorm: everything but the task head."""
+
+    def __init__(self, config: ModelConfig, causal: bool, token_types: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        self.causal = causal
+        self.tok_emb = nn.Embedding(config.require_vocab_size(), config.n_embd)
+        self.pos_emb = nn.Embedding(config.block_size, config.n_embd) if config.position == "learned" else None
+        self.rotary = (
+            RotaryEmbedding(config.head_dim, config.block_size) if config.position == "rotary" else None
+        )
+        self.type_emb = nn.Embedding(config.type_vocab_size, config.n_embd) if token_types else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, causal, i) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """input_ids (B, T) -> hidden states (B, T, C).
+
+        attention_mask (B, T): 1 for real tokens, 0 for padding that no token may attend to.
+        """
+        B, T = input_ids.shape
+        past = self._check_input(B, T, cache)
+        x = self.tok_emb(input_ids)  # (B, T, C)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(past, past + T, device=input_ids.device))  # (T, C) broadcast
+        if self.type_emb is not None:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(input_ids)
+            x = x + self.type_emb(token_type_ids)
+        x = self.drop(x)
+        rope = self.rotary(past, T) if self.rotary is not None else None
+        mask = attention_mask.bool()[:, None, None, :] if attention_mask is not None else None  # (B, 1, 1, T)
+        recompute = self.config.activation_checkpointing and self.training and cache is None
+        for block in self.blocks:
+            if recompute:
+                x = checkpoint(block, x, rope, mask, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, cache)
+        if cache is not None:
+            cache.advance(T)
+        return self.ln_f(x)
+
+    def _check_input(self, batch_size: int, length: int, cache: KVCache | None) -> int:
+        """Validate the input against the context and cache; return the number of cached positions."""
+        block_size = self.config.block_size
+        if cache is None:
+            if length > block_size:
+                raise ValueError(
+                    f"input has {length} tokens but block_size={block_size}: "
+                    f"crop inputs to at most {block_size} tokens"
+                )
+            return 0
+        if cache.batch_size != batch_size:
+            raise ValueError(f"input batch size {batch_size} does not match the KV cache's {cache.batch_size}")
+        if cache.length + length > block_size:
+            raise ValueError(
+                f"{cache.length} cached + {length} new tokens exceed block_size={block_size}: "
+                "reset the cache and prefill a cropped context"
+            )
+        return cache.length
+
+
+def init_gpt2_weights(model: nn.Module, n_layer: int) -> None:
+    """GPT-2 initialisation: N(0, 0.02) weights, zero biases, and residual output projections
+    scaled by 1/sqrt(2 * n_layer) so the residual stream's variance does not grow with depth."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    for module in model.modules():
+        if isinstance(module, (Attention, MLP)):
+            nn.init.normal_(module.out_proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))

@@ -1,0 +1,228 @@
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmexp.errors import ConfigError
+from lmexp.models import (
+    BERT,
+    GPT,
+    LSTMLM,
+    PRESETS,
+    ModelConfig,
+    build_model,
+    count_parameters,
+    from_name,
+)
+
+VOCAB = 50
+
+
+def tiny(arch: str = "gpt", **overrides) -> ModelConfig:
+    return from_name(f"{arch}-tiny", vocab_size=VOCAB, **overrides)
+
+
+def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+REFERENCE_SIZES = {"gpt2": 124_439_808, "bert-base": 110_104_890}
+
+
+@pytest.mark.parametrize("name", [n for n in PRESETS if n not in REFERENCE_SIZES])
+def test_preset_builds(name):
+    model = build_model(from_name(name, vocab_size=VOCAB))
+    assert count_parameters(model) > 0
+
+
+@pytest.mark.parametrize("name", REFERENCE_SIZES)
+def test_reference_preset_parameter_count(name):
+    # BERT-base: 109,482,240 of HF BertModel (pooler included) + 622,650 for the MLM head.
+    with torch.device("meta"):
+        model = build_model(from_name(name))
+    assert count_parameters(model) == REFERENCE_SIZES[name]
+
+
+def test_from_name_overrides_and_replace():
+    config = from_name("gpt-nano", vocab_size=65, dropout=0.1)
+    assert (config.n_layer, config.vocab_size, config.dropout) == (4, 65, 0.1)
+    assert config.replace(position="rotary").position == "rotary"
+    assert config.to_dict()["n_embd"] == 128
+
+
+def test_unknown_preset_lists_valid_names():
+    with pytest.raises(ConfigError, match="unknown model preset 'gpt-huge': choose one of gpt-tiny, gpt-nano"):
+        from_name("gpt-huge")
+
+
+def test_unknown_field():
+    with pytest.raises(ConfigError, match="unknown model config field.* n_layers: valid fields are arch"):
+        from_name("gpt-tiny", n_layers=3)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (dict(n_embd=30, n_head=4), "n_embd=30 is not divisible by n_head=4: choose n_embd as a multiple of n_head"),
+        (dict(n_embd=12, n_head=4, position="rotary"), "rotary positions need an even head dimension but n_embd/n_head=3"),
+        (dict(dropout=1.0), "dropout=1.0 is outside [0, 1)"),
+        (dict(dropout=-0.1), "dropout=-0.1 is outside [0, 1)"),
+        (dict(n_layer=0), "n_layer=0 must be a positive integer"),
+        (dict(vocab_size=0), "vocab_size=0 must be a positive integer"),
+        (dict(arch="rnn"), "arch='rnn' is not supported: choose one of gpt, bert, lstm"),
+        (dict(position="alibi"), "position='alibi' is not supported: choose one of learned, rotary"),
+    ],
+)
+def test_invalid_config(fields, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        ModelConfig(**fields)
+
+
+def test_lstm_ignores_head_divisibility():
+    ModelConfig(arch="lstm", n_embd=30, n_head=4)
+
+
+def test_build_requires_vocab_size():
+    with pytest.raises(ConfigError, match="vocab_size is not set: it comes from the tokenizer"):
+        build_model(from_name("gpt-tiny"))
+
+
+def test_build_dispatches_on_arch():
+    assert isinstance(build_model(tiny("gpt")), GPT)
+    assert isinstance(build_model(tiny("bert")), BERT)
+    assert isinstance(build_model(from_name("lstm-small", vocab_size=VOCAB, n_embd=16)), LSTMLM)
+
+
+# --- GPT -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("position", ["learned", "rotary"])
+def test_gpt_is_causal(position):
+    model = GPT(tiny(position=position)).eval()
+    ids = random_ids(2, 16)
+    changed = ids.clone()
+    changed[:, 8] = (changed[:, 8] + 1) % VOCAB
+    a, b = model(ids), model(changed)
+    assert a.shape == (2, 16, VOCAB)
+    torch.testing.assert_close(a[:, :8], b[:, :8])
+    assert not torch.allclose(a[:, 8:], b[:, 8:])
+
+
+def test_gpt_rejects_too_long_input():
+    model = GPT(tiny())
+    with pytest.raises(ValueError, match="input has 33 tokens but block_size=32"):
+        model(random_ids(1, 33))
+
+
+def test_gpt_init_scales_residual_projections():
+    model = GPT(from_name("gpt-nano", vocab_size=VOCAB))
+    block = model.trunk.blocks[0]
+    assert block.attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert block.mlp.out_proj.weight.std().item() == pytest.approx(0.02 / (2 * 4) ** 0.5, rel=0.05)
+    assert torch.all(block.attn.qkv.bias == 0)
+
+
+@pytest.mark.parametrize("arch", ["gpt", "bert", "lstm"])
+def test_weight_tying_shares_storage_and_counts_once(arch):
+    config = from_name(f"{arch}-tiny" if arch != "lstm" else "lstm-small", vocab_size=VOCAB, n_embd=32)
+    tied, untied = build_model(config), build_model(config.replace(tie_embeddings=False))
+    embedding = tied.tok_emb if arch == "lstm" else tied.trunk.tok_emb
+    output = tied.mlm_head.decoder if arch == "bert" else tied.lm_head
+    assert output.weight.data_ptr() == embedding.weight.data_ptr()
+    assert count_parameters(untied) - count_parameters(tied) == VOCAB * 32
+
+
+def test_count_parameters_trainable_only():
+    model = GPT(tiny())
+    total = count_parameters(model)
+    model.trunk.tok_emb.weight.requires_grad_(False)
+    assert count_parameters(model, trainable_only=True) == total - VOCAB * 32
+
+
+@pytest.mark.parametrize("position", ["learned", "rotary"])
+def test_kv_cache_matches_full_forward(position):
+    model = GPT(tiny(position=position)).eval()
+    ids = random_ids(2, 20)
+    full = model(ids)
+    cache = model.make_cache(batch_size=2)
+    # Prefill, one chunk of several tokens after a prefix (offset causal mask), then single tokens.
+    pieces = [model(ids[:, :5], cache=cache), model(ids[:, 5:9], cache=cache)]
+    pieces += [model(ids[:, t : t + 1], cache=cache) for t in range(9, 20)]
+    assert cache.length == 20
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_kv_cache_overflow_is_reported():
+    model = GPT(tiny()).eval()
+    cache = model.make_cache(batch_size=1)
+    model(random_ids(1, 30), cache=cache)
+    with pytest.raises(ValueError, match="30 cached \\+ 3 new tokens exceed block_size=32"):
+        model(random_ids(1, 3), cache=cache)
+
+
+def test_activation_checkpointing_gives_same_gradients():
+    ids = random_ids(2, 12)
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = GPT(tiny(activation_checkpointing=checkpointing)).train()
+        F.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
+        grads.append(model.trunk.blocks[0].attn.qkv.weight.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+# --- BERT ------------------------------------------------------------------------------------
+
+
+def test_bert_is_bidirectional_and_heads_have_right_shapes():
+    model = BERT(tiny("bert")).eval()
+    ids = random_ids(2, 16)
+    changed = ids.clone()
+    changed[:, 8] = (changed[:, 8] + 1) % VOCAB
+    a, b = model(ids), model(changed)
+    assert a.shape == (2, 16, 32)
+    assert not torch.allclose(a[:, :8], b[:, :8])
+    assert model.mlm_logits(a).shape == (2, 16, VOCAB)
+    assert model.pool(a).shape == (2, 32)
+
+
+@pytest.mark.parametrize("position", ["learned", "rotary"])
+def test_bert_padding_is_ignored(position):
+    model = BERT(tiny("bert", position=position)).eval()
+    ids = random_ids(2, 10)
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[0, 7:] = 0
+    changed = ids.clone()
+    changed[0, 7:] = (changed[0, 7:] + 1) % VOCAB
+    a, b = model(ids, attention_mask=mask), model(changed, attention_mask=mask)
+    torch.testing.assert_close(a[0, :7], b[0, :7])
+    torch.testing.assert_close(a[1], b[1])
+
+
+def test_bert_token_types_change_hidden_states():
+    model = BERT(tiny("bert")).eval()
+    ids = random_ids(1, 8)
+    types = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1]])
+    assert not torch.allclose(model(ids), model(ids, token_type_ids=types))
+
+
+# --- LSTM ------------------------------------------------------------------------------------
+
+
+def test_lstm_shape_and_training_step():
+    torch.manual_seed(0)
+    model = LSTMLM(ModelConfig(arch="lstm", n_layer=2, n_embd=32, vocab_size=VOCAB, dropout=0.1))
+    ids = random_ids(4, 16)
+    assert model(ids).shape == (4, 16, VOCAB)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(20):
+        loss = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
