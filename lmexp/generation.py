@@ -58,7 +58,9 @@ def generate(
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} is negative: use 0 or more")
     if input_ids.dim() != 2 or input_ids.size(1) == 0:
-        raise ValueError(f"input_ids must be a non-empty (batch, length) tensor, got shape {tuple(input_ids.shape)}")
+        raise ValueError(
+            f"input_ids must be a non-empty (batch, length) tensor, got shape {tuple(input_ids.shape)}"
+        )
     config = getattr(model, "config", None)
     block_size: int | None = getattr(config, "block_size", None)
     if block_size is not None and input_ids.size(1) > block_size:
@@ -98,7 +100,9 @@ def generate(
 
 def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     if not temperature >= 0:
-        raise ValueError(f"temperature={temperature} is invalid: use 0 for greedy decoding or a positive value")
+        raise ValueError(
+            f"temperature={temperature} is invalid: use 0 for greedy decoding or a positive value to sample"
+        )
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k={top_k} is invalid: use a positive number of tokens, or None to disable")
     if top_p is not None and not 0 < top_p <= 1:

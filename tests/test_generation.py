@@ -71,7 +71,8 @@ def test_model_mode_is_restored():
 
 
 def test_prompt_longer_than_context_raises():
-    with pytest.raises(ValueError, match="prompt has 33 tokens but the model's context is block_size=32: shorten"):
+    message = "prompt has 33 tokens but the model's context is block_size=32: shorten the prompt"
+    with pytest.raises(ValueError, match=message):
         generate(tiny_gpt(), prompt(length=33), 1)
 
 

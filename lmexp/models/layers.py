@@ -134,10 +134,9 @@ class TransformerTrunk(nn.Module):
         self.config = config
         self.causal = causal
         self.tok_emb = nn.Embedding(config.require_vocab_size(), config.n_embd)
-        self.pos_emb = nn.Embedding(config.block_size, config.n_embd) if config.position == "learned" else None
-        self.rotary = (
-            RotaryEmbedding(config.head_dim, config.block_size) if config.position == "rotary" else None
-        )
+        learned = config.position == "learned"
+        self.pos_emb = nn.Embedding(config.block_size, config.n_embd) if learned else None
+        self.rotary = None if learned else RotaryEmbedding(config.head_dim, config.block_size)
         self.type_emb = nn.Embedding(config.type_vocab_size, config.n_embd) if token_types else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, causal, i) for i in range(config.n_layer))
@@ -187,7 +186,10 @@ class TransformerTrunk(nn.Module):
                 )
             return 0
         if cache.batch_size != batch_size:
-            raise ValueError(f"input batch size {batch_size} does not match the KV cache's {cache.batch_size}")
+            raise ValueError(
+                f"input batch size {batch_size} does not match the KV cache's {cache.batch_size}: "
+                "make the cache with the input's batch size"
+            )
         if cache.length + length > block_size:
             raise ValueError(
                 f"{cache.length} cached + {length} new tokens exceed block_size={block_size}: "

@@ -54,7 +54,8 @@ def test_from_name_overrides_and_replace():
 
 
 def test_unknown_preset_lists_valid_names():
-    with pytest.raises(ConfigError, match="unknown model preset 'gpt-huge': choose one of gpt-tiny, gpt-nano"):
+    message = "unknown model preset 'gpt-huge': choose one of gpt-tiny, gpt-nano, gpt-mini, gpt2, bert-tiny"
+    with pytest.raises(ConfigError, match=message):
         from_name("gpt-huge")
 
 
@@ -66,8 +67,15 @@ def test_unknown_field():
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        (dict(n_embd=30, n_head=4), "n_embd=30 is not divisible by n_head=4: choose n_embd as a multiple of n_head"),
-        (dict(n_embd=12, n_head=4, position="rotary"), "rotary positions need an even head dimension but n_embd/n_head=3"),
+        (
+            dict(n_embd=30, n_head=4),
+            "n_embd=30 is not divisible by n_head=4: choose n_embd as a multiple of n_head",
+        ),
+        (
+            dict(n_embd=12, n_head=4, position="rotary"),
+            "rotary positions need an even head dimension but n_embd/n_head=3: "
+            "choose n_embd as a multiple of 2*n_head",
+        ),
         (dict(dropout=1.0), "dropout=1.0 is outside [0, 1)"),
         (dict(dropout=-0.1), "dropout=-0.1 is outside [0, 1)"),
         (dict(n_layer=0), "n_layer=0 must be a positive integer"),
@@ -225,4 +233,4 @@ def test_lstm_shape_and_training_step():
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.7 * losses[0]
+    assert losses[-1] < losses[0] - 0.3

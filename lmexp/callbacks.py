@@ -1,0 +1,96 @@
+"""Callbacks lmexp adds to Lightning's: checkpoints with exports, and text samples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
+
+from lmexp.checkpoints import export_safetensors
+from lmexp.generation import generate
+
+
+class LmexpCheckpoint(ModelCheckpoint):
+    """Best and last checkpoints, plus a safetensors export of the best one.
+
+    The export (``<dirpath>/best/``: weights, config, tokenizer) is what inference and
+    compression tools load without Lightning.
+    """
+
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        monitor: str | None = "val/loss",
+        mode: str = "min",
+        filename: str = "best",
+        save_last: bool = True,
+        save_top_k: int = 1,
+        every_n_train_steps: int | None = None,
+        export_best: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            dirpath=dirpath, monitor=monitor, mode=mode, filename=filename, save_last=save_last,
+            save_top_k=save_top_k, every_n_train_steps=every_n_train_steps,
+            auto_insert_metric_name=False, **kwargs,
+        )
+        self.export_best = export_best
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        if self.export_best and filepath == self.best_model_path and trainer.is_global_zero:
+            module = trainer.lightning_module
+            datamodule = getattr(trainer, "datamodule", None)
+            tokenizer = datamodule.tokenizer if getattr(datamodule, "cache", None) is not None else None
+            folder = Path(filepath).with_suffix("")
+            export_safetensors(module.model, module.network_config, folder, tokenizer, type(module).__name__)
+
+
+class SampleText(pl.Callback):
+    """Print (and log, where the logger takes text) a generated sample every N steps and at the end."""
+
+    def __init__(
+        self,
+        every_n_steps: int = 500,
+        prompt: str = "\n",
+        max_new_tokens: int = 200,
+        temperature: float = 0.8,
+        top_k: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.every_n_steps = every_n_steps
+        self.prompt = prompt
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_k = top_k
+        self.seed = seed
+
+    def sample(self, trainer: pl.Trainer) -> str | None:
+        module = trainer.lightning_module
+        datamodule = getattr(trainer, "datamodule", None)
+        if getattr(module, "data_task", None) != "causal_lm" or getattr(datamodule, "cache", None) is None:
+            return None
+        tokenizer = datamodule.tokenizer
+        ids = tokenizer.encode(self.prompt, add_special_tokens=False).ids or [0]
+        prompt = torch.tensor([ids[-module.block_size :]], device=module.device)
+        generator = torch.Generator(device=module.device).manual_seed(self.seed)
+        out = generate(module.model, prompt, self.max_new_tokens, self.temperature, self.top_k, generator=generator)
+        return tokenizer.decode(out[0].tolist())
+
+    def _emit(self, trainer: pl.Trainer, title: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        text = self.sample(trainer)
+        if text is not None:
+            rank_zero_info(f"\n--- {title} ---\n{text}\n---")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0 and trainer.global_step > 0:
+            self._emit(trainer, f"sample at step {trainer.global_step}")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._emit(trainer, f"sample after {trainer.global_step} steps")

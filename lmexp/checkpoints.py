@@ -1,0 +1,95 @@
+"""Load trained networks without Lightning or the CLI, and export them as safetensors.
+
+Compression tools, evaluation scripts and ``lmexp generate`` all come through here: one
+function turns a Lightning ``.ckpt`` or an export folder into a plain ``nn.Module``, its
+config and its tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+from tokenizers import Tokenizer
+from torch import nn
+
+from lmexp.errors import CheckpointError
+from lmexp.models import ModelConfig, build_model
+
+EXPORT_FORMAT = 1
+WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE = "model.safetensors", "config.json", "tokenizer.json"
+
+
+@dataclass
+class LoadedModel:
+    """A network ready for inference, with what is needed to feed it text."""
+
+    model: nn.Module
+    config: ModelConfig
+    tokenizer: Tokenizer | None
+    objective: str | None = None
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """``torch.load`` a Lightning checkpoint safely (``weights_only=True``), with clear errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist: pass the path of a .ckpt file or an export folder")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for corrupt or foreign files
+        raise CheckpointError(f"checkpoint {str(path)!r} could not be read ({type(err).__name__}: {err})") from None
+
+
+def load_checkpoint(path: str | Path) -> LoadedModel:
+    """Load a ``.ckpt`` written by an lmexp objective, or a folder written by ``export_safetensors``."""
+    path = Path(path)
+    if path.is_dir():
+        return _load_export(path)
+    checkpoint = read_checkpoint(path)
+    try:
+        network = checkpoint["hyper_parameters"]["network"]
+        config = ModelConfig(**network)
+    except (KeyError, TypeError):
+        raise CheckpointError(f"{str(path)!r} is not an lmexp checkpoint (no model config inside)") from None
+    model = build_model(config)
+    prefix = "model."
+    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    model.load_state_dict(state)
+    extra = checkpoint.get("lmexp", {})
+    tokenizer = Tokenizer.from_str(extra["tokenizer"]) if "tokenizer" in extra else None
+    return LoadedModel(model.eval(), config, tokenizer, extra.get("objective"))
+
+
+def _load_export(folder: Path) -> LoadedModel:
+    if not (folder / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{str(folder)!r} has no {CONFIG_FILE}: pass a folder written by the export")
+    meta = json.loads((folder / CONFIG_FILE).read_text())
+    config = ModelConfig(**meta["model"])
+    model = build_model(config)
+    load_model(model, str(folder / WEIGHTS_FILE))
+    tokenizer_path = folder / TOKENIZER_FILE
+    tokenizer = Tokenizer.from_file(str(tokenizer_path)) if tokenizer_path.is_file() else None
+    return LoadedModel(model.eval(), config, tokenizer, meta.get("objective"))
+
+
+def export_safetensors(
+    model: nn.Module,
+    config: ModelConfig,
+    folder: str | Path,
+    tokenizer: Tokenizer | None = None,
+    objective: str | None = None,
+) -> Path:
+    """Write ``model.safetensors``, ``config.json`` and ``tokenizer.json`` into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(folder / WEIGHTS_FILE))  # handles tied embeddings
+    meta = {"format": EXPORT_FORMAT, "model": config.to_dict(), "objective": objective}
+    (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    if tokenizer is not None:
+        tokenizer.save(str(folder / TOKENIZER_FILE))
+    return folder

@@ -1,0 +1,8 @@
+"""LightningModules that train ``lmexp.models`` networks with an objective."""
+
+from lmexp.objectives.base import LanguageModelObjective, resolve_network
+from lmexp.objectives.causal_lm import CausalLM
+from lmexp.objectives.masked_lm import MaskedLM
+from lmexp.objectives.schedule import warmup_cosine
+
+__all__ = ["CausalLM", "LanguageModelObjective", "MaskedLM", "resolve_network", "warmup_cosine"]

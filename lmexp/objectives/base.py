@@ -1,0 +1,285 @@
+"""What every language-model objective shares: model building, optimizer, schedule, metrics, state."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics import MeanMetric
+
+from lmexp.errors import CheckpointError, ConfigError
+from lmexp.models import ModelConfig, build_model, count_parameters, from_name
+from lmexp.objectives.schedule import warmup_cosine
+
+CHECKPOINT_KEY = "lmexp"  # our extra entry in Lightning checkpoints
+
+
+def resolve_network(network: str | ModelConfig | Mapping[str, Any], overrides: Mapping[str, Any] | None) -> ModelConfig:
+    """Preset name, config or plain dict (as stored in checkpoints) -> validated ModelConfig."""
+    if isinstance(network, str):
+        config = from_name(network)
+    elif isinstance(network, ModelConfig):
+        config = network
+    else:
+        config = _config_from_mapping(network)
+    if overrides:
+        config = config.replace(**_checked_fields(overrides))
+    return config
+
+
+def _checked_fields(values: Mapping[str, Any]) -> dict[str, Any]:
+    valid = set(ModelConfig.__dataclass_fields__)
+    unknown = sorted(set(values) - valid)
+    if unknown:
+        raise ConfigError(f"unknown model config fields {unknown}: valid fields are {sorted(valid)}")
+    return dict(values)
+
+
+def _config_from_mapping(values: Mapping[str, Any]) -> ModelConfig:
+    return ModelConfig(**_checked_fields(values))
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        # numpy arrays are not allowed by weights_only loading: store as a tensor
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(state["python"]) if not isinstance(state["python"], tuple) else state["python"])
+    kind, key, *rest = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class LanguageModelObjective(pl.LightningModule):
+    """Base LightningModule: wraps any ``lmexp.models`` network with an objective.
+
+    The network is described by data (a preset name or a ``ModelConfig``), not passed as a
+    module, so checkpoints rebuild it without extra arguments. Its vocabulary size comes from
+    the data module's tokenizer when the config leaves it unset.
+
+    Args:
+        network: Preset name (``gpt-nano``, ``bert-mini``, ...) or a full model config.
+        network_overrides: Fields replaced on top of ``network`` (e.g. ``{dropout: 0.1}``).
+        lr: Peak learning rate (AdamW).
+        weight_decay: AdamW decay on weight matrices; biases, norms and embeddings get none.
+        betas: AdamW betas.
+        warmup_steps: Linear warmup length in optimizer steps.
+        max_steps: Length of the cosine decay; ``None`` uses the trainer's planned step count.
+        min_lr_ratio: The floor of the decay as a fraction of ``lr``.
+        fused_adamw: Use the fused AdamW kernel (CPU and CUDA).
+        compile: Compile the network with ``torch.compile`` before training.
+        throughput_every_n_steps: How often tokens per second are logged.
+    """
+
+    data_task: ClassVar[str]
+
+    def __init__(
+        self,
+        network: str | ModelConfig = "gpt-nano",
+        network_overrides: dict[str, Any] | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.99),
+        warmup_steps: int = 100,
+        max_steps: int | None = None,
+        min_lr_ratio: float = 0.1,
+        fused_adamw: bool = True,
+        compile: bool = False,
+        throughput_every_n_steps: int = 50,
+    ) -> None:
+        super().__init__()
+        if lr <= 0:
+            raise ConfigError(f"lr={lr} must be positive, e.g. 1e-3")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ConfigError(f"min_lr_ratio={min_lr_ratio} must be in [0, 1], e.g. 0.1")
+        if warmup_steps < 0:
+            raise ConfigError(f"warmup_steps={warmup_steps} must be >= 0")
+        self.save_hyperparameters()
+        self.network_config = resolve_network(network, network_overrides)
+        self.model: nn.Module | None = None
+        self.bytes_per_token: float | None = None
+        self._pending_rng: dict[str, Any] | None = None
+        self._throughput_start: tuple[float, int] | None = None
+        self.eval_nll = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
+        if self.network_config.vocab_size is not None:
+            self._build()
+
+    # --------------------------------------------------------------- building
+    @property
+    def block_size(self) -> int:
+        return self.network_config.block_size
+
+    def _build(self) -> None:
+        self.model = build_model(self.network_config)
+        self.build_heads()
+        if self.hparams.compile:
+            self.model.compile()
+        rank_zero_info(
+            f"{type(self).__name__}: {self.network_config.arch} with "
+            f"{count_parameters(self.model):,} parameters ({self.network_config.n_layer} layers, "
+            f"{self.network_config.n_embd} dims, context {self.block_size}, vocab {self.network_config.vocab_size})"
+        )
+
+    def build_heads(self) -> None:
+        """Create objective-specific modules once the network exists (override when needed)."""
+
+    def configure_model(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "bytes_per_token"):
+            self.bytes_per_token = datamodule.bytes_per_token("val")
+        if self.model is not None:
+            return
+        vocab_size = getattr(datamodule, "vocab_size", None)
+        if vocab_size is None:
+            raise ConfigError(
+                "the model's vocab_size is unknown: train with a data module that has a tokenizer, "
+                "or set vocab_size in the model config"
+            )
+        self.network_config = self.network_config.replace(vocab_size=vocab_size)
+        self._build()
+
+    # ----------------------------------------------------------- optimization
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups: decay weight matrices; spare biases, norms and embeddings."""
+        embedding_params = {
+            id(p) for m in self.modules() if isinstance(m, nn.Embedding) for p in m.parameters()
+        }
+        decay, no_decay, seen = [], [], set()
+        for param in self.parameters():
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            (decay if param.ndim >= 2 and id(param) not in embedding_params else no_decay).append(param)
+        return [
+            {"params": decay, "weight_decay": self.hparams.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.AdamW(
+            self.parameter_groups(),
+            lr=self.hparams.lr,
+            betas=tuple(self.hparams.betas),
+            fused=self.hparams.fused_adamw or None,
+        )
+        total = self.hparams.max_steps or int(self.trainer.estimated_stepping_batches)
+        if self.hparams.warmup_steps >= total:
+            raise ConfigError(
+                f"warmup_steps={self.hparams.warmup_steps} is not below the {total} training steps: "
+                "lower model.warmup_steps or train longer"
+            )
+        warmup, floor = self.hparams.warmup_steps, self.hparams.min_lr_ratio
+        scheduler = LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total, floor))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -------------------------------------------------------------- the step
+    def compute_loss(self, batch: dict[str, torch.Tensor], stage: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Return (loss to optimize, mean NLL per predicted token, extra metrics to log)."""
+        raise NotImplementedError
+
+    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        loss, nll, extra = self.compute_loss(batch, stage)
+        batch_size = batch["input_ids"].shape[0]
+        if stage == "train":
+            self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        else:
+            n_targets = (batch["labels"] != -100).sum()
+            self.eval_nll[stage].update(nll.detach(), weight=n_targets)
+        for name, value in extra.items():
+            self.log(f"{stage}/{name}", value, on_step=stage == "train", on_epoch=stage != "train",
+                     batch_size=batch_size, sync_dist=stage != "train")
+        return loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def _log_eval_epoch(self, stage: str) -> None:
+        nll = self.eval_nll[stage].compute()
+        self.eval_nll[stage].reset()
+        metrics = {f"{stage}/loss": nll, f"{stage}/ppl": torch.exp(nll)}
+        if self.bytes_per_token:
+            metrics[f"{stage}/bpb"] = nll / math.log(2) / self.bytes_per_token
+        self.log_dict(metrics, prog_bar=stage == "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval_epoch("test")
+
+    # ------------------------------------------------------------ throughput
+    def on_train_batch_end(self, outputs: Any, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        every = self.hparams.throughput_every_n_steps
+        if every <= 0:
+            return
+        tokens = batch["input_ids"].numel() * self.trainer.world_size
+        now = time.perf_counter()
+        if self._throughput_start is None:
+            self._throughput_start = (now, 0)  # the first batch includes warm-up: start after it
+            return
+        started, counted = self._throughput_start
+        counted += tokens
+        if counted >= every * tokens:
+            self.log("train/tokens_per_sec", counted / (now - started), prog_bar=True)
+            self._throughput_start = (now, 0)
+        else:
+            self._throughput_start = (started, counted)
+
+    # ------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Store the resolved network as a plain dict: loadable with torch.load(weights_only=True)
+        # and complete (vocab_size included) for rebuilding without the data.
+        checkpoint["hyper_parameters"]["network"] = self.network_config.to_dict()
+        checkpoint["hyper_parameters"]["network_overrides"] = None
+        extra: dict[str, Any] = {"rng": _rng_state(), "objective": type(self).__name__}
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        if datamodule is not None and getattr(datamodule, "cache", None) is not None:
+            extra["tokenizer"] = datamodule.tokenizer.to_str()
+            extra["bytes_per_token"] = self.bytes_per_token
+        checkpoint[CHECKPOINT_KEY] = extra
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        extra = checkpoint.get(CHECKPOINT_KEY, {})
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        if "tokenizer" in extra and datamodule is not None and getattr(datamodule, "cache", None) is not None:
+            if extra["tokenizer"] != datamodule.tokenizer.to_str():
+                saved = checkpoint["hyper_parameters"]["network"].get("vocab_size")
+                raise CheckpointError(
+                    f"the checkpoint's tokenizer (vocab {saved}) differs from the one the data settings "
+                    f"produce (vocab {datamodule.vocab_size}): use the data settings the checkpoint was "
+                    "trained with (source, tokenizer, vocab_size, split)"
+                )
+        self._pending_rng = extra.get("rng")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Restore the RNG right before the first resumed step, after everything Lightning
+        # does between loading and training that might draw random numbers.
+        if self._pending_rng is not None:
+            _set_rng_state(self._pending_rng)
+            self._pending_rng = None

@@ -1,0 +1,60 @@
+"""Causal language modelling: predict each next token (GPT, LSTM)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from lmexp.errors import ConfigError
+from lmexp.models import ModelConfig
+from lmexp.objectives.base import LanguageModelObjective
+
+
+class CausalLM(LanguageModelObjective):
+    """Next-token cross-entropy, with optional label smoothing during training.
+
+    Args:
+        label_smoothing: Mass spread over the vocabulary in the training loss (0 disables);
+            validation and test always report the plain negative log-likelihood.
+        **kwargs: See ``LanguageModelObjective``.
+    """
+
+    data_task: ClassVar[str] = "causal_lm"
+
+    def __init__(
+        self,
+        network: str | ModelConfig = "gpt-nano",
+        network_overrides: dict[str, Any] | None = None,
+        label_smoothing: float = 0.0,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.99),
+        warmup_steps: int = 100,
+        max_steps: int | None = None,
+        min_lr_ratio: float = 0.1,
+        fused_adamw: bool = True,
+        compile: bool = False,
+        throughput_every_n_steps: int = 50,
+    ) -> None:
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing={label_smoothing} must be in [0, 1), e.g. 0.1")
+        super().__init__(
+            network, network_overrides, lr, weight_decay, betas, warmup_steps, max_steps,
+            min_lr_ratio, fused_adamw, compile, throughput_every_n_steps,
+        )
+        if self.network_config.arch == "bert":
+            raise ConfigError("CausalLM needs a causal network (gpt or lstm), got a bert config: use MaskedLM for bert")
+        self.label_smoothing = label_smoothing
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids)
+
+    def compute_loss(self, batch: dict[str, torch.Tensor], stage: str):
+        logits = self.model(batch["input_ids"])  # (B, T, V)
+        flat_logits, flat_labels = logits.flatten(0, 1), batch["labels"].flatten()
+        nll = F.cross_entropy(flat_logits, flat_labels)
+        if stage == "train" and self.label_smoothing > 0:
+            return F.cross_entropy(flat_logits, flat_labels, label_smoothing=self.label_smoothing), nll, {}
+        return nll, nll, {}

@@ -1,0 +1,70 @@
+"""Masked language modelling (BERT), optionally with sentence-order prediction (ALBERT)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmexp.errors import ConfigError
+from lmexp.models import ModelConfig
+from lmexp.objectives.base import LanguageModelObjective
+
+
+class MaskedLM(LanguageModelObjective):
+    """Cross-entropy on the masked positions only; masking itself happens in the data pipeline.
+
+    Args:
+        sop_weight: Weight of the sentence-order loss when batches carry ``sop_labels``
+            (``data.sentence_order: true``).
+        **kwargs: See ``LanguageModelObjective``.
+    """
+
+    data_task: ClassVar[str] = "masked_lm"
+
+    def __init__(
+        self,
+        network: str | ModelConfig = "bert-mini",
+        network_overrides: dict[str, Any] | None = None,
+        sop_weight: float = 1.0,
+        lr: float = 5e-4,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.98),
+        warmup_steps: int = 100,
+        max_steps: int | None = None,
+        min_lr_ratio: float = 0.1,
+        fused_adamw: bool = True,
+        compile: bool = False,
+        throughput_every_n_steps: int = 50,
+    ) -> None:
+        super().__init__(
+            network, network_overrides, lr, weight_decay, betas, warmup_steps, max_steps,
+            min_lr_ratio, fused_adamw, compile, throughput_every_n_steps,
+        )
+        if self.network_config.arch != "bert":
+            raise ConfigError(f"MaskedLM needs a bert network, got arch={self.network_config.arch!r}: use a bert-* preset")
+        self.sop_weight = sop_weight
+        self.sop_head: nn.Module | None = None
+
+    def build_heads(self) -> None:
+        self.sop_head = nn.Linear(self.network_config.n_embd, 2)
+
+    def compute_loss(self, batch: dict[str, torch.Tensor], stage: str):
+        hidden = self.model(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"))
+        labels = batch["labels"]
+        selected = labels != -100
+        # Project only the masked positions onto the vocabulary: ~15% of the work.
+        logits = self.model.mlm_logits(hidden[selected])  # (N_selected, V)
+        targets = labels[selected]
+        nll = F.cross_entropy(logits, targets)
+        metrics = {"mlm_acc": (logits.argmax(-1) == targets).float().mean()}
+        loss = nll
+        if "sop_labels" in batch:
+            sop_logits = self.sop_head(self.model.pool(hidden))
+            sop_loss = F.cross_entropy(sop_logits, batch["sop_labels"])
+            loss = loss + self.sop_weight * sop_loss
+            metrics["sop_loss"] = sop_loss
+            metrics["sop_acc"] = (sop_logits.argmax(-1) == batch["sop_labels"]).float().mean()
+        return loss, nll, metrics
