@@ -1,0 +1,143 @@
+"""Command line: ``lmexp fit|validate|test|predict`` (LightningCLI) and ``lmexp generate``.
+
+``lmexp`` (the console script), ``python -m lmexp`` and tests all call ``main``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, RichProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from lmexp.callbacks import LmexpCheckpoint
+from lmexp.checkpoints import load_checkpoint
+from lmexp.data import TextDataModule, load_tokenizer
+from lmexp.errors import CheckpointError, ConfigError, LmexpError
+from lmexp.generation import generate
+from lmexp.objectives import LanguageModelObjective
+
+
+class LmexpCLI(LightningCLI):
+    """LightningCLI with lmexp's defaults: best/last checkpoints with an export, a Rich progress
+    bar, learning-rate logging, and our own data sampler (it shards batches across ranks itself)."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        super().__init__(
+            model_class=LanguageModelObjective,
+            datamodule_class=TextDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            trainer_defaults={"use_distributed_sampler": False},
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            run=run,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(LmexpCheckpoint, "checkpoint")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.checkpoint.dirpath is None:
+            root = config.trainer.default_root_dir or os.getcwd()
+            config.checkpoint.dirpath = os.path.join(root, "checkpoints")
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
+        configured = list(config.get("callbacks") or []) + list(callbacks)
+        if config.get("enable_progress_bar", True) is not False and not any(
+            isinstance(c, ProgressBar) for c in configured
+        ):
+            callbacks.append(RichProgressBar())
+        if config.get("logger", True) is not False and not any(isinstance(c, LearningRateMonitor) for c in configured):
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
+        return super()._instantiate_trainer(config, callbacks)
+
+
+def generate_text(
+    ckpt: str,
+    prompt: str = "\n",
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    num_samples: int = 1,
+    kv_cache: bool = True,
+    tokenizer: str | None = None,
+    device: str = "cpu",
+) -> list[str]:
+    """Generate text from a trained causal language model.
+
+    Args:
+        ckpt: A ``.ckpt`` written by training, or an export folder (``checkpoints/best``).
+        prompt: Text the samples continue.
+        max_new_tokens: Tokens to generate per sample.
+        temperature: Softmax temperature; 0 picks the most likely token (greedy).
+        top_k: Sample only among the k most likely tokens.
+        top_p: Sample only within the smallest set of tokens whose probability exceeds p.
+        seed: Random seed of the sampling.
+        num_samples: Independent samples to draw.
+        kv_cache: Reuse attention keys and values between steps (much faster, same output).
+        tokenizer: A ``tokenizer.json`` to use instead of the one saved in the checkpoint.
+        device: ``cpu`` or ``cuda``.
+    """
+    loaded = load_checkpoint(ckpt)
+    if loaded.config.arch == "bert":
+        raise ConfigError(f"{ckpt!r} holds a bert (masked LM) model, which does not generate text: use a GPT or LSTM checkpoint")
+    tok = loaded.tokenizer
+    if tokenizer is not None:
+        tok = load_tokenizer(tokenizer)
+        if tok.get_vocab_size() != loaded.config.vocab_size:
+            raise CheckpointError(
+                f"tokenizer {tokenizer!r} has {tok.get_vocab_size()} tokens but the checkpoint's model "
+                f"has vocab_size={loaded.config.vocab_size}: use the tokenizer.json saved with that checkpoint"
+            )
+    if tok is None:
+        raise CheckpointError(f"{ckpt!r} contains no tokenizer: pass --tokenizer PATH/tokenizer.json")
+    ids = tok.encode(prompt, add_special_tokens=False).ids
+    if not ids:
+        raise ConfigError(f"prompt {prompt!r} encodes to no tokens: give a prompt of at least one known character")
+    if len(ids) > loaded.config.block_size:
+        raise ConfigError(
+            f"the prompt has {len(ids)} tokens but the model's context is block_size={loaded.config.block_size}: "
+            "shorten the prompt"
+        )
+    model = loaded.model.to(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    prompt_ids = torch.tensor([ids] * num_samples, device=device)
+    try:
+        out = generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, generator=generator, use_cache=kv_cache)
+    except ValueError as err:  # invalid sampling settings
+        raise ConfigError(str(err)) from None
+    return [tok.decode(row.tolist()) for row in out]
+
+
+def run_generate(argv: list[str]) -> list[str]:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog="lmexp generate", description=generate_text.__doc__.splitlines()[0])
+    parser.add_function_arguments(generate_text, as_positional=False)
+    config = parser.parse_args(argv)
+    samples = generate_text(**{k: v for k, v in config.as_dict().items() if k != "config"})
+    for i, text in enumerate(samples):
+        if len(samples) > 1:
+            print(f"--- sample {i + 1} ---")
+        print(text)
+    return samples
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``lmexp`` and ``python -m lmexp``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if argv and argv[0] == "generate":
+            run_generate(argv[1:])
+        else:
+            LmexpCLI(args=argv)
+    except LmexpError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
