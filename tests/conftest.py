@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny generated corpora, isolated caches, quiet CPU trainers."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+SUBJECTS = ["the cat", "a dog", "the old king", "my friend", "the small bird", "our teacher"]
+VERBS = ["sees", "likes", "follows", "finds", "hears", "paints"]
+OBJECTS = ["the moon", "a red ball", "the river", "an open door", "the garden", "a quiet song"]
+
+
+def make_corpus(n_paragraphs: int = 200, seed: int = 0) -> str:
+    """Deterministic grammatical text: learnable structure, a few dozen words."""
+    rng = random.Random(seed)
+    paragraphs = []
+    for i in range(n_paragraphs):
+        sentences = [
+            f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}." for _ in range(rng.randint(2, 4))
+        ]
+        paragraphs.append(f"Part {i}.\n" + " ".join(sentences).capitalize())
+    return "\n\n".join(paragraphs) + "\n"
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own token cache, so no test sees another's files."""
+    cache = tmp_path / "lmexp-cache"
+    monkeypatch.setenv("LMEXP_CACHE_DIR", str(cache))
+    return cache
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_state():
+    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
+    yield
+    torch.set_default_dtype(dtype)
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path: Path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text(make_corpus())
+    return path
+
+
+@pytest.fixture
+def cpu_trainer_kwargs(tmp_path: Path) -> dict:
+    return {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": str(tmp_path),
+    }
+
+
+def shared_data(name: str) -> Path:
+    """A file from the shared real-data folder; fails (never skips) when it is missing."""
+    path = Path(__file__).resolve().parents[2] / "shared" / "data" / name
+    if not path.exists():
+        pytest.fail(f"real data {path} is missing: slow tests need the shared data folder beside the project")
+    return path
