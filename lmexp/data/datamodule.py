@@ -230,7 +230,8 @@ class TextDataModule(pl.LightningDataModule):
         trainer = self.trainer
         if trainer is None:
             return {}
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        # `processed` already counts the batch a checkpoint is taken after (`completed` lags).
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         return {"epoch": trainer.current_epoch, "batches_done": int(done)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

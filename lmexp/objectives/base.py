@@ -221,7 +221,10 @@ class LanguageModelObjective(pl.LightningModule):
 
     def _log_eval_epoch(self, stage: str) -> None:
         nll = self.eval_nll[stage].compute()
-        self.eval_nll[stage].reset()
+        # Evaluation runs in inference mode; states reset there would become inference
+        # tensors that a later fit cannot update in place.
+        with torch.inference_mode(False):
+            self.eval_nll[stage].reset()
         metrics = {f"{stage}/loss": nll, f"{stage}/ppl": torch.exp(nll)}
         if self.bytes_per_token:
             metrics[f"{stage}/bpb"] = nll / math.log(2) / self.bytes_per_token

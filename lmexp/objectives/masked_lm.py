@@ -46,10 +46,9 @@ class MaskedLM(LanguageModelObjective):
         if self.network_config.arch != "bert":
             raise ConfigError(f"MaskedLM needs a bert network, got arch={self.network_config.arch!r}: use a bert-* preset")
         self.sop_weight = sop_weight
-        self.sop_head: nn.Module | None = None
 
     def build_heads(self) -> None:
-        self.sop_head = nn.Linear(self.network_config.n_embd, 2)
+        self.sop_head: nn.Module = nn.Linear(self.network_config.n_embd, 2)
 
     def compute_loss(self, batch: dict[str, torch.Tensor], stage: str):
         hidden = self.model(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"))

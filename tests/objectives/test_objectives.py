@@ -1,0 +1,92 @@
+import math
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lmexp import CausalLM, MaskedLM, TextDataModule
+from lmexp.data.masking import MLMBatchTransform
+from lmexp.errors import ConfigError
+from lmexp.objectives import warmup_cosine
+
+
+def test_schedule_values_at_warmup_end_and_end():
+    assert warmup_cosine(0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine(9, 10, 100, 0.1) == pytest.approx(1.0)  # last warmup step reaches the peak
+    assert warmup_cosine(10, 10, 100, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(55, 10, 100, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)  # half way down the cosine
+    assert warmup_cosine(100, 10, 100, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine(500, 10, 100, 0.1) == pytest.approx(0.1)  # stays at the floor
+
+
+def test_weight_decay_spares_biases_norms_and_embeddings():
+    objective = CausalLM("gpt-tiny", {"vocab_size": 50})
+    decay, no_decay = objective.parameter_groups()
+    names = {id(p): n for n, p in objective.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    spared = {names[id(p)] for p in no_decay["params"]}
+    assert decayed and all(n.endswith("weight") and "ln" not in n and "emb" not in n for n in decayed)
+    assert any("tok_emb" in n for n in spared) and any(n.endswith("bias") for n in spared)
+    assert len(decayed) + len(spared) == len(list(objective.parameters()))  # tied weight counted once
+
+
+def overfit(objective, batch, steps: int, lr: float) -> float:
+    optimizer = torch.optim.AdamW(objective.parameters(), lr=lr, weight_decay=0.0)
+    objective.train()
+    for _ in range(steps):
+        loss, _, _ = objective.compute_loss(batch, "train")
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return loss.item()
+
+
+def test_tiny_gpt_overfits_one_batch():
+    torch.manual_seed(0)
+    objective = CausalLM("gpt-tiny", {"vocab_size": 40})
+    tokens = torch.randint(0, 40, (4, 33))
+    batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
+    first, _, _ = objective.compute_loss(batch, "train")
+    assert first.item() == pytest.approx(math.log(40), rel=0.1)
+    assert overfit(objective, batch, 150, 3e-3) < 0.05
+
+
+def test_tiny_bert_overfits_one_masked_batch():
+    torch.manual_seed(0)
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4, **{f"t{i}": i for i in range(5, 40)}}
+    objective = MaskedLM("bert-tiny", {"vocab_size": 40})
+    windows = torch.randint(5, 40, (4, 29))  # + [CLS] [SEP] [SEP] = block_size 32
+    batch = MLMBatchTransform(vocab, mlm_probability=0.3, sentence_order=True)(windows, 0, 0)
+    loss = overfit(objective, batch, 200, 3e-3)
+    assert loss < 0.05  # MLM loss plus SOP loss
+
+
+def test_objectives_refuse_the_wrong_architecture():
+    with pytest.raises(ConfigError, match="use MaskedLM for bert"):
+        CausalLM("bert-tiny")
+    with pytest.raises(ConfigError, match="MaskedLM needs a bert network"):
+        MaskedLM("gpt-tiny")
+
+
+def test_network_overrides_reject_unknown_fields():
+    with pytest.raises(ConfigError, match=r"unknown model config fields \['n_layers'\]"):
+        CausalLM("gpt-tiny", {"n_layers": 3})
+
+
+@pytest.mark.parametrize(("objective_cls", "network", "tokenizer"), [(CausalLM, "gpt-tiny", "char"), (MaskedLM, "bert-tiny", "wordpiece")])
+def test_a_few_dozen_steps_lower_val_loss(tiny_corpus: Path, cpu_trainer_kwargs: dict, objective_cls, network, tokenizer):
+    pl.seed_everything(0)
+    data = TextDataModule(str(tiny_corpus), tokenizer=tokenizer, vocab_size=120, batch_size=8)
+    objective = objective_cls(network, lr=3e-3, warmup_steps=5)
+    trainer = pl.Trainer(
+        max_steps=40, limit_val_batches=4, val_check_interval=40, check_val_every_n_epoch=None, **cpu_trainer_kwargs
+    )
+    before = trainer.validate(objective, datamodule=data, verbose=False)[0]["val/loss"]
+    trainer.fit(objective, datamodule=data)
+    after = trainer.callback_metrics["val/loss"].item()
+    assert after < before - 0.5
+    assert trainer.callback_metrics["val/ppl"].item() == pytest.approx(math.exp(after), rel=1e-4)
+    assert trainer.callback_metrics["val/bpb"].item() == pytest.approx(after / math.log(2) / data.bytes_per_token("val"), rel=1e-4)
+    if objective_cls is MaskedLM:
+        assert 0.0 < trainer.callback_metrics["val/mlm_acc"].item() <= 1.0
