@@ -130,14 +130,29 @@ def run_generate(argv: list[str]) -> list[str]:
     return samples
 
 
+def _user_error(err: BaseException) -> LmexpError | None:
+    """The LmexpError behind ``err``, if any: jsonargparse and Lightning wrap what they catch."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, LmexpError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``lmexp`` and ``python -m lmexp``."""
+    """Entry point of ``lmexp`` and ``python -m lmexp``: user errors become one line and exit 2."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         if argv and argv[0] == "generate":
             run_generate(argv[1:])
         else:
             LmexpCLI(args=argv)
-    except LmexpError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        user_error = _user_error(err)
+        if user_error is None:
+            raise
+        print(f"error: {user_error}", file=sys.stderr)
         raise SystemExit(2) from None

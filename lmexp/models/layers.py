@@ -97,7 +97,7 @@ class MLP(nn.Module):
         super().__init__()
         hidden = config.mlp_ratio * config.n_embd
         self.fc_in = nn.Linear(config.n_embd, hidden, bias=config.bias)
-        self.act = nn.GELU(approximate="tanh")
+        self.act = nn.GELU()
         self.out_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 

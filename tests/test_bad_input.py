@@ -1,0 +1,104 @@
+"""Every bad input gets a one-line error naming the problem and the fix, and exit status 2."""
+
+from pathlib import Path
+
+import pytest
+
+from lmexp.cli import main
+from tests.conftest import make_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fit(source: str, root: Path, *extra: str) -> list[str]:
+    return [
+        "fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), f"--data.source={source}",
+        "--trainer.max_steps=2", "--trainer.val_check_interval=1", "--trainer.limit_val_batches=1",
+        "--model.warmup_steps=1", f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
+        *extra,
+    ]
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_missing_path(tmp_path, capsys):
+    message = one_line_error(capsys, fit(str(tmp_path / "missing.txt"), tmp_path))
+    assert "missing.txt' does not exist: pass an existing file" in message
+
+
+def test_empty_corpus_after_cleaning(tmp_path, capsys):
+    path = tmp_path / "c.txt"
+    path.write_text(make_corpus(20))
+    message = one_line_error(capsys, fit(str(path), tmp_path, "--data.min_chars=100000"))
+    assert "empty after cleaning" in message and "lower data.min_chars" in message
+
+
+def test_binary_input_names_file_and_offset(tmp_path, capsys):
+    path = tmp_path / "b.txt"
+    path.write_bytes(b"hello\n\x00\x01\x02")
+    message = one_line_error(capsys, fit(str(path), tmp_path))
+    assert str(path) in message and "NUL byte at offset 6" in message
+
+
+def test_non_utf8_input_names_file_and_offset(tmp_path, capsys):
+    path = tmp_path / "latin.txt"
+    path.write_bytes("na\u00efve text\n".encode("latin-1"))
+    message = one_line_error(capsys, fit(str(path), tmp_path))
+    assert str(path) in message and "offset 2" in message and "iconv" in message
+
+
+def test_corpus_shorter_than_one_block(tmp_path, capsys):
+    path = tmp_path / "short.txt"
+    path.write_text("\n\n".join(f"line {i} of a short text" for i in range(30)))
+    message = one_line_error(capsys, fit(str(path), tmp_path))
+    assert "fewer than one sample of 129" in message and "smaller block_size" in message
+
+
+def test_unknown_preset_lists_the_valid_ones(tmp_path, capsys):
+    message = one_line_error(capsys, fit("python-docs", tmp_path, "--model.network=gpt-huge"))
+    assert "gpt-huge" in message and "gpt-nano" in message
+
+
+def test_checkpoint_with_another_tokenizer(tmp_path, capsys):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(make_corpus(300))
+    main(fit(str(corpus), tmp_path))
+    capsys.readouterr()
+    other = tmp_path / "other.txt"
+    other.write_text("completely different alphabet: XYZ 0123456789 @#$%\n\n" * 5 + make_corpus(300, seed=3).upper())
+    message = one_line_error(capsys, fit(str(other), tmp_path, "--ckpt_path=last"))
+    assert "checkpoint's tokenizer" in message and "use the data settings the checkpoint was trained with" in message
+
+    wrong = tmp_path / "wrong.json"
+    from lmexp.data import train_tokenizer
+
+    train_tokenizer(["abc"], "char", special_tokens=["[UNK]"]).save(str(wrong))
+    message = one_line_error(
+        capsys, ["generate", "--ckpt", str(tmp_path / "checkpoints" / "last.ckpt"), "--tokenizer", str(wrong)]
+    )
+    assert "tokens but the checkpoint's model has vocab_size=" in message
+
+
+def test_prompt_longer_than_the_context(tmp_path, capsys):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(make_corpus(300))
+    main(fit(str(corpus), tmp_path))
+    capsys.readouterr()
+    message = one_line_error(
+        capsys, ["generate", "--ckpt", str(tmp_path / "checkpoints" / "last.ckpt"), "--prompt", "the cat " * 40]
+    )
+    assert "prompt has 320 tokens but the model's context is block_size=128: shorten the prompt" in message
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+    message = one_line_error(capsys, ["generate", "--ckpt", str(tmp_path / "none.ckpt")])
+    assert "does not exist" in message
