@@ -1,0 +1,33 @@
+"""Callbacks the tests attach to runs in other processes (importable as ``tests.helpers``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+
+class RankRecorder(pl.Callback):
+    """Write, per rank, the initial weights, a digest of every training batch, and the final weights."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.batches: list[str] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(pl_module.model.state_dict(), self.out_dir / f"initial-{trainer.global_rank}.pt")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.batches.append(hashlib.sha1(batch["input_ids"].numpy().tobytes()).hexdigest())
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        rank = trainer.global_rank
+        torch.save(pl_module.model.state_dict(), self.out_dir / f"weights-{rank}.pt")
+        (self.out_dir / f"batches-{rank}.json").write_text(
+            json.dumps({"batches": self.batches, "world_size": trainer.world_size})
+        )
