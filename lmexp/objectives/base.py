@@ -11,12 +11,13 @@ from typing import Any, ClassVar
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
 from lmexp.errors import CheckpointError, ConfigError
+from lmexp.hardware import cpu_has_bf16_units
 from lmexp.models import ModelConfig, build_model, count_parameters, from_name
 from lmexp.objectives.schedule import warmup_cosine
 
@@ -143,6 +144,15 @@ class LanguageModelObjective(pl.LightningModule):
     def build_heads(self) -> None:
         """Create objective-specific modules once the network exists (override when needed)."""
 
+    def setup(self, stage: str) -> None:
+        precision = str(getattr(self.trainer, "precision", ""))
+        if precision.startswith("bf16") and self.device.type == "cpu" and not cpu_has_bf16_units():
+            rank_zero_warn(
+                f"precision={precision} on a CPU without bf16 units (no AMX or AVX512-BF16, CPU "
+                f"capability {torch.backends.cpu.get_cpu_capability()}): bf16 matrix products are "
+                "emulated and training runs far slower than fp32; use --trainer.precision 32-true"
+            )
+
     def configure_model(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "bytes_per_token"):
@@ -191,6 +201,21 @@ class LanguageModelObjective(pl.LightningModule):
         warmup, floor = self.hparams.warmup_steps, self.hparams.min_lr_ratio
         scheduler = LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total, floor))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        # Lightning's mixed-precision plugin refuses to clip fused optimizers because they
+        # unscale fp16 gradients inside step(). Without a grad scaler (fp32, bf16) there is
+        # nothing to unscale, so clipping directly is correct and keeps the fused kernel.
+        if gradient_clip_val and getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # -------------------------------------------------------------- the step
     def compute_loss(self, batch: dict[str, torch.Tensor], stage: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:

@@ -90,3 +90,39 @@ def test_a_few_dozen_steps_lower_val_loss(tiny_corpus: Path, cpu_trainer_kwargs:
     assert trainer.callback_metrics["val/bpb"].item() == pytest.approx(after / math.log(2) / data.bytes_per_token("val"), rel=1e-4)
     if objective_cls is MaskedLM:
         assert 0.0 < trainer.callback_metrics["val/mlm_acc"].item() <= 1.0
+
+
+def test_bf16_on_a_cpu_without_bf16_units_warns_with_the_fix(tiny_corpus: Path, cpu_trainer_kwargs: dict, monkeypatch):
+    monkeypatch.setattr("lmexp.objectives.base.cpu_has_bf16_units", lambda: False)
+    data = TextDataModule(str(tiny_corpus), batch_size=2)
+    trainer = pl.Trainer(max_steps=1, limit_val_batches=0, precision="bf16-mixed", **cpu_trainer_kwargs)
+    with pytest.warns(UserWarning, match=r"without bf16 units .* use --trainer.precision 32-true"):
+        trainer.fit(CausalLM("gpt-tiny", warmup_steps=0), datamodule=data)
+
+
+class GradNormRecorder(pl.Callback):
+    """Record the total gradient norm the optimizer actually steps with (after clipping)."""
+
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        def record(optimizer, args, kwargs):
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            self.norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+
+        trainer.optimizers[0].register_step_pre_hook(record)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_gradient_clipping_keeps_the_fused_optimizer(tiny_corpus: Path, cpu_trainer_kwargs: dict, precision: str):
+    data = TextDataModule(str(tiny_corpus), batch_size=2)
+    recorder = GradNormRecorder()
+    trainer = pl.Trainer(
+        max_steps=3, limit_val_batches=0, precision=precision, gradient_clip_val=1e-3,
+        callbacks=[recorder], **cpu_trainer_kwargs,
+    )
+    objective = CausalLM("gpt-tiny", warmup_steps=0)
+    trainer.fit(objective, datamodule=data)
+    assert trainer.optimizers[0].defaults["fused"] is True
+    assert len(recorder.norms) == 3 and all(norm <= 1e-3 * 1.01 for norm in recorder.norms)

@@ -1,0 +1,15 @@
+"""What the machine can do fast, so settings can be chosen (or questioned) by hardware."""
+
+from __future__ import annotations
+
+import torch
+
+
+def cpu_has_bf16_units() -> bool:
+    """True where the CPU multiplies bf16 natively (AMX tiles or AVX512-BF16).
+
+    Elsewhere (AVX2-only CPUs such as AMD Zen 3) bf16 matrix products are emulated and run
+    two orders of magnitude slower than fp32.
+    """
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
