@@ -101,7 +101,7 @@ def test_bf16_on_a_cpu_without_bf16_units_warns_with_the_fix(tiny_corpus: Path, 
 
 
 class GradNormRecorder(pl.Callback):
-    """Record the total gradient norm the optimizer actually steps with (after clipping)."""
+    """Record the total gradient norm each optimizer step used (after clipping)."""
 
     def __init__(self) -> None:
         self.norms: list[float] = []
@@ -111,7 +111,8 @@ class GradNormRecorder(pl.Callback):
             grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
             self.norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
 
-        trainer.optimizers[0].register_step_pre_hook(record)
+        # Lightning runs forward and backward inside step(closure): read the gradients after it.
+        trainer.optimizers[0].register_step_post_hook(record)
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
