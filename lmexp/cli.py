@@ -144,12 +144,13 @@ def _user_error(err: BaseException) -> LmexpError | None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``lmexp`` and ``python -m lmexp``: user errors become one line and exit 2."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
     try:
-        if argv and argv[0] == "generate":
-            run_generate(argv[1:])
+        if words and words[0] == "generate":
+            run_generate(words[1:])
         else:
-            LmexpCLI(args=argv)
+            # None lets LightningCLI read sys.argv itself (and keep its own checks quiet).
+            LmexpCLI(args=None if argv is None else words)
     except Exception as err:
         user_error = _user_error(err)
         if user_error is None:
