@@ -262,6 +262,9 @@ class LanguageModelObjective(pl.LightningModule):
         self._log_eval_epoch("test")
 
     # ------------------------------------------------------------ throughput
+    def on_validation_start(self) -> None:
+        self._throughput_start = None  # validation time is not training throughput
+
     def on_train_batch_end(self, outputs: Any, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         every = self.hparams.throughput_every_n_steps
         if every <= 0:

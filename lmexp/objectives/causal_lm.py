@@ -24,26 +24,11 @@ class CausalLM(LanguageModelObjective):
     data_task: ClassVar[str] = "causal_lm"
 
     def __init__(
-        self,
-        network: str | ModelConfig = "gpt-nano",
-        network_overrides: dict[str, Any] | None = None,
-        label_smoothing: float = 0.0,
-        lr: float = 1e-3,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.99),
-        warmup_steps: int = 100,
-        max_steps: int | None = None,
-        min_lr_ratio: float = 0.1,
-        fused_adamw: bool = True,
-        compile: bool = False,
-        throughput_every_n_steps: int = 50,
+        self, network: str | ModelConfig = "gpt-nano", label_smoothing: float = 0.0, **kwargs: Any
     ) -> None:
         if not 0.0 <= label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing={label_smoothing} must be in [0, 1), e.g. 0.1")
-        super().__init__(
-            network, network_overrides, lr, weight_decay, betas, warmup_steps, max_steps,
-            min_lr_ratio, fused_adamw, compile, throughput_every_n_steps,
-        )
+        super().__init__(network, **kwargs)
         if self.network_config.arch == "bert":
             raise ConfigError("CausalLM needs a causal network (gpt or lstm), got a bert config: use MaskedLM for bert")
         self.label_smoothing = label_smoothing

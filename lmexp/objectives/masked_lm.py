@@ -24,25 +24,8 @@ class MaskedLM(LanguageModelObjective):
 
     data_task: ClassVar[str] = "masked_lm"
 
-    def __init__(
-        self,
-        network: str | ModelConfig = "bert-mini",
-        network_overrides: dict[str, Any] | None = None,
-        sop_weight: float = 1.0,
-        lr: float = 5e-4,
-        weight_decay: float = 0.01,
-        betas: tuple[float, float] = (0.9, 0.98),
-        warmup_steps: int = 100,
-        max_steps: int | None = None,
-        min_lr_ratio: float = 0.1,
-        fused_adamw: bool = True,
-        compile: bool = False,
-        throughput_every_n_steps: int = 50,
-    ) -> None:
-        super().__init__(
-            network, network_overrides, lr, weight_decay, betas, warmup_steps, max_steps,
-            min_lr_ratio, fused_adamw, compile, throughput_every_n_steps,
-        )
+    def __init__(self, network: str | ModelConfig = "bert-mini", sop_weight: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(network, **kwargs)
         if self.network_config.arch != "bert":
             raise ConfigError(f"MaskedLM needs a bert network, got arch={self.network_config.arch!r}: use a bert-* preset")
         self.sop_weight = sop_weight
