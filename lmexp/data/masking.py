@@ -62,13 +62,10 @@ class MLMBatchTransform:
         n, length = windows.shape
         cls = torch.full((n, 1), self.cls_id, dtype=windows.dtype)
         sep = torch.full((n, 1), self.sep_id, dtype=windows.dtype)
+        # Packed windows have no padding, so no attention_mask: attention keeps its unmasked kernel.
         if not self.sentence_order:
             input_ids = torch.cat([cls, windows, sep], dim=1)
-            return {
-                "input_ids": input_ids,
-                "attention_mask": torch.ones_like(input_ids),
-                "token_type_ids": torch.zeros_like(input_ids),
-            }
+            return {"input_ids": input_ids, "token_type_ids": torch.zeros_like(input_ids)}
         cuts = torch.randint(1, length, (n,), generator=generator)
         swapped = torch.rand(n, generator=generator) < 0.5
         rows, type_rows = [], []
@@ -79,7 +76,6 @@ class MLMBatchTransform:
         input_ids = torch.stack(rows)
         return {
             "input_ids": input_ids,
-            "attention_mask": torch.ones_like(input_ids),
             "token_type_ids": torch.stack(type_rows).long(),
             "sop_labels": swapped.long(),
         }

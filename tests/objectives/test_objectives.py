@@ -21,7 +21,7 @@ def test_schedule_values_at_warmup_end_and_end():
 
 
 def test_weight_decay_spares_biases_norms_and_embeddings():
-    objective = CausalLM("gpt-tiny", {"vocab_size": 50})
+    objective = CausalLM("gpt-tiny", network_overrides={"vocab_size": 50})
     decay, no_decay = objective.parameter_groups()
     names = {id(p): n for n, p in objective.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
@@ -44,7 +44,7 @@ def overfit(objective, batch, steps: int, lr: float) -> float:
 
 def test_tiny_gpt_overfits_one_batch():
     torch.manual_seed(0)
-    objective = CausalLM("gpt-tiny", {"vocab_size": 40})
+    objective = CausalLM("gpt-tiny", network_overrides={"vocab_size": 40})
     tokens = torch.randint(0, 40, (4, 33))
     batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
     first, _, _ = objective.compute_loss(batch, "train")
@@ -55,7 +55,7 @@ def test_tiny_gpt_overfits_one_batch():
 def test_tiny_bert_overfits_one_masked_batch():
     torch.manual_seed(0)
     vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4, **{f"t{i}": i for i in range(5, 40)}}
-    objective = MaskedLM("bert-tiny", {"vocab_size": 40})
+    objective = MaskedLM("bert-tiny", network_overrides={"vocab_size": 40})
     windows = torch.randint(5, 40, (4, 29))  # + [CLS] [SEP] [SEP] = block_size 32
     batch = MLMBatchTransform(vocab, mlm_probability=0.3, sentence_order=True)(windows, 0, 0)
     loss = overfit(objective, batch, 200, 3e-3)
@@ -71,7 +71,7 @@ def test_objectives_refuse_the_wrong_architecture():
 
 def test_network_overrides_reject_unknown_fields():
     with pytest.raises(ConfigError, match=r"unknown model config fields \['n_layers'\]"):
-        CausalLM("gpt-tiny", {"n_layers": 3})
+        CausalLM("gpt-tiny", network_overrides={"n_layers": 3})
 
 
 @pytest.mark.parametrize(("objective_cls", "network", "tokenizer"), [(CausalLM, "gpt-tiny", "char"), (MaskedLM, "bert-tiny", "wordpiece")])

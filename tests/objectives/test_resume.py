@@ -13,7 +13,7 @@ def train(tiny_corpus: Path, root: Path, max_steps: int, ckpt_path: str | None =
     pl.seed_everything(7)
     data = TextDataModule(str(tiny_corpus), batch_size=4)
     # Dropout on, so the test also proves the random state is restored.
-    objective = CausalLM("gpt-tiny", {"dropout": 0.1}, warmup_steps=3, max_steps=12)
+    objective = CausalLM("gpt-tiny", network_overrides={"dropout": 0.1}, warmup_steps=3, max_steps=12)
     checkpoints = LmexpCheckpoint(
         dirpath=str(root), monitor=None, filename="step{step}", every_n_train_steps=6, save_top_k=-1,
         save_last=False, export_best=False,
