@@ -1,4 +1,4 @@
-"""Callbacks lmexp adds to Lightning's: checkpoints with exports, and text samples."""
+"""Callbacks lmexp adds to Lightning's: checkpoints with exports, text samples, a progress bar."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 
 from lmexp.checkpoints import export_safetensors
@@ -94,3 +94,19 @@ class SampleText(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._emit(trainer, f"sample after {trainer.global_step} steps")
+
+
+class StepProgressBar(RichProgressBar):
+    """Rich progress bar titled by optimizer steps when training is bounded by steps.
+
+    Language models train for ``max_steps``, not epochs; Lightning then has no epoch limit and
+    the stock title reads ``Epoch 0/-2``.
+    """
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        trainer = self.trainer
+        if trainer.max_steps is None or trainer.max_steps < 0:
+            return super()._get_train_description(current_epoch)
+        # The title is set at epoch start only (the bar counts batches), so show the budget.
+        description = f"Epoch {current_epoch} (max {trainer.max_steps} steps)"
+        return f"{description:{len(self.validation_description)}}"

@@ -10,10 +10,10 @@ import sys
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, OnExceptionCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lmexp.callbacks import LmexpCheckpoint
+from lmexp.callbacks import LmexpCheckpoint, StepProgressBar
 from lmexp.checkpoints import load_checkpoint
 from lmexp.data import TextDataModule, load_tokenizer
 from lmexp.errors import CheckpointError, ConfigError, LmexpError
@@ -22,8 +22,9 @@ from lmexp.objectives import LanguageModelObjective
 
 
 class LmexpCLI(LightningCLI):
-    """LightningCLI with lmexp's defaults: best/last checkpoints with an export, a Rich progress
-    bar, learning-rate logging, and our own data sampler (it shards batches across ranks itself)."""
+    """LightningCLI with lmexp's defaults: best/last checkpoints with an export, a checkpoint on
+    crash or interrupt, a Rich progress bar, learning-rate logging, and our own data sampler
+    (it shards batches across ranks itself)."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
         super().__init__(
@@ -48,10 +49,15 @@ class LmexpCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
         configured = list(config.get("callbacks") or []) + list(callbacks)
+        checkpoint = next((c for c in configured if isinstance(c, LmexpCheckpoint)), None)
+        if checkpoint is not None and checkpoint.dirpath:
+            # A crash or Ctrl-C between validations keeps its progress: resume with
+            # --ckpt_path <dirpath>/interrupted.ckpt.
+            callbacks.append(OnExceptionCheckpoint(checkpoint.dirpath, filename="interrupted"))
         if config.get("enable_progress_bar", True) is not False and not any(
             isinstance(c, ProgressBar) for c in configured
         ):
-            callbacks.append(RichProgressBar())
+            callbacks.append(StepProgressBar())
         if config.get("logger", True) is not False and not any(isinstance(c, LearningRateMonitor) for c in configured):
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         return super()._instantiate_trainer(config, callbacks)

@@ -31,3 +31,14 @@ class RankRecorder(pl.Callback):
         (self.out_dir / f"batches-{rank}.json").write_text(
             json.dumps({"batches": self.batches, "world_size": trainer.world_size})
         )
+
+
+class FailAtStep(pl.Callback):
+    """Raise in the middle of training, as a crash would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"simulated crash at step {self.step}")

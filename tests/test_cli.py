@@ -47,6 +47,12 @@ def test_quickstart_trains_saves_exports_generates_and_resumes(tmp_path: Path, c
     main(quickstart_args(tmp_path, steps=30) + ["--ckpt_path", "last"])
     assert torch.load(last, weights_only=True)["global_step"] == 30
 
+    for verb in ("validate", "test"):
+        evaluate = [verb, "--config", str(ROOT / "configs" / "quickstart.yaml"), f"--trainer.default_root_dir={tmp_path}",
+                    "--trainer.limit_val_batches=2", "--trainer.limit_test_batches=2", "--ckpt_path", str(best)]
+        main(evaluate)
+        assert f"{'val' if verb == 'validate' else 'test'}/ppl" in capsys.readouterr().out
+
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_every_shipped_config_parses_and_builds(config: Path, tmp_path: Path):
@@ -62,3 +68,22 @@ def test_help_lists_subcommands(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert all(verb in out for verb in ("fit", "validate", "test"))
+
+
+def test_a_crash_between_validations_loses_nothing(tmp_path: Path):
+    def args(root: Path) -> list[str]:
+        return quickstart_args(root, steps=20) + ["--trainer.enable_progress_bar=false"]
+
+    main(args(tmp_path / "straight"))
+    crashed = tmp_path / "crashed"
+    with pytest.raises(RuntimeError, match="simulated crash at step 7"):
+        main(args(crashed) + ["--trainer.callbacks+=tests.helpers.FailAtStep", "--trainer.callbacks.step=7"])
+    interrupted = crashed / "checkpoints" / "interrupted.ckpt"
+    assert torch.load(interrupted, weights_only=True)["global_step"] == 7  # the 7 finished steps are kept
+    main(args(crashed) + ["--ckpt_path", str(interrupted)])
+
+    straight = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=True)
+    resumed = torch.load(crashed / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == straight["global_step"] == 20
+    for name, value in straight["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][name], value, rtol=0, atol=1e-6, msg=name)

@@ -71,6 +71,21 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _forget_unrun_batch(checkpoint: dict[str, Any]) -> None:
+    """Make a checkpoint written on an exception look like one written between batches.
+
+    A crash can happen after a batch was fetched but before it ran. Lightning would count
+    that batch as consumed on restart and shift the validation schedule by one, while the data
+    module (which counts processed batches) replays it. Both must agree on "processed".
+    """
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
+    if not progress:
+        return
+    for counts in (progress["total"], progress["current"]):
+        if counts["ready"] > counts["processed"] and counts["completed"] == counts["processed"]:
+            counts["ready"] = counts["started"] = counts["processed"]
+
+
 class LanguageModelObjective(pl.LightningModule):
     """Base LightningModule: wraps any ``lmexp.models`` network with an objective.
 
@@ -307,6 +322,7 @@ class LanguageModelObjective(pl.LightningModule):
                     "trained with (source, tokenizer, vocab_size, split)"
                 )
         self._pending_rng = extra.get("rng")
+        _forget_unrun_batch(checkpoint)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Restore the RNG right before the first resumed step, after everything Lightning
