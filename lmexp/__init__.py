@@ -1,32 +1,51 @@
-"""lmexp: train, sweep, track and compress language models with PyTorch Lightning."""
+"""lmexp: train, sweep, track and compress language models with PyTorch Lightning.
 
-from lmexp.checkpoints import LoadedModel, export_safetensors, load_checkpoint
-from lmexp.data import TextDataModule, train_tokenizer
-from lmexp.errors import CheckpointError, ConfigError, DataError, LmexpError
-from lmexp.generation import generate
-from lmexp.models import BERT, GPT, LSTMLM, ModelConfig, build_model, from_name
-from lmexp.objectives import CausalLM, LanguageModelObjective, MaskedLM
+Names are imported on first use, so ``import lmexp.models`` (plain PyTorch) stays free of
+Lightning and fast to import.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BERT",
-    "GPT",
-    "LSTMLM",
-    "CausalLM",
-    "CheckpointError",
-    "ConfigError",
-    "DataError",
-    "LanguageModelObjective",
-    "LmexpError",
-    "LoadedModel",
-    "MaskedLM",
-    "ModelConfig",
-    "TextDataModule",
-    "build_model",
-    "export_safetensors",
-    "from_name",
-    "generate",
-    "load_checkpoint",
-    "train_tokenizer",
-]
+_EXPORTS = {
+    "BERT": "lmexp.models",
+    "GPT": "lmexp.models",
+    "LSTMLM": "lmexp.models",
+    "ModelConfig": "lmexp.models",
+    "build_model": "lmexp.models",
+    "from_name": "lmexp.models",
+    "CheckpointError": "lmexp.errors",
+    "ConfigError": "lmexp.errors",
+    "DataError": "lmexp.errors",
+    "LmexpError": "lmexp.errors",
+    "LoadedModel": "lmexp.checkpoints",
+    "export_safetensors": "lmexp.checkpoints",
+    "load_checkpoint": "lmexp.checkpoints",
+    "generate": "lmexp.generation",
+    "train_tokenizer": "lmexp.data",
+    "TextDataModule": "lmexp.data",
+    "CausalLM": "lmexp.objectives",
+    "LanguageModelObjective": "lmexp.objectives",
+    "MaskedLM": "lmexp.objectives",
+}
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from lmexp.checkpoints import LoadedModel, export_safetensors, load_checkpoint
+    from lmexp.data import TextDataModule, train_tokenizer
+    from lmexp.errors import CheckpointError, ConfigError, DataError, LmexpError
+    from lmexp.generation import generate
+    from lmexp.models import BERT, GPT, LSTMLM, ModelConfig, build_model, from_name
+    from lmexp.objectives import CausalLM, LanguageModelObjective, MaskedLM
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'lmexp' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

@@ -68,6 +68,7 @@ class SampleText(pl.Callback):
         self.temperature = temperature
         self.top_k = top_k
         self.seed = seed
+        self._last_sampled_step = -1
 
     def sample(self, trainer: pl.Trainer) -> str | None:
         module = trainer.lightning_module
@@ -89,8 +90,11 @@ class SampleText(pl.Callback):
             rank_zero_info(f"\n--- {title} ---\n{text}\n---")
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0 and trainer.global_step > 0:
-            self._emit(trainer, f"sample at step {trainer.global_step}")
+        step = trainer.global_step
+        # With gradient accumulation several batches end on the same step: sample once.
+        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0 and step != self._last_sampled_step:
+            self._last_sampled_step = step
+            self._emit(trainer, f"sample at step {step}")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._emit(trainer, f"sample after {trainer.global_step} steps")

@@ -1,66 +1,19 @@
 """Command line: ``lmexp fit|validate|test|predict`` (LightningCLI) and ``lmexp generate``.
 
-``lmexp`` (the console script), ``python -m lmexp`` and tests all call ``main``.
+``lmexp`` (the console script), ``python -m lmexp`` and tests all call ``main``. Lightning is
+imported only for the trainer verbs, so ``lmexp generate`` starts without it.
 """
 
 from __future__ import annotations
 
-import os
 import sys
-from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, OnExceptionCheckpoint, ProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lmexp.callbacks import LmexpCheckpoint, StepProgressBar
 from lmexp.checkpoints import load_checkpoint
-from lmexp.data import TextDataModule, load_tokenizer
+from lmexp.data.tokenizer import load_tokenizer
 from lmexp.errors import CheckpointError, ConfigError, LmexpError
 from lmexp.generation import generate
-from lmexp.objectives import LanguageModelObjective
-
-
-class LmexpCLI(LightningCLI):
-    """LightningCLI with lmexp's defaults: best/last checkpoints with an export, a checkpoint on
-    crash or interrupt, a Rich progress bar, learning-rate logging, and our own data sampler
-    (it shards batches across ranks itself)."""
-
-    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
-        super().__init__(
-            model_class=LanguageModelObjective,
-            datamodule_class=TextDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            trainer_defaults={"use_distributed_sampler": False},
-            save_config_kwargs={"overwrite": True},
-            args=args,
-            run=run,
-        )
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(LmexpCheckpoint, "checkpoint")
-
-    def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        if config.checkpoint.dirpath is None:
-            root = config.trainer.default_root_dir or os.getcwd()
-            config.checkpoint.dirpath = os.path.join(root, "checkpoints")
-
-    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
-        configured = list(config.get("callbacks") or []) + list(callbacks)
-        checkpoint = next((c for c in configured if isinstance(c, LmexpCheckpoint)), None)
-        if checkpoint is not None and checkpoint.dirpath:
-            # A crash or Ctrl-C between validations keeps its progress: resume with
-            # --ckpt_path <dirpath>/interrupted.ckpt.
-            callbacks.append(OnExceptionCheckpoint(checkpoint.dirpath, filename="interrupted"))
-        if config.get("enable_progress_bar", True) is not False and not any(
-            isinstance(c, ProgressBar) for c in configured
-        ):
-            callbacks.append(StepProgressBar())
-        if config.get("logger", True) is not False and not any(isinstance(c, LearningRateMonitor) for c in configured):
-            callbacks.append(LearningRateMonitor(logging_interval="step"))
-        return super()._instantiate_trainer(config, callbacks)
 
 
 def generate_text(
@@ -155,6 +108,8 @@ def main(argv: list[str] | None = None) -> None:
         if words and words[0] == "generate":
             run_generate(words[1:])
         else:
+            from lmexp.lightning_cli import LmexpCLI
+
             # None lets LightningCLI read sys.argv itself (and keep its own checks quiet).
             LmexpCLI(args=None if argv is None else words)
     except Exception as err:

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lmexp.checkpoints import load_checkpoint
-from lmexp.cli import LmexpCLI, main
+from lmexp.cli import main
+from lmexp.lightning_cli import LmexpCLI
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

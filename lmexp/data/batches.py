@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable, Iterator
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset
+from torch.utils.data import IterableDataset, get_worker_info
 
 BatchTransform = Callable[[torch.Tensor, int, int], dict[str, torch.Tensor]]
 
@@ -92,8 +92,11 @@ class TokenBatches(IterableDataset):
             first = self._resume[1]
         self._resume = None
         starts = self._starts(epoch)
-        n_batches = len(self)
-        for index in range(first, n_batches):
+        # With DataLoader workers, worker w of k yields every k-th batch; the loader takes them
+        # round-robin, so the order is the same as without workers.
+        worker = get_worker_info()
+        worker_id, n_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        for index in range(first + worker_id, len(self), n_workers):
             batch_starts = starts[index * self.batch_size : (index + 1) * self.batch_size]
             windows = self.tokens[batch_starts[:, None] + self._offsets]  # (B, window)
             yield self.transform(torch.from_numpy(windows.astype(np.int64)), epoch, index)

@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
-from lmexp.data.batches import TokenBatches, causal_lm_batch
+from lmexp.data.batches import BatchTransform, TokenBatches, causal_lm_batch
 from lmexp.data.cache import TokenCache, build_token_cache
 from lmexp.data.cleaning import Dedupe, Normalization
 from lmexp.data.masking import MLMBatchTransform
@@ -169,10 +169,12 @@ class TextDataModule(pl.LightningDataModule):
         return self.cache.bytes_per_token(split)
 
     # -------------------------------------------------------------------- batches
-    def _transform(self):
+    def _transform(self) -> BatchTransform:
         if self.resolved_task() == "masked_lm":
+            rank = self.trainer.global_rank if self.trainer else 0
+            # Each rank draws its own masks (its batch indices repeat across ranks).
             return MLMBatchTransform(
-                self.tokenizer.get_vocab(), self.mlm_probability, self.sentence_order, self.seed
+                self.tokenizer.get_vocab(), self.mlm_probability, self.sentence_order, self.seed + 7919 * rank
             )
         if self.sentence_order:
             raise ConfigError("data.sentence_order applies to masked LM only: remove it or train MaskedLM")
@@ -204,7 +206,9 @@ class TextDataModule(pl.LightningDataModule):
         )
 
     def _loader(self, dataset: TokenBatches) -> DataLoader:
-        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        # Workers are started anew each epoch (not persistent) so their copy of the dataset
+        # sees the current epoch and resume position.
+        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         self._train = self._batches("train", shuffle=True)

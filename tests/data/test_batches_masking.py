@@ -106,3 +106,12 @@ def test_sentence_order_segments_and_labels():
         assert len(first) >= 1 and len(second) >= 1
         joined = torch.cat([second, first]) if swapped else torch.cat([first, second])
         assert torch.equal(joined, torch.arange(5, 35))
+
+
+def test_dataloader_workers_split_batches_without_duplicates():
+    from torch.utils.data import DataLoader
+
+    single = batches()
+    with_workers = list(DataLoader(TokenBatches(TOKENS, 17, 16, 4, shuffle=True, seed=0), batch_size=None, num_workers=2))
+    assert len(with_workers) == len(single)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(single, with_workers))
