@@ -15,3 +15,20 @@ def test_samples_once_per_step_under_gradient_accumulation(tiny_corpus: Path, cp
     trainer.fit(CausalLM("gpt-tiny", warmup_steps=0), datamodule=TextDataModule(str(tiny_corpus), batch_size=2))
     assert caplog.text.count("sample at step 2") == 1 and caplog.text.count("sample at step 4") == 1
     assert "sample after 4 steps ---\nthe " in caplog.text
+
+
+def test_tokens_per_second_reaches_the_logger_at_every_logging_step(tiny_corpus: Path, tmp_path: Path):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=12, log_every_n_steps=3, val_check_interval=5, limit_val_batches=1,
+        check_val_every_n_epoch=None, logger=CSVLogger(str(tmp_path)), enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    objective = CausalLM("gpt-tiny", warmup_steps=0, throughput_every_n_steps=4)
+    trainer.fit(objective, datamodule=TextDataModule(str(tiny_corpus), batch_size=2))
+    rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    rates = [float(r["train/tokens_per_sec"]) for r in rows if r.get("train/tokens_per_sec")]
+    assert len(rates) == 4 and all(rate > 0 for rate in rates)  # steps 3, 6, 9, 12

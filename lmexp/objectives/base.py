@@ -135,7 +135,7 @@ class LanguageModelObjective(pl.LightningModule):
         self.model: nn.Module | None = None
         self.bytes_per_token: float | None = None
         self._pending_rng: dict[str, Any] | None = None
-        self._throughput_start: tuple[float, int] | None = None
+        self._throughput_start: tuple[float, int, int] | None = None  # (time, tokens, steps)
         self.eval_nll = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
         if self.network_config.vocab_size is not None:
             self._build()
@@ -277,25 +277,29 @@ class LanguageModelObjective(pl.LightningModule):
         self._log_eval_epoch("test")
 
     # ------------------------------------------------------------ throughput
-    def on_validation_start(self) -> None:
-        self._throughput_start = None  # validation time is not training throughput
+    def on_validation_end(self) -> None:
+        if self._throughput_start is not None:  # validation time is not training throughput
+            self._throughput_start = (time.perf_counter(), 0, 0)
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Tokens per second over a window of recent steps (a host timer: no device sync).
+
+        The rate is logged every step so that whichever step the logger writes has a value; the
+        window restarts every ``throughput_every_n_steps`` steps and after each validation.
+        """
         every = self.hparams.throughput_every_n_steps
         if every <= 0:
             return
-        tokens = batch["input_ids"].numel() * self.trainer.world_size
         now = time.perf_counter()
-        if self._throughput_start is None:
-            self._throughput_start = (now, 0)  # the first batch includes warm-up: start after it
+        window = self._throughput_start
+        if window is None:  # the first batch of a window only starts the clock
+            self._throughput_start = (now, 0, 0)
             return
-        started, counted = self._throughput_start
-        counted += tokens
-        if counted >= every * tokens:
-            self.log("train/tokens_per_sec", counted / (now - started), prog_bar=True)
-            self._throughput_start = (now, 0)
-        else:
-            self._throughput_start = (started, counted)
+        started, tokens, steps = window
+        tokens += batch["input_ids"].numel() * self.trainer.world_size
+        steps += 1
+        self.log("train/tokens_per_sec", tokens / (now - started), prog_bar=True)
+        self._throughput_start = (now, 0, 0) if steps >= every else (started, tokens, steps)
 
     # ------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
