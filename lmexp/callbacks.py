@@ -50,6 +50,23 @@ class LmexpCheckpoint(ModelCheckpoint):
             export_safetensors(module.model, module.network_config, folder, tokenizer, type(module).__name__)
 
 
+class CheckpointOnException(pl.Callback):
+    """Save ``<dirpath>/interrupted.ckpt`` when training stops on an error or Ctrl-C.
+
+    Lightning's ``OnExceptionCheckpoint`` does the same but also turns every later ``fit``
+    without ``ckpt_path`` into a silent resume; here resuming stays explicit:
+    ``--ckpt_path <dirpath>/interrupted.ckpt``.
+    """
+
+    def __init__(self, dirpath: str, filename: str = "interrupted") -> None:
+        self.path = Path(dirpath) / f"{filename}.ckpt"
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if trainer.state.fn == "fit" and trainer.global_step > 0:
+            trainer.save_checkpoint(self.path)
+            rank_zero_info(f"training stopped by {type(exception).__name__}; resume with --ckpt_path {self.path}")
+
+
 class SampleText(pl.Callback):
     """Print (and log, where the logger takes text) a generated sample every N steps and at the end."""
 
@@ -114,3 +131,8 @@ class StepProgressBar(RichProgressBar):
         # The title is set at epoch start only (the bar counts batches), so show the budget.
         description = f"Epoch {current_epoch} (max {trainer.max_steps} steps)"
         return f"{description:{len(self.validation_description)}}"
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)  # the log folder's version number is not a metric
+        return metrics

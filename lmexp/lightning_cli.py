@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from typing import Any
 
-from lightning.pytorch.callbacks import LearningRateMonitor, OnExceptionCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger
 
-from lmexp.callbacks import LmexpCheckpoint, StepProgressBar
+from lmexp.callbacks import CheckpointOnException, LmexpCheckpoint, StepProgressBar
 from lmexp.data import TextDataModule
 from lmexp.objectives import LanguageModelObjective
+
+
+def _not_an_advertisement(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("💡 Tip:")
 
 
 class LmexpCLI(LightningCLI):
@@ -19,6 +26,11 @@ class LmexpCLI(LightningCLI):
     (it shards batches across ranks itself)."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        # TokenBatches shards batches across workers itself, so its __len__ is exact.
+        warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+        logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_an_advertisement)
         super().__init__(
             model_class=LanguageModelObjective,
             datamodule_class=TextDataModule,
@@ -40,12 +52,15 @@ class LmexpCLI(LightningCLI):
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
+        if config.get("logger") in (True, None):
+            # The logger Lightning would pick without TensorBoard, minus its install notices.
+            config["logger"] = CSVLogger(config.get("default_root_dir") or os.getcwd())
         configured = list(config.get("callbacks") or []) + list(callbacks)
         checkpoint = next((c for c in configured if isinstance(c, LmexpCheckpoint)), None)
         if checkpoint is not None and checkpoint.dirpath:
             # A crash or Ctrl-C between validations keeps its progress: resume with
             # --ckpt_path <dirpath>/interrupted.ckpt.
-            callbacks.append(OnExceptionCheckpoint(checkpoint.dirpath, filename="interrupted"))
+            callbacks.append(CheckpointOnException(checkpoint.dirpath))
         if config.get("enable_progress_bar", True) is not False and not any(
             isinstance(c, ProgressBar) for c in configured
         ):
