@@ -34,6 +34,12 @@ def test_quickstart_trains_saves_exports_generates_and_resumes(tmp_path: Path, c
     export = checkpoints / "best"
     assert {p.name for p in export.iterdir()} == {"model.safetensors", "config.json", "tokenizer.json"}
 
+    # The README's Python example runs as written against this run's export.
+    readme = (ROOT / "README.md").read_text()
+    example = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(example.replace("runs/quickstart/checkpoints/best", str(export)), "README.md", "exec"), {})
+    assert capsys.readouterr().out.startswith("The ")
+
     # The export and the checkpoint load to the same network, without Lightning or the CLI.
     from_ckpt, from_export = load_checkpoint(best), load_checkpoint(export)
     ids = torch.tensor([[5, 6, 7]])

@@ -1,0 +1,62 @@
+"""Matrix-product throughput per dtype: the peak that training speed is measured against.
+
+    python benchmarks/bench_matmul.py [--size 1024]
+
+Prints GFLOP/s for fp32 and bf16 (median of a few repeats after a warm-up) and appends the
+table to BENCHMARKS.md. On CPUs without bf16 units a bf16 product is emulated and very slow,
+so keep --size moderate there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def gflops(size: int, dtype: torch.dtype, repeats: int) -> float:
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b  # warm-up: kernel selection, allocation
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - started)
+    return 2 * size**3 / statistics.median(times) / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
+    args = parser.parse_args()
+
+    from benchmarks.bench_recipe import cpu_name
+    from lmexp.hardware import cpu_has_bf16_units
+
+    results = {name: gflops(args.size, dtype, args.repeats) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    table = "\n".join(
+        ["| dtype | GFLOP/s | vs fp32 |", "|---|---|---|"]
+        + [f"| {name} | {value:,.1f} | {value / results['fp32']:.4f}x |" for name, value in results.items()]
+    )
+    print(table)
+    entry = (
+        f"\n### Matrix product {args.size}^3, {time.strftime('%Y-%m-%d')}\n\n"
+        f"Machine: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__} (CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}, bf16 units: {'yes' if cpu_has_bf16_units() else 'no'}).\n"
+        f"Command: `python benchmarks/bench_matmul.py --size {args.size}`\n\n{table}\n"
+    )
+    with open(args.output, "a") as f:
+        f.write(entry)
+
+
+if __name__ == "__main__":
+    main()
