@@ -1,4 +1,4 @@
-"""lmexp: train, sweep, track and compress language models with PyTorch Lightning.
+"""lmexp: an experiment platform for GPT and BERT language models on PyTorch Lightning.
 
 Names are imported on first use, so ``import lmexp.models`` (plain PyTorch) stays free of
 Lightning and fast to import.

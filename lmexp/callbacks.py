@@ -8,6 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from lmexp.checkpoints import export_safetensors
@@ -42,7 +43,10 @@ class LmexpCheckpoint(ModelCheckpoint):
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)
-        if self.export_best and filepath == self.best_model_path and trainer.is_global_zero:
+        # Under FSDP rank 0 holds only a shard: export from the full checkpoint afterwards
+        # (lmexp.checkpoints.load_checkpoint + export_safetensors).
+        sharded = isinstance(trainer.strategy, FSDPStrategy)
+        if self.export_best and not sharded and filepath == self.best_model_path and trainer.is_global_zero:
             module = trainer.lightning_module
             datamodule = getattr(trainer, "datamodule", None)
             tokenizer = datamodule.tokenizer if getattr(datamodule, "cache", None) is not None else None
@@ -100,7 +104,8 @@ class SampleText(pl.Callback):
         return tokenizer.decode(out[0].tolist())
 
     def _emit(self, trainer: pl.Trainer, title: str) -> None:
-        if not trainer.is_global_zero:
+        # Generating on rank 0 alone needs the whole model there, which FSDP does not keep.
+        if not trainer.is_global_zero or isinstance(trainer.strategy, FSDPStrategy):
             return
         text = self.sample(trainer)
         if text is not None:

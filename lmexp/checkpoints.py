@@ -69,6 +69,11 @@ def _load_export(folder: Path) -> LoadedModel:
     if not (folder / CONFIG_FILE).is_file():
         raise CheckpointError(f"{str(folder)!r} has no {CONFIG_FILE}: pass a folder written by the export")
     meta = json.loads((folder / CONFIG_FILE).read_text())
+    if not isinstance(meta, dict) or "model" not in meta or not (folder / WEIGHTS_FILE).is_file():
+        raise CheckpointError(
+            f"{str(folder)!r} is not an lmexp export (its {CONFIG_FILE} has no 'model' entry or "
+            f"{WEIGHTS_FILE} is missing): pass a folder written by lmexp, such as checkpoints/best"
+        )
     config = ModelConfig(**meta["model"])
     model = build_model(config)
     load_model(model, str(folder / WEIGHTS_FILE))

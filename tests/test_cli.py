@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmexp import CausalLM
 from lmexp.checkpoints import load_checkpoint
 from lmexp.cli import main
 from lmexp.lightning_cli import LmexpCLI
@@ -42,8 +43,10 @@ def test_quickstart_trains_saves_exports_generates_and_resumes(tmp_path: Path, c
 
     # The export and the checkpoint load to the same network, without Lightning or the CLI.
     from_ckpt, from_export = load_checkpoint(best), load_checkpoint(export)
+    lightning_loaded = CausalLM.load_from_checkpoint(best, weights_only=True)  # no data or config needed
     ids = torch.tensor([[5, 6, 7]])
     torch.testing.assert_close(from_ckpt.model(ids), from_export.model(ids))
+    torch.testing.assert_close(lightning_loaded.model.eval()(ids), from_ckpt.model(ids))
 
     main(["generate", "--ckpt", str(best), "--prompt", "The ", "--max_new_tokens", "30", "--seed", "1"])
     first = capsys.readouterr().out

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from lmexp.data.cleaning import CleaningReport, clean_documents
+from lmexp.data.cleaning import clean_documents
 from lmexp.data.sources import read_documents
 from lmexp.data.tokenizer import train_tokenizer
 from lmexp.errors import DataError
@@ -135,6 +135,8 @@ def build_token_cache(
         splits["train"], settings["tokenizer"], settings["vocab_size"], settings["special_tokens"]
     )
     dtype = token_dtype(tokenizer.get_vocab_size())
+    # Text that spells a special token ("[MASK]" in a document) is text, not the special id.
+    tokenizer.encode_special_tokens = True
 
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=root))
@@ -180,7 +182,3 @@ def _encode_all(tokenizer: Tokenizer, splits: dict[str, list[str]], folder: Path
             )
             stats[name] = {"documents": len(splits[name]), "tokens": tokens, "bytes": n_bytes}
     return stats
-
-
-def report_from_meta(meta: dict[str, Any]) -> CleaningReport:
-    return CleaningReport(**meta["cleaning"])

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
@@ -78,6 +79,8 @@ class TextDataModule(pl.LightningDataModule):
             )
         if batch_size < 1:
             raise ConfigError(f"data.batch_size={batch_size} must be at least 1")
+        if not 0.0 < mlm_probability < 1.0:
+            raise ConfigError(f"data.mlm_probability={mlm_probability} must be in (0, 1), typically 0.15")
         self.save_hyperparameters()
         self.source = source
         self.text_column = text_column
@@ -142,16 +145,38 @@ class TextDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.cache is None:
             self.cache = build_token_cache(self.cache_root, self.cache_settings(), log=lambda _: None)
+        self._check_sizes()
         needed = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"]}.get(stage or "fit", [])
-        window, _ = self._window()
+        window, stride = self._window()
+        ranks = self.trainer.world_size if self.trainer else 1
         for split in needed:
             tokens = self.cache.meta["splits"][split]["tokens"]
-            if tokens < window:
+            samples = max(0, (tokens - window) // stride + 1)
+            if samples < ranks:
                 fraction = {"train": "", "val": " or a larger data.val_fraction", "test": " or a larger data.test_fraction"}
                 raise DataError(
                     f"the {split} split has {tokens} tokens, fewer than one sample of {window} "
-                    f"(block_size={self.resolved_block_size()}): use more text, a smaller block_size{fraction[split]}"
+                    f"(block_size={self.resolved_block_size()}) for each of {ranks} device(s): use more text, "
+                    f"a smaller block_size{fraction[split]}"
                 )
+
+    def _check_sizes(self) -> None:
+        block_size = self.resolved_block_size()
+        model_block_size = self._model_attribute("block_size")
+        if model_block_size is not None and block_size > model_block_size:
+            raise ConfigError(
+                f"data.block_size={block_size} exceeds the model's context of {model_block_size} tokens: "
+                "lower data.block_size or leave it unset to use the model's"
+            )
+        if self.resolved_task() == "masked_lm":
+            framing = MLMBatchTransform.framing_tokens(self.sentence_order)
+            if block_size < framing + 2:
+                raise ConfigError(
+                    f"block_size={block_size} leaves no room for text around the {framing} [CLS]/[SEP] tokens "
+                    f"of masked LM: use a block_size of at least {framing + 2}"
+                )
+        elif self.sentence_order:
+            raise ConfigError("data.sentence_order applies to masked LM only: remove it or train MaskedLM")
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -169,22 +194,23 @@ class TextDataModule(pl.LightningDataModule):
         return self.cache.bytes_per_token(split)
 
     # -------------------------------------------------------------------- batches
-    def _transform(self) -> BatchTransform:
-        if self.resolved_task() == "masked_lm":
-            rank = self.trainer.global_rank if self.trainer else 0
-            # Each rank draws its own masks (its batch indices repeat across ranks).
-            return MLMBatchTransform(
-                self.tokenizer.get_vocab(), self.mlm_probability, self.sentence_order, self.seed + 7919 * rank
-            )
-        if self.sentence_order:
-            raise ConfigError("data.sentence_order applies to masked LM only: remove it or train MaskedLM")
-        return causal_lm_batch
+    def _transform(self, training: bool) -> BatchTransform:
+        if self.resolved_task() != "masked_lm":
+            return causal_lm_batch
+        # Training: each rank draws its own masks (batch indices repeat across ranks).
+        # Evaluation: one fixed draw, so val/loss compares across epochs and world sizes.
+        rank = self.trainer.global_rank if self.trainer and training else 0
+        specials = [t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special]
+        return MLMBatchTransform(
+            self.tokenizer.get_vocab(), self.mlm_probability, self.sentence_order, self.seed + 7919 * rank,
+            special_tokens=specials,
+        )
 
     def _window(self) -> tuple[int, int]:
         """(tokens fetched per sample, distance between samples)."""
         block_size = self.resolved_block_size()
         if self.resolved_task() == "masked_lm":
-            framing = 3 if self.sentence_order else 2
+            framing = MLMBatchTransform.framing_tokens(self.sentence_order)
             return block_size - framing, block_size - framing
         return block_size + 1, block_size  # inputs and shifted labels share all but one token
 
@@ -192,6 +218,7 @@ class TextDataModule(pl.LightningDataModule):
         assert self.cache is not None
         window, stride = self._window()
         trainer = self.trainer
+        epoch_fn = (lambda: trainer.current_epoch) if trainer and shuffle else (lambda: 0)
         return TokenBatches(
             self.cache.tokens(split),
             window,
@@ -201,14 +228,16 @@ class TextDataModule(pl.LightningDataModule):
             seed=self.seed,
             rank=trainer.global_rank if trainer else 0,
             world_size=trainer.world_size if trainer else 1,
-            transform=self._transform(),
-            epoch_fn=(lambda: trainer.current_epoch) if trainer else (lambda: 0),
+            transform=self._transform(training=shuffle),
+            epoch_fn=epoch_fn,
         )
 
     def _loader(self, dataset: TokenBatches) -> DataLoader:
         # Workers are started anew each epoch (not persistent) so their copy of the dataset
-        # sees the current epoch and resume position.
-        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers)
+        # sees the current epoch and resume position. The loader's own generator keeps it from
+        # drawing from the global RNG, which a resumed run must find as it was saved.
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, generator=generator)
 
     def train_dataloader(self) -> DataLoader:
         self._train = self._batches("train", shuffle=True)

@@ -7,9 +7,12 @@ masks as an uninterrupted one.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from lmexp.data.tokenizer import CLS, MASK, PAD, SEP
+from lmexp.data.tokenizer import CLS, MASK, MLM_SPECIAL_TOKENS, PAD, SEP
+from lmexp.errors import ConfigError
 
 
 class MLMBatchTransform:
@@ -19,7 +22,8 @@ class MLMBatchTransform:
     10% a random token and 10% stay as they are. Labels are the original ids at selected
     positions and -100 elsewhere. With ``sentence_order``, each window is cut at a random point
     into segments A and B and, with probability 0.5, emitted as B A (ALBERT's SOP task;
-    ``sop_labels`` is 1 for swapped).
+    ``sop_labels`` is 1 for swapped). ``special_tokens`` (the tokenizer's) are never selected
+    and never drawn as random replacements.
     """
 
     def __init__(
@@ -28,29 +32,30 @@ class MLMBatchTransform:
         mlm_probability: float = 0.15,
         sentence_order: bool = False,
         seed: int = 0,
+        special_tokens: Sequence[str] = tuple(MLM_SPECIAL_TOKENS),
     ) -> None:
         if not 0.0 < mlm_probability < 1.0:
-            raise ValueError(f"mlm_probability={mlm_probability} must be in (0, 1), typically 0.15")
+            raise ConfigError(f"mlm_probability={mlm_probability} must be in (0, 1), typically 0.15")
         missing = [t for t in (PAD, CLS, SEP, MASK) if t not in vocab]
         if missing:
-            raise ValueError(f"the tokenizer lacks the special tokens {missing} that masked LM needs")
+            raise ConfigError(
+                f"the tokenizer lacks the special tokens {missing} that masked LM needs: "
+                "train the tokenizer for masked_lm (data.task: masked_lm)"
+            )
         self.cls_id, self.sep_id, self.mask_id = vocab[CLS], vocab[SEP], vocab[MASK]
-        self.pad_id = vocab[PAD]
         self.vocab_size = max(vocab.values()) + 1
-        specials = [i for t, i in vocab.items() if t.startswith("[") and t.endswith("]")]
-        self.special_ids = torch.tensor(sorted(specials))
         is_special = torch.zeros(self.vocab_size, dtype=torch.bool)
-        is_special[self.special_ids] = True
+        is_special[[vocab[t] for t in special_tokens if t in vocab]] = True
         self.is_special = is_special
         self.replacement_ids = torch.nonzero(~is_special).squeeze(1)  # random tokens are never special
         self.mlm_probability = mlm_probability
         self.sentence_order = sentence_order
         self.seed = seed
 
-    @property
-    def framing_tokens(self) -> int:
+    @staticmethod
+    def framing_tokens(sentence_order: bool) -> int:
         """Tokens added around each window: [CLS] A [SEP] (B [SEP])."""
-        return 3 if self.sentence_order else 2
+        return 3 if sentence_order else 2
 
     def __call__(self, windows: torch.Tensor, epoch: int, batch_index: int) -> dict[str, torch.Tensor]:
         generator = torch.Generator().manual_seed(hash((self.seed, epoch, batch_index)) % 2**63)

@@ -2,13 +2,15 @@
 
 Every source yields plain-text documents. Plain text is split into paragraphs (blank-line
 separated) so that cleaning, de-duplication and the train/val/test split work on units smaller
-than a whole file; joining the paragraphs back with a blank line restores the original text.
+than a whole file; the cache joins them back with one blank line, which restores the text up
+to the length of blank runs.
 """
 
 from __future__ import annotations
 
 import csv
 import glob
+import io
 import hashlib
 import json
 import os
@@ -62,7 +64,8 @@ def _read_table(path: Path, text_column: str) -> Iterator[Document]:
     kind = TABLE_SUFFIXES[path.suffix.lower()]
     text = decode_utf8(path.read_bytes(), str(path))
     if kind == "jsonl":
-        for line_no, line in enumerate(text.splitlines(), 1):
+        # Split on newlines only: str.splitlines() also breaks inside a line at U+2028 and friends.
+        for line_no, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:
@@ -75,16 +78,21 @@ def _read_table(path: Path, text_column: str) -> Iterator[Document]:
                     f"{path}:{line_no} has no field {text_column!r} (found {keys}): "
                     "set data.text_column to the field that holds the text"
                 )
-            yield Document(str(row[text_column]), f"{path}:{line_no}")
+            yield Document(_cell_text(row[text_column]), f"{path}:{line_no}")
         return
-    reader = csv.DictReader(text.splitlines(), delimiter=kind)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=kind)  # keeps quoted newlines
     if reader.fieldnames is None or text_column not in reader.fieldnames:
         raise DataError(
             f"{path} has no column {text_column!r} (columns: {reader.fieldnames}): "
             "set data.text_column to the column that holds the text"
         )
-    for row_no, row in enumerate(reader, 2):
-        yield Document(row[text_column] or "", f"{path}:{row_no}")
+    for row in reader:
+        yield Document(_cell_text(row[text_column]), f"{path}:{reader.line_num}")
+
+
+def _cell_text(value: object) -> str:
+    """A table cell as text; a missing value (JSON null, short CSV row) is empty, not "None"."""
+    return "" if value is None else str(value)
 
 
 def _read_file(path: Path, text_column: str) -> Iterator[Document]:

@@ -96,12 +96,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt-nano": dict(arch="gpt", n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0),
     # nanoGPT's GPU recipe for character-level Shakespeare.
     "gpt-mini": dict(arch="gpt", n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2),
-    # GPT-2 small (124M parameters with its BPE vocabulary).
-    "gpt2": dict(arch="gpt", n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),
+    # GPT-2 small: 124M parameters with GPT-2's 50257-token vocabulary (the tokenizer decides).
+    "gpt2": dict(arch="gpt", n_layer=12, n_head=12, n_embd=768, block_size=1024),
     "bert-tiny": dict(arch="bert", n_layer=2, n_head=2, n_embd=32, block_size=32),
     "bert-mini": dict(arch="bert", n_layer=4, n_head=4, n_embd=256, block_size=128),
-    # BERT-base sizes (110M parameters with its WordPiece vocabulary).
-    "bert-base": dict(arch="bert", n_layer=12, n_head=12, n_embd=768, block_size=512, vocab_size=30522),
+    # BERT-base: 110M parameters with BERT's 30522-token vocabulary (the tokenizer decides).
+    "bert-base": dict(arch="bert", n_layer=12, n_head=12, n_embd=768, block_size=512),
     "lstm-small": dict(arch="lstm", n_layer=2, n_embd=256, block_size=64),
 }
 

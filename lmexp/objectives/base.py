@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
@@ -33,20 +34,12 @@ def resolve_network(network: str | ModelConfig | Mapping[str, Any], overrides: M
     else:
         config = _config_from_mapping(network)
     if overrides:
-        config = config.replace(**_checked_fields(overrides))
+        config = config.replace(**overrides)
     return config
 
 
-def _checked_fields(values: Mapping[str, Any]) -> dict[str, Any]:
-    valid = set(ModelConfig.__dataclass_fields__)
-    unknown = sorted(set(values) - valid)
-    if unknown:
-        raise ConfigError(f"unknown model config fields {unknown}: valid fields are {sorted(valid)}")
-    return dict(values)
-
-
 def _config_from_mapping(values: Mapping[str, Any]) -> ModelConfig:
-    return ModelConfig(**_checked_fields(values))
+    return ModelConfig().replace(**values)  # replace() names unknown fields
 
 
 def _rng_state() -> dict[str, Any]:
@@ -71,19 +64,29 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _forget_unrun_batch(checkpoint: dict[str, Any]) -> None:
-    """Make a checkpoint written on an exception look like one written between batches.
+def _rewind_to_last_step(checkpoint: dict[str, Any], last_step_batch: int, datamodule_key: str | None) -> bool:
+    """Make a checkpoint taken between optimizer steps describe the last step instead.
 
-    A crash can happen after a batch was fetched but before it ran. Lightning would count
-    that batch as consumed on restart and shift the validation schedule by one, while the data
-    module (which counts processed batches) replays it. Both must agree on "processed".
+    A crash (or Ctrl-C) can stop training after batches were fetched or run whose gradients
+    never reached the optimizer: the weights and optimizer state are still those of the last
+    step. Counting those batches as done would skip their data on resume and shift Lightning's
+    validation schedule, so the loop counters and the data position are moved back to the
+    batch that ended the last step. Returns whether anything was rewound.
     """
     progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
     if not progress:
-        return
-    for counts in (progress["total"], progress["current"]):
-        if counts["ready"] > counts["processed"] and counts["completed"] == counts["processed"]:
-            counts["ready"] = counts["started"] = counts["processed"]
+        return False
+    current, total = progress["current"], progress["total"]
+    rewound = False
+    for key in ("ready", "started", "processed", "completed"):
+        excess = current[key] - last_step_batch
+        if excess > 0:
+            current[key] -= excess
+            total[key] -= excess
+            rewound = True
+    if rewound and datamodule_key and isinstance(checkpoint.get(datamodule_key), dict):
+        checkpoint[datamodule_key]["batches_done"] = last_step_batch
+    return rewound
 
 
 class LanguageModelObjective(pl.LightningModule):
@@ -108,6 +111,7 @@ class LanguageModelObjective(pl.LightningModule):
     """
 
     data_task: ClassVar[str]
+    reports_bits_per_byte: ClassVar[bool] = True  # meaningful when every token is predicted
 
     def __init__(
         self,
@@ -133,8 +137,11 @@ class LanguageModelObjective(pl.LightningModule):
         self.save_hyperparameters()
         self.network_config = resolve_network(network, network_overrides)
         self.model: nn.Module | None = None
-        self.bytes_per_token: float | None = None
+        self.bytes_per_token: dict[str, float] = {}  # per evaluation split, from the data
         self._pending_rng: dict[str, Any] | None = None
+        self._rng_at_step_start: dict[str, Any] | None = None
+        self._schedule_steps: int | None = None
+        self._saved_schedule_steps: int | None = None
         self._throughput_start: tuple[float, int, int] | None = None  # (time, tokens, steps)
         self.eval_nll = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
         if self.network_config.vocab_size is not None:
@@ -169,12 +176,19 @@ class LanguageModelObjective(pl.LightningModule):
             )
 
     def configure_model(self) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
+        # Also called by load_from_checkpoint, where no trainer is attached.
+        datamodule = getattr(self._trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "bytes_per_token"):
-            self.bytes_per_token = datamodule.bytes_per_token("val")
-        if self.model is not None:
-            return
+            self.bytes_per_token = {split: datamodule.bytes_per_token(split) for split in ("val", "test")}
         vocab_size = getattr(datamodule, "vocab_size", None)
+        if self.model is not None:
+            if vocab_size is not None and vocab_size != self.network_config.vocab_size:
+                raise ConfigError(
+                    f"the model's vocab_size={self.network_config.vocab_size} differs from the tokenizer's "
+                    f"{vocab_size}: leave vocab_size out of the model config (it comes from the tokenizer) "
+                    "or set data.vocab_size to match"
+                )
+            return
         if vocab_size is None:
             raise ConfigError(
                 "the model's vocab_size is unknown: train with a data module that has a tokenizer, "
@@ -207,7 +221,20 @@ class LanguageModelObjective(pl.LightningModule):
             betas=tuple(self.hparams.betas),
             fused=self.hparams.fused_adamw or None,
         )
-        total = self.hparams.max_steps or int(self.trainer.estimated_stepping_batches)
+        planned = self.hparams.max_steps or self.trainer.estimated_stepping_batches
+        if not math.isfinite(planned):
+            raise ConfigError(
+                "training has no end (trainer.max_steps and max_epochs are both -1), so the LR schedule "
+                "has no length: set trainer.max_steps, trainer.max_epochs or model.max_steps"
+            )
+        total = int(planned)
+        if self._saved_schedule_steps and self._saved_schedule_steps != total:
+            rank_zero_warn(
+                f"the LR schedule was {self._saved_schedule_steps} steps long and is now {total} "
+                f"(trainer.max_steps changed), so the learning rate jumps on resume: pass "
+                f"--model.max_steps {self._saved_schedule_steps} to keep the original schedule"
+            )
+        self._schedule_steps = total
         if self.hparams.warmup_steps >= total:
             raise ConfigError(
                 f"warmup_steps={self.hparams.warmup_steps} is not below the {total} training steps: "
@@ -222,9 +249,11 @@ class LanguageModelObjective(pl.LightningModule):
         gradient_clip_algorithm: str | None = None,
     ) -> None:
         # Lightning's mixed-precision plugin refuses to clip fused optimizers because they
-        # unscale fp16 gradients inside step(). Without a grad scaler (fp32, bf16) there is
+        # unscale fp16 gradients inside step(). Under bf16 autocast there is no grad scaler and
         # nothing to unscale, so clipping directly is correct and keeps the fused kernel.
-        if gradient_clip_val and getattr(self.trainer.precision_plugin, "scaler", None) is None:
+        # Everything else (fp32, fp16 with a scaler, FSDP's sharded clipping) stays Lightning's.
+        plugin = self.trainer.precision_plugin
+        if gradient_clip_val and isinstance(plugin, MixedPrecision) and plugin.scaler is None:
             if gradient_clip_algorithm == "value":
                 torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
             else:
@@ -234,7 +263,10 @@ class LanguageModelObjective(pl.LightningModule):
 
     # -------------------------------------------------------------- the step
     def compute_loss(self, batch: dict[str, torch.Tensor], stage: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Return (loss to optimize, mean NLL per predicted token, extra metrics to log)."""
+        """Return (loss to optimize, mean NLL per predicted token, extra metrics to log).
+
+        The NLL is what evaluation reports; in training only the loss is used.
+        """
         raise NotImplementedError
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
@@ -266,8 +298,8 @@ class LanguageModelObjective(pl.LightningModule):
         with torch.inference_mode(False):
             self.eval_nll[stage].reset()
         metrics = {f"{stage}/loss": nll, f"{stage}/ppl": torch.exp(nll)}
-        if self.bytes_per_token:
-            metrics[f"{stage}/bpb"] = nll / math.log(2) / self.bytes_per_token
+        if self.bytes_per_token.get(stage) and self.reports_bits_per_byte:
+            metrics[f"{stage}/bpb"] = nll / math.log(2) / self.bytes_per_token[stage]
         self.log_dict(metrics, prog_bar=stage == "val")
 
     def on_validation_epoch_end(self) -> None:
@@ -307,16 +339,30 @@ class LanguageModelObjective(pl.LightningModule):
         # and complete (vocab_size included) for rebuilding without the data.
         checkpoint["hyper_parameters"]["network"] = self.network_config.to_dict()
         checkpoint["hyper_parameters"]["network_overrides"] = None
-        extra: dict[str, Any] = {"rng": _rng_state(), "objective": type(self).__name__}
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        datamodule = getattr(self._trainer, "datamodule", None)
+        rng = _rng_state()
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            datamodule_key = type(datamodule).__qualname__ if datamodule is not None else None
+            if _rewind_to_last_step(checkpoint, self._last_step_batch(), datamodule_key):
+                rng = self._rng_at_step_start or rng  # the state the interrupted step started from
+        extra: dict[str, Any] = {
+            "rng": rng, "objective": type(self).__name__, "schedule_steps": self._schedule_steps,
+        }
         if datamodule is not None and getattr(datamodule, "cache", None) is not None:
             extra["tokenizer"] = datamodule.tokenizer.to_str()
             extra["bytes_per_token"] = self.bytes_per_token
         checkpoint[CHECKPOINT_KEY] = extra
 
+    def _last_step_batch(self) -> int:
+        """Batches of this epoch that ended with an optimizer step (or all, at the epoch's end)."""
+        processed = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if processed >= self.trainer.num_training_batches:
+            return processed  # the last, possibly shorter, accumulation window also steps
+        return processed - processed % self.trainer.accumulate_grad_batches
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         extra = checkpoint.get(CHECKPOINT_KEY, {})
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        datamodule = getattr(self._trainer, "datamodule", None)
         if "tokenizer" in extra and datamodule is not None and getattr(datamodule, "cache", None) is not None:
             if extra["tokenizer"] != datamodule.tokenizer.to_str():
                 saved = checkpoint["hyper_parameters"]["network"].get("vocab_size")
@@ -326,7 +372,7 @@ class LanguageModelObjective(pl.LightningModule):
                     "trained with (source, tokenizer, vocab_size, split)"
                 )
         self._pending_rng = extra.get("rng")
-        _forget_unrun_batch(checkpoint)
+        self._saved_schedule_steps = extra.get("schedule_steps")
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Restore the RNG right before the first resumed step, after everything Lightning
@@ -334,3 +380,6 @@ class LanguageModelObjective(pl.LightningModule):
         if self._pending_rng is not None:
             _set_rng_state(self._pending_rng)
             self._pending_rng = None
+        if batch_idx % self.trainer.accumulate_grad_batches == 0:
+            # A crash before this window's optimizer step rewinds to here (see on_save_checkpoint).
+            self._rng_at_step_start = _rng_state()

@@ -39,7 +39,7 @@ class CausalLM(LanguageModelObjective):
     def compute_loss(self, batch: dict[str, torch.Tensor], stage: str):
         logits = self.model(batch["input_ids"])  # (B, T, V)
         flat_logits, flat_labels = logits.flatten(0, 1), batch["labels"].flatten()
-        nll = F.cross_entropy(flat_logits, flat_labels)
-        if stage == "train" and self.label_smoothing > 0:
-            return F.cross_entropy(flat_logits, flat_labels, label_smoothing=self.label_smoothing), nll, {}
-        return nll, nll, {}
+        # Training optimizes the smoothed loss; evaluation reports the plain NLL.
+        smoothing = self.label_smoothing if stage == "train" else 0.0
+        loss = F.cross_entropy(flat_logits, flat_labels, label_smoothing=smoothing)
+        return loss, loss, {}

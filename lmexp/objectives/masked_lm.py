@@ -23,6 +23,7 @@ class MaskedLM(LanguageModelObjective):
     """
 
     data_task: ClassVar[str] = "masked_lm"
+    reports_bits_per_byte: ClassVar[bool] = False  # only the masked 15% are predicted
 
     def __init__(self, network: str | ModelConfig = "bert-mini", sop_weight: float = 1.0, **kwargs: Any) -> None:
         super().__init__(network, **kwargs)
@@ -40,8 +41,10 @@ class MaskedLM(LanguageModelObjective):
         # Project only the masked positions onto the vocabulary: ~15% of the work.
         logits = self.model.mlm_logits(hidden[selected])  # (N_selected, V)
         targets = labels[selected]
-        nll = F.cross_entropy(logits, targets)
-        metrics = {"mlm_acc": (logits.argmax(-1) == targets).float().mean()}
+        # Sums over max(N, 1): a batch where no token was selected gives 0, not NaN.
+        n_selected = max(targets.numel(), 1)
+        nll = F.cross_entropy(logits, targets, reduction="sum") / n_selected
+        metrics = {"mlm_acc": (logits.argmax(-1) == targets).sum() / n_selected}
         loss = nll
         if "sop_labels" in batch:
             sop_logits = self.sop_head(self.model.pool(hidden))

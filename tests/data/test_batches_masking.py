@@ -115,3 +115,11 @@ def test_dataloader_workers_split_batches_without_duplicates():
     with_workers = list(DataLoader(TokenBatches(TOKENS, 17, 16, 4, shuffle=True, seed=0), batch_size=None, num_workers=2))
     assert len(with_workers) == len(single)
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(single, with_workers))
+
+
+def test_only_the_tokenizers_special_tokens_are_protected():
+    vocab = {**VOCAB, "[0]": 100}  # looks special, is ordinary text
+    transform = MLMBatchTransform(vocab, mlm_probability=0.5, seed=0)
+    windows = torch.full((64, 30), 100)
+    labels = transform(windows, 0, 0)["labels"]
+    assert (labels == 100).float().mean() > 0.3  # "[0]" gets masked like any token

@@ -30,6 +30,7 @@ def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
 # --- configuration ---------------------------------------------------------------------------
 
 REFERENCE_SIZES = {"gpt2": 124_439_808, "bert-base": 110_104_890}
+REFERENCE_VOCABS = {"gpt2": 50257, "bert-base": 30522}  # GPT-2's BPE, BERT's WordPiece
 
 
 @pytest.mark.parametrize("name", [n for n in PRESETS if n not in REFERENCE_SIZES])
@@ -42,7 +43,7 @@ def test_preset_builds(name):
 def test_reference_preset_parameter_count(name):
     # BERT-base: 109,482,240 of HF BertModel (pooler included) + 622,650 for the MLM head.
     with torch.device("meta"):
-        model = build_model(from_name(name))
+        model = build_model(from_name(name, vocab_size=REFERENCE_VOCABS[name]))
     assert count_parameters(model) == REFERENCE_SIZES[name]
 
 
