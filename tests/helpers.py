@@ -42,3 +42,28 @@ class FailAtStep(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             raise RuntimeError(f"simulated crash at step {self.step}")
+
+
+class FailAtBatch(pl.Callback):
+    """Raise while training batch ``batch_index`` (0-based): after its forward pass (dropout has
+    drawn random numbers, no backward yet) or after the whole batch (and its optimizer step,
+    if it ends an accumulation window)."""
+
+    def __init__(self, batch_index: int, where: str = "after_batch") -> None:
+        self.batch_index = batch_index
+        self.where = where
+        self.current = -1
+
+    def _fail(self) -> None:
+        raise RuntimeError(f"simulated crash at batch {self.batch_index} ({self.where})")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.current = batch_idx
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        if self.where == "before_backward" and self.current == self.batch_index:
+            self._fail()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.where == "after_batch" and batch_idx == self.batch_index:
+            self._fail()

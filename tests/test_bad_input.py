@@ -102,3 +102,41 @@ def test_prompt_longer_than_the_context(tmp_path, capsys):
 def test_missing_checkpoint(tmp_path, capsys):
     message = one_line_error(capsys, ["generate", "--ckpt", str(tmp_path / "none.ckpt")])
     assert "does not exist" in message
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--data.block_size=512"], "data.block_size=512 exceeds the model's context of 128 tokens"),
+        (["--model.network_overrides={vocab_size: 50}"], "model's vocab_size=50 differs from the tokenizer's"),
+        (["--trainer.max_steps=-1", "--trainer.max_epochs=-1"], "training has no end"),
+    ],
+)
+def test_inconsistent_sizes_and_unbounded_training(tmp_path, capsys, extra, expected):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(make_corpus(300))
+    assert expected in one_line_error(capsys, fit(str(corpus), tmp_path, *extra))
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--data.mlm_probability=1.5"], "data.mlm_probability=1.5 must be in (0, 1)"),
+        (["--model.network_overrides={block_size: 3}"], "block_size=3 leaves no room for text"),
+    ],
+)
+def test_masked_lm_settings(tmp_path, capsys, extra, expected):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(make_corpus(300))
+    argv = [
+        "fit", "--config", str(ROOT / "configs" / "bert_mlm.yaml"), f"--data.source={corpus}",
+        "--trainer.max_steps=2", "--model.warmup_steps=1", f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.enable_progress_bar=false", *extra,
+    ]
+    assert expected in one_line_error(capsys, argv)
+
+
+def test_foreign_export_folder(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
+    message = one_line_error(capsys, ["generate", "--ckpt", str(tmp_path)])
+    assert "is not an lmexp export" in message

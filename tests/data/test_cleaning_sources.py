@@ -78,3 +78,12 @@ def test_missing_column_lists_columns(tmp_path: Path):
 def test_missing_source_names_the_fix(tmp_path: Path):
     with pytest.raises(DataError, match=r"does not exist: pass an existing file, folder or glob.*python-docs"):
         list(read_documents(str(tmp_path / "nope.txt")))
+
+
+def test_table_cells_keep_quoted_newlines_unicode_separators_and_nulls(tmp_path: Path):
+    csv_path = tmp_path / "t.csv"
+    csv_path.write_text('text\n"first line\nsecond line"\nplain\n')
+    assert [d.text for d in read_documents(str(csv_path))] == ["first line\nsecond line", "plain"]
+    jsonl = tmp_path / "t.jsonl"
+    jsonl.write_text('{"text": "a\u2028b"}\n{"text": null}\n')
+    assert [d.text for d in read_documents(str(jsonl))] == ["a\u2028b", ""]

@@ -100,3 +100,15 @@ def test_empty_corpus_after_cleaning_is_an_error(tmp_path: Path):
     path.write_text("a\n\nbb\n\nccc")
     with pytest.raises(DataError, match=r"empty after cleaning .* lower data.min_chars"):
         build_token_cache(tmp_path / "c", settings_for(path, min_chars=10), log=lambda _: None)
+
+
+def test_text_that_spells_a_special_token_stays_text(tmp_path: Path):
+    path = tmp_path / "c.txt"
+    path.write_text(make_corpus(30) + "\n\nwrite [MASK] and [UNK] here\n")
+    settings = settings_for(path, tokenizer="bpe", vocab_size=300, val_fraction=0.0, test_fraction=0.0,
+                            special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    cache = build_token_cache(tmp_path / "c", settings, log=lambda _: None)
+    ids = cache.tokens("train").astype(int).tolist()
+    specials = {cache.tokenizer.token_to_id(t) for t in ("[MASK]", "[UNK]")}
+    assert not specials & set(ids)
+    assert "write [MASK] and [UNK] here" in cache.tokenizer.decode(ids)

@@ -130,3 +130,32 @@ def test_gradient_clipping_keeps_the_fused_optimizer(tiny_corpus: Path, cpu_trai
     trainer.fit(objective, datamodule=data)
     assert trainer.optimizers[0].defaults["fused"] is True
     assert len(recorder.norms) == 3 and all(norm <= 1e-3 * 1.01 for norm in recorder.norms)
+
+
+def test_masked_lm_batch_without_selected_tokens_has_zero_loss_not_nan():
+    objective = MaskedLM("bert-tiny", network_overrides={"vocab_size": 40})
+    batch = {"input_ids": torch.randint(5, 40, (2, 8)), "labels": torch.full((2, 8), -100)}
+    loss, nll, metrics = objective.compute_loss(batch, "train")
+    assert loss.item() == 0.0 and torch.isfinite(metrics["mlm_acc"])
+    loss.backward()  # still part of the graph
+
+
+def test_resume_with_another_schedule_length_warns(tiny_corpus: Path, cpu_trainer_kwargs: dict, tmp_path: Path):
+    data = TextDataModule(str(tiny_corpus), batch_size=2)
+    trainer = pl.Trainer(max_steps=4, limit_val_batches=0, **cpu_trainer_kwargs)
+    trainer.fit(CausalLM("gpt-tiny", warmup_steps=1), datamodule=data)
+    trainer.save_checkpoint(tmp_path / "four.ckpt")
+    longer = pl.Trainer(max_steps=8, limit_val_batches=0, **cpu_trainer_kwargs)
+    with pytest.warns(UserWarning, match=r"schedule was 4 steps long and is now 8 .* --model.max_steps 4"):
+        longer.fit(CausalLM("gpt-tiny", warmup_steps=1), datamodule=data, ckpt_path=tmp_path / "four.ckpt")
+
+
+def test_test_split_bits_per_byte_uses_the_test_splits_bytes(tiny_corpus: Path, cpu_trainer_kwargs: dict):
+    data = TextDataModule(str(tiny_corpus), tokenizer="bpe", vocab_size=400, batch_size=4, test_fraction=0.2)
+    trainer = pl.Trainer(max_steps=2, limit_val_batches=0, **cpu_trainer_kwargs)
+    objective = CausalLM("gpt-tiny", warmup_steps=0)
+    trainer.fit(objective, datamodule=data)
+    result = trainer.test(objective, datamodule=data, verbose=False)[0]
+    expected = result["test/loss"] / math.log(2) / data.bytes_per_token("test")
+    assert data.bytes_per_token("test") != data.bytes_per_token("val")
+    assert result["test/bpb"] == pytest.approx(expected, rel=1e-5)

@@ -1,30 +1,42 @@
-"""A run resumed from a mid-epoch checkpoint ends with the same weights as an uninterrupted one."""
+"""Resumed runs end with the same weights as uninterrupted ones: mid-epoch, at an epoch's end,
+on a validation step, and after a crash inside a gradient-accumulation window."""
 
 from pathlib import Path
 
 import lightning.pytorch as pl
+import pytest
 import torch
 
 from lmexp import CausalLM, TextDataModule
-from lmexp.callbacks import LmexpCheckpoint
+from lmexp.callbacks import CheckpointOnException, LmexpCheckpoint
+from tests.helpers import FailAtBatch
 
 
-def train(tiny_corpus: Path, root: Path, max_steps: int, ckpt_path: str | None = None) -> tuple[CausalLM, pl.Trainer]:
+def train(
+    corpus: Path, root: Path, max_steps: int, *, every: int = 6, accumulate: int = 1,
+    ckpt_path: str | None = None, extra_callbacks: list | None = None,
+) -> tuple[CausalLM, pl.Trainer]:
     pl.seed_everything(7)
-    data = TextDataModule(str(tiny_corpus), batch_size=4)
-    # Dropout on, so the test also proves the random state is restored.
-    objective = CausalLM("gpt-tiny", network_overrides={"dropout": 0.1}, warmup_steps=3, max_steps=12)
+    data = TextDataModule(str(corpus), batch_size=4)
+    # Dropout on, so the tests also prove the random state is restored.
+    objective = CausalLM("gpt-tiny", network_overrides={"dropout": 0.1}, warmup_steps=3, max_steps=max_steps)
     checkpoints = LmexpCheckpoint(
-        dirpath=str(root), monitor=None, filename="step{step}", every_n_train_steps=6, save_top_k=-1,
+        dirpath=str(root), monitor=None, filename="step{step}", every_n_train_steps=every, save_top_k=-1,
         save_last=False, export_best=False,
     )
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_steps=max_steps, val_check_interval=4, limit_val_batches=2,
-        logger=False, enable_progress_bar=False, enable_model_summary=False, deterministic=True,
-        callbacks=[checkpoints], default_root_dir=str(root),
+        accumulate_grad_batches=accumulate, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        deterministic=True, callbacks=[checkpoints, CheckpointOnException(str(root)), *(extra_callbacks or [])],
+        default_root_dir=str(root),
     )
     trainer.fit(objective, datamodule=data, ckpt_path=ckpt_path)
     return objective, trainer
+
+
+def assert_same_weights(a: CausalLM, b: CausalLM) -> None:
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6, msg=f"{name} differs after resuming")
 
 
 def test_resume_mid_epoch_equals_uninterrupted_run(tiny_corpus: Path, tmp_path: Path):
@@ -32,17 +44,50 @@ def test_resume_mid_epoch_equals_uninterrupted_run(tiny_corpus: Path, tmp_path: 
     assert trainer.num_training_batches > 12  # the checkpoint at step 6 is mid-epoch
     checkpoint = tmp_path / "a" / "step6.ckpt"
     assert torch.load(checkpoint, weights_only=True)["TextDataModule"] == {"epoch": 0, "batches_done": 6}
-
     resumed, trainer = train(tiny_corpus, tmp_path / "b", 12, ckpt_path=str(checkpoint))
     assert trainer.global_step == 12
-    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=f"{name} differs after resuming")
+    assert_same_weights(straight, resumed)
 
 
 def test_resume_without_rng_restore_would_differ(tiny_corpus: Path, tmp_path: Path, monkeypatch):
-    """Guards the test above: with dropout, skipping the RNG restore changes the result."""
+    """Guards the tests here: with dropout, skipping the RNG restore changes the result."""
     straight, _ = train(tiny_corpus, tmp_path / "a", 12)
     monkeypatch.setattr(CausalLM, "on_train_batch_start", lambda self, batch, idx: None)
     resumed, _ = train(tiny_corpus, tmp_path / "b", 12, ckpt_path=str(tmp_path / "a" / "step6.ckpt"))
-    differs = any(not torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
-    assert differs
+    assert any(not torch.equal(x, y) for x, y in zip(straight.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_resume_on_a_validation_step(tiny_corpus: Path, tmp_path: Path):
+    straight, _ = train(tiny_corpus, tmp_path / "a", 12, every=4)  # validation also runs every 4 batches
+    resumed, _ = train(tiny_corpus, tmp_path / "b", 12, every=4, ckpt_path=str(tmp_path / "a" / "step8.ckpt"))
+    assert_same_weights(straight, resumed)
+
+
+def test_resume_from_the_end_of_an_epoch(tiny_corpus: Path, tmp_path: Path):
+    _, probe = train(tiny_corpus, tmp_path / "probe", 4)
+    per_epoch = probe.num_training_batches
+    steps = per_epoch + 3
+    straight, straight_trainer = train(tiny_corpus, tmp_path / "a", steps, every=per_epoch)
+    assert torch.load(tmp_path / "a" / f"step{per_epoch}.ckpt", weights_only=True)["epoch"] == 0
+    resumed, trainer = train(tiny_corpus, tmp_path / "b", steps, every=per_epoch, ckpt_path=str(tmp_path / "a" / f"step{per_epoch}.ckpt"))
+    assert trainer.current_epoch == straight_trainer.current_epoch and trainer.global_step == steps
+    assert_same_weights(straight, resumed)
+
+
+@pytest.mark.parametrize(
+    ("batch", "where", "steps_kept"),
+    [
+        (4, "after_batch", 2),  # first batch of a window: its gradients never reached the optimizer
+        (5, "before_backward", 2),  # mid-batch, after dropout drew random numbers
+        (5, "after_batch", 3),  # the window's last batch: its step happened and is kept
+    ],
+)
+def test_crash_loses_nothing_with_gradient_accumulation(tiny_corpus: Path, tmp_path: Path, batch, where, steps_kept):
+    straight, _ = train(tiny_corpus, tmp_path / "a", 6, accumulate=2, every=100)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(tiny_corpus, tmp_path / "b", 6, accumulate=2, every=100, extra_callbacks=[FailAtBatch(batch, where)])
+    interrupted = torch.load(tmp_path / "b" / "interrupted.ckpt", weights_only=True)
+    assert interrupted["global_step"] == steps_kept
+    assert interrupted["TextDataModule"]["batches_done"] == 2 * steps_kept  # back to the last optimizer step
+    resumed, _ = train(tiny_corpus, tmp_path / "c", 6, accumulate=2, every=100, ckpt_path=str(tmp_path / "b" / "interrupted.ckpt"))
+    assert_same_weights(straight, resumed)
