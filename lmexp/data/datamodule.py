@@ -147,6 +147,8 @@ class TextDataModule(pl.LightningDataModule):
             self.cache = build_token_cache(self.cache_root, self.cache_settings(), log=lambda _: None)
         self._check_sizes()
         needed = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"]}.get(stage or "fit", [])
+        if self.val_fraction == 0 and stage in ("fit", None):
+            needed.remove("val")  # training without validation
         window, stride = self._window()
         ranks = self.trainer.world_size if self.trainer else 1
         for split in needed:
@@ -251,7 +253,9 @@ class TextDataModule(pl.LightningDataModule):
             self._resume = None
         return self._loader(self._train)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_fraction == 0:
+            return []  # no validation split: Lightning skips validation
         return self._loader(self._batches("val", shuffle=False))
 
     def test_dataloader(self) -> DataLoader:

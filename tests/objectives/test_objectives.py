@@ -159,3 +159,16 @@ def test_test_split_bits_per_byte_uses_the_test_splits_bytes(tiny_corpus: Path, 
     expected = result["test/loss"] / math.log(2) / data.bytes_per_token("test")
     assert data.bytes_per_token("test") != data.bytes_per_token("val")
     assert result["test/bpb"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_training_without_a_validation_split(tiny_corpus: Path, tmp_path: Path):
+    from lmexp.callbacks import LmexpCheckpoint
+
+    data = TextDataModule(str(tiny_corpus), batch_size=2, val_fraction=0.0)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=6, val_check_interval=3, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[LmexpCheckpoint(dirpath=str(tmp_path))],
+    )
+    trainer.fit(CausalLM("gpt-tiny", warmup_steps=1), datamodule=data)
+    assert trainer.global_step == 6 and (tmp_path / "last.ckpt").is_file()
+    assert "val/loss" not in trainer.callback_metrics
