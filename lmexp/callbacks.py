@@ -72,7 +72,8 @@ class CheckpointOnException(pl.Callback):
 
 
 class SampleText(pl.Callback):
-    """Print (and log, where the logger takes text) a generated sample every N steps and at the end."""
+    """Print a generated sample every N steps and at the end, and append it to
+    ``samples.txt`` in the run's log folder (the CSV logger has no text channel)."""
 
     def __init__(
         self,
@@ -108,8 +109,13 @@ class SampleText(pl.Callback):
         if not trainer.is_global_zero or isinstance(trainer.strategy, FSDPStrategy):
             return
         text = self.sample(trainer)
-        if text is not None:
-            rank_zero_info(f"\n--- {title} ---\n{text}\n---")
+        if text is None:
+            return
+        rank_zero_info(f"\n--- {title} ---\n{text}\n---")
+        if trainer.log_dir is not None:
+            Path(trainer.log_dir).mkdir(parents=True, exist_ok=True)
+            with open(Path(trainer.log_dir) / "samples.txt", "a", encoding="utf-8") as f:
+                f.write(f"--- {title} ---\n{text}\n\n")
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step

@@ -15,6 +15,8 @@ def test_samples_once_per_step_under_gradient_accumulation(tiny_corpus: Path, cp
     trainer.fit(CausalLM("gpt-tiny", warmup_steps=0), datamodule=TextDataModule(str(tiny_corpus), batch_size=2))
     assert caplog.text.count("sample at step 2") == 1 and caplog.text.count("sample at step 4") == 1
     assert "sample after 4 steps ---\nthe " in caplog.text
+    saved = (Path(trainer.log_dir) / "samples.txt").read_text()
+    assert saved.count("--- sample") == 3 and "--- sample after 4 steps ---\nthe " in saved
 
 
 def test_tokens_per_second_reaches_the_logger_at_every_logging_step(tiny_corpus: Path, tmp_path: Path):
