@@ -117,6 +117,9 @@ class SampleText(pl.Callback):
             with open(Path(trainer.log_dir) / "samples.txt", "a", encoding="utf-8") as f:
                 f.write(f"--- {title} ---\n{text}\n\n")
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_sampled_step = trainer.global_step  # a resumed run already sampled this step
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step
         # With gradient accumulation several batches end on the same step: sample once.

@@ -50,6 +50,11 @@ class LmexpCLI(LightningCLI):
         if config.checkpoint.dirpath is None:
             root = config.trainer.default_root_dir or os.getcwd()
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")
+        if config.data.init_args.get("val_fraction") == 0 and config.checkpoint.monitor == "val/loss":
+            # No validation split: the best checkpoint (and its export) is the latest one,
+            # saved when training (or its epoch) ends rather than after a validation.
+            config.checkpoint.monitor = None
+            config.checkpoint.save_on_train_epoch_end = True
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
         if config.get("logger") in (True, None):

@@ -45,9 +45,9 @@ class FailAtStep(pl.Callback):
 
 
 class FailAtBatch(pl.Callback):
-    """Raise while training batch ``batch_index`` (0-based): after its forward pass (dropout has
-    drawn random numbers, no backward yet) or after the whole batch (and its optimizer step,
-    if it ends an accumulation window)."""
+    """Raise while training batch ``batch_index`` (0-based): as it starts (fetched, not run),
+    after its forward pass (dropout has drawn random numbers, no backward yet), or after the
+    whole batch (and its optimizer step, if it ends an accumulation window)."""
 
     def __init__(self, batch_index: int, where: str = "after_batch") -> None:
         self.batch_index = batch_index
@@ -59,6 +59,9 @@ class FailAtBatch(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.current = batch_idx
+        # Before the module's own batch-start hook: the batch is fetched, nothing has run.
+        if self.where == "batch_start" and batch_idx == self.batch_index:
+            self._fail()
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
         if self.where == "before_backward" and self.current == self.batch_index:
@@ -67,3 +70,14 @@ class FailAtBatch(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.where == "after_batch" and batch_idx == self.batch_index:
             self._fail()
+
+
+class FailAtEpochStart(pl.Callback):
+    """Raise as epoch ``epoch`` starts, before any of its batches."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError(f"simulated crash at the start of epoch {self.epoch}")

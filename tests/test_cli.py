@@ -97,3 +97,9 @@ def test_a_crash_between_validations_loses_nothing(tmp_path: Path):
     assert resumed["global_step"] == straight["global_step"] == 20
     for name, value in straight["state_dict"].items():
         torch.testing.assert_close(resumed["state_dict"][name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_without_validation_the_latest_checkpoint_is_the_best_and_is_exported(tmp_path: Path):
+    main(quickstart_args(tmp_path, steps=6) + ["--data.val_fraction=0", "--trainer.enable_progress_bar=false"])
+    checkpoints = tmp_path / "checkpoints"
+    assert (checkpoints / "best.ckpt").is_file() and (checkpoints / "best" / "model.safetensors").is_file()

@@ -64,28 +64,45 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _rewind_to_last_step(checkpoint: dict[str, Any], last_step_batch: int, datamodule_key: str | None) -> bool:
-    """Make a checkpoint taken between optimizer steps describe the last step instead.
+def _align_to_last_step(checkpoint: dict[str, Any], last_step_batch: int | None, datamodule_key: str | None) -> bool:
+    """Make a checkpoint describe the training state at the last optimizer step.
 
-    A crash (or Ctrl-C) can stop training after batches were fetched or run whose gradients
-    never reached the optimizer: the weights and optimizer state are still those of the last
-    step. Counting those batches as done would skip their data on resume and shift Lightning's
-    validation schedule, so the loop counters and the data position are moved back to the
-    batch that ended the last step. Returns whether anything was rewound.
+    Two moments need it; everywhere else it changes nothing:
+    - Between optimizer steps (a crash or Ctrl-C inside an accumulation window or a batch):
+      the weights and optimizer state are those of the last step, but batches after it were
+      fetched or run. Counting them as done would skip their data on resume and shift
+      Lightning's validation schedule, so the loop counters and data position go back to the
+      batch that ended the last step (``last_step_batch``).
+    - Between epochs (``last_step_batch=None``): Lightning has moved to the next epoch but still
+      holds the finished epoch's batch counts, which would skip that many batches of the next
+      epoch on resume. The new epoch's counts are zero, and an epoch start interrupted before
+      its first batch starts again.
+
+    Returns whether the checkpoint was rewound into the middle of a step.
     """
-    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
-    if not progress:
+    loops = checkpoint.get("loops", {}).get("fit_loop", {})
+    progress, epochs = loops.get("epoch_loop.batch_progress"), loops.get("epoch_progress")
+    if not progress or not epochs:
         return False
     current, total = progress["current"], progress["total"]
-    rewound = False
-    for key in ("ready", "started", "processed", "completed"):
-        excess = current[key] - last_step_batch
-        if excess > 0:
-            current[key] -= excess
-            total[key] -= excess
-            rewound = True
-    if rewound and datamodule_key and isinstance(checkpoint.get(datamodule_key), dict):
-        checkpoint[datamodule_key]["batches_done"] = last_step_batch
+    if last_step_batch is None:
+        for key in ("ready", "started", "processed", "completed"):
+            current[key] = 0
+        progress["is_last_batch"] = False  # it described the finished epoch's final batch
+        for counts in (epochs["current"], epochs["total"]):
+            counts["ready"] = counts["started"] = counts["completed"]
+        batches_done, rewound = 0, False
+    else:
+        rewound = False
+        for key in ("ready", "started", "processed", "completed"):
+            excess = current[key] - last_step_batch
+            if excess > 0:
+                current[key] -= excess
+                total[key] -= excess
+                rewound = True
+        batches_done = last_step_batch
+    if datamodule_key and isinstance(checkpoint.get(datamodule_key), dict):
+        checkpoint[datamodule_key]["batches_done"] = min(checkpoint[datamodule_key]["batches_done"], batches_done)
     return rewound
 
 
@@ -139,7 +156,7 @@ class LanguageModelObjective(pl.LightningModule):
         self.model: nn.Module | None = None
         self.bytes_per_token: dict[str, float] = {}  # per evaluation split, from the data
         self._pending_rng: dict[str, Any] | None = None
-        self._rng_at_step_start: dict[str, Any] | None = None
+        self._rng_at_step_start: tuple[tuple[int, int], dict[str, Any]] | None = None  # ((epoch, batch), state)
         self._schedule_steps: int | None = None
         self._saved_schedule_steps: int | None = None
         self._throughput_start: tuple[float, int, int] | None = None  # (time, tokens, steps)
@@ -340,11 +357,16 @@ class LanguageModelObjective(pl.LightningModule):
         checkpoint["hyper_parameters"]["network"] = self.network_config.to_dict()
         checkpoint["hyper_parameters"]["network_overrides"] = None
         datamodule = getattr(self._trainer, "datamodule", None)
-        rng = _rng_state()
+        rng = self._pending_rng or _rng_state()  # a restore not yet applied is the true state
         if self._trainer is not None and self.trainer.state.fn == "fit":
             datamodule_key = type(datamodule).__qualname__ if datamodule is not None else None
-            if _rewind_to_last_step(checkpoint, self._last_step_batch(), datamodule_key):
-                rng = self._rng_at_step_start or rng  # the state the interrupted step started from
+            last_step = self._last_step_batch()
+            if _align_to_last_step(checkpoint, last_step, datamodule_key) and self._pending_rng is None:
+                # Random numbers drawn after the last step belong to the interrupted window:
+                # use the state it started from, when that snapshot is of this very window.
+                position, state = self._rng_at_step_start or (None, None)
+                if position == (self.trainer.current_epoch, last_step):
+                    rng = state
         extra: dict[str, Any] = {
             "rng": rng, "objective": type(self).__name__, "schedule_steps": self._schedule_steps,
         }
@@ -353,8 +375,12 @@ class LanguageModelObjective(pl.LightningModule):
             extra["bytes_per_token"] = self.bytes_per_token
         checkpoint[CHECKPOINT_KEY] = extra
 
-    def _last_step_batch(self) -> int:
-        """Batches of this epoch that ended with an optimizer step (or all, at the epoch's end)."""
+    def _last_step_batch(self) -> int | None:
+        """Batches of this epoch that ended with an optimizer step (all, at the epoch's end);
+        None between epochs, when Lightning's batch counts still describe the previous one."""
+        epochs = self.trainer.fit_loop.epoch_progress.current
+        if epochs.started == epochs.completed > 0:
+            return None
         processed = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
         if processed >= self.trainer.num_training_batches:
             return processed  # the last, possibly shorter, accumulation window also steps
@@ -382,4 +408,4 @@ class LanguageModelObjective(pl.LightningModule):
             self._pending_rng = None
         if batch_idx % self.trainer.accumulate_grad_batches == 0:
             # A crash before this window's optimizer step rewinds to here (see on_save_checkpoint).
-            self._rng_at_step_start = _rng_state()
+            self._rng_at_step_start = ((self.trainer.current_epoch, batch_idx), _rng_state())

@@ -9,24 +9,27 @@ import torch
 
 from lmexp import CausalLM, TextDataModule
 from lmexp.callbacks import CheckpointOnException, LmexpCheckpoint
-from tests.helpers import FailAtBatch
+from tests.helpers import FailAtBatch, FailAtEpochStart
 
 
 def train(
     corpus: Path, root: Path, max_steps: int, *, every: int = 6, accumulate: int = 1,
-    ckpt_path: str | None = None, extra_callbacks: list | None = None,
+    ckpt_path: str | None = None, extra_callbacks: list | None = None, batches_per_epoch: int | None = None,
+    schedule_steps: int | None = None,
 ) -> tuple[CausalLM, pl.Trainer]:
     pl.seed_everything(7)
     data = TextDataModule(str(corpus), batch_size=4)
     # Dropout on, so the tests also prove the random state is restored.
-    objective = CausalLM("gpt-tiny", network_overrides={"dropout": 0.1}, warmup_steps=3, max_steps=max_steps)
+    objective = CausalLM(
+        "gpt-tiny", network_overrides={"dropout": 0.1}, warmup_steps=3, max_steps=schedule_steps or max_steps
+    )
     checkpoints = LmexpCheckpoint(
         dirpath=str(root), monitor=None, filename="step{step}", every_n_train_steps=every, save_top_k=-1,
         save_last=False, export_best=False,
     )
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_steps=max_steps, val_check_interval=4, limit_val_batches=2,
-        accumulate_grad_batches=accumulate, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        accumulate_grad_batches=accumulate, limit_train_batches=batches_per_epoch, logger=False, enable_progress_bar=False, enable_model_summary=False,
         deterministic=True, callbacks=[checkpoints, CheckpointOnException(str(root)), *(extra_callbacks or [])],
         default_root_dir=str(root),
     )
@@ -80,6 +83,8 @@ def test_resume_from_the_end_of_an_epoch(tiny_corpus: Path, tmp_path: Path):
         (4, "after_batch", 2),  # first batch of a window: its gradients never reached the optimizer
         (5, "before_backward", 2),  # mid-batch, after dropout drew random numbers
         (5, "after_batch", 3),  # the window's last batch: its step happened and is kept
+        (5, "batch_start", 2),  # fetched but not run, crashing before the module's own hooks
+        (4, "batch_start", 2),  # the same at a window's first batch
     ],
 )
 def test_crash_loses_nothing_with_gradient_accumulation(tiny_corpus: Path, tmp_path: Path, batch, where, steps_kept):
@@ -90,4 +95,26 @@ def test_crash_loses_nothing_with_gradient_accumulation(tiny_corpus: Path, tmp_p
     assert interrupted["global_step"] == steps_kept
     assert interrupted["TextDataModule"]["batches_done"] == 2 * steps_kept  # back to the last optimizer step
     resumed, _ = train(tiny_corpus, tmp_path / "c", 6, accumulate=2, every=100, ckpt_path=str(tmp_path / "b" / "interrupted.ckpt"))
+    assert_same_weights(straight, resumed)
+
+
+def test_crash_as_an_epoch_starts_loses_nothing(tiny_corpus: Path, tmp_path: Path):
+    options = {"accumulate": 2, "every": 100, "batches_per_epoch": 7}
+    straight, _ = train(tiny_corpus, tmp_path / "a", 12, **options)
+    with pytest.raises(RuntimeError, match="start of epoch 1"):
+        train(tiny_corpus, tmp_path / "b", 12, extra_callbacks=[FailAtEpochStart(1)], **options)
+    interrupted = torch.load(tmp_path / "b" / "interrupted.ckpt", weights_only=True)
+    assert interrupted["TextDataModule"] == {"epoch": 1, "batches_done": 0}
+    resumed, _ = train(tiny_corpus, tmp_path / "c", 12, ckpt_path=str(tmp_path / "b" / "interrupted.ckpt"), **options)
+    assert_same_weights(straight, resumed)
+
+
+def test_checkpoint_saved_after_a_finished_epoch_resumes_the_next_from_its_start(tiny_corpus: Path, tmp_path: Path):
+    options = {"accumulate": 2, "every": 100, "batches_per_epoch": 7}
+    straight, _ = train(tiny_corpus, tmp_path / "a", 12, **options)
+    _, first_epoch = train(tiny_corpus, tmp_path / "b", 4, schedule_steps=12, **options)  # one epoch: 4 steps
+    assert first_epoch.current_epoch == 1
+    first_epoch.save_checkpoint(tmp_path / "b" / "after_epoch.ckpt")
+    assert torch.load(tmp_path / "b" / "after_epoch.ckpt", weights_only=True)["TextDataModule"]["batches_done"] == 0
+    resumed, _ = train(tiny_corpus, tmp_path / "c", 12, ckpt_path=str(tmp_path / "b" / "after_epoch.ckpt"), **options)
     assert_same_weights(straight, resumed)
