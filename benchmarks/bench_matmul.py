@@ -20,6 +20,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.report import BENCHMARKS_FILE, append_entry, markdown_table  # noqa: E402
+
 
 def gflops(size: int, dtype: torch.dtype, repeats: int) -> float:
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
@@ -36,26 +38,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
+    parser.add_argument("--output", default=str(BENCHMARKS_FILE))
     args = parser.parse_args()
 
-    from benchmarks.bench_recipe import cpu_name
-    from lmexp.hardware import cpu_has_bf16_units
-
     results = {name: gflops(args.size, dtype, args.repeats) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
-    table = "\n".join(
-        ["| dtype | GFLOP/s | vs fp32 |", "|---|---|---|"]
-        + [f"| {name} | {value:,.1f} | {value / results['fp32']:.4f}x |" for name, value in results.items()]
+    rows = [[name, f"{value:,.1f}", f"{value / results['fp32']:.4f}x"] for name, value in results.items()]
+    append_entry(
+        f"Matrix product {args.size}^3",
+        f"python benchmarks/bench_matmul.py --size {args.size}",
+        markdown_table(["dtype", "GFLOP/s", "vs fp32"], rows),
+        Path(args.output),
     )
-    print(table)
-    entry = (
-        f"\n### Matrix product {args.size}^3, {time.strftime('%Y-%m-%d')}\n\n"
-        f"Machine: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__} (CPU capability "
-        f"{torch.backends.cpu.get_cpu_capability()}, bf16 units: {'yes' if cpu_has_bf16_units() else 'no'}).\n"
-        f"Command: `python benchmarks/bench_matmul.py --size {args.size}`\n\n{table}\n"
-    )
-    with open(args.output, "a") as f:
-        f.write(entry)
 
 
 if __name__ == "__main__":

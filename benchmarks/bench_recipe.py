@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime as dt
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -26,15 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from benchmarks.report import BENCHMARKS_FILE, append_entry, markdown_table  # noqa: E402
 
 
 def run(source: str, precision: str, steps: int, workdir: Path) -> dict:
@@ -69,7 +59,7 @@ def main() -> None:
     parser.add_argument("--source", required=True, help="path of tinyshakespeare.txt")
     parser.add_argument("--precisions", nargs="+", default=["32-true", "bf16-mixed"])
     parser.add_argument("--short-steps", type=int, default=100, help="steps for precisions without fast kernels")
-    parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
+    parser.add_argument("--output", default=str(BENCHMARKS_FILE))
     args = parser.parse_args()
 
     from lmexp.hardware import cpu_has_bf16_units
@@ -82,25 +72,20 @@ def main() -> None:
             full = precision == "32-true" or fast_bf16
             results.append(run(args.source, precision, 2000 if full else args.short_steps, Path(tmp)))
     base = results[0]["tokens_per_s"]
-    header = "| precision | steps run | wall time (s) | tokens/s | ms/step | vs 32-true | final val loss | best val loss |"
-    lines = [header, "|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        lines.append(
-            f"| {r['precision']} | {r['steps']} | {r['wall_s']:.0f} | {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.1f} "
-            f"| {r['tokens_per_s'] / base:.3f}x | {r['val_loss']:.3f} | {r['best_val_loss']:.3f} |"
-        )
-    table = "\n".join(lines)
-    print(table)
-    import torch
-
-    entry = (
-        f"\n### Tiny Shakespeare character recipe, {dt.date.today().isoformat()}\n\n"
-        f"Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} (CPU capability "
-        f"{torch.backends.cpu.get_cpu_capability()}, bf16 units: {'yes' if fast_bf16 else 'no'}).\n"
-        f"Command: `python benchmarks/bench_recipe.py --source {args.source}`\n\n{table}\n"
+    rows = [
+        [
+            r["precision"], str(r["steps"]), f"{r['wall_s']:.0f}", f"{r['tokens_per_s']:,.0f}", f"{r['ms_per_step']:.1f}",
+            f"{r['tokens_per_s'] / base:.3f}x", f"{r['val_loss']:.3f}", f"{r['best_val_loss']:.3f}",
+        ]
+        for r in results
+    ]
+    header = ["precision", "steps run", "wall time (s)", "tokens/s", "ms/step", "vs 32-true", "final val loss", "best val loss"]
+    append_entry(
+        "Tiny Shakespeare character recipe",
+        f"python benchmarks/bench_recipe.py --source {args.source}",
+        markdown_table(header, rows),
+        Path(args.output),
     )
-    with open(args.output, "a") as f:
-        f.write(entry)
 
 
 if __name__ == "__main__":
