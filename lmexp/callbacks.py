@@ -48,8 +48,7 @@ class LmexpCheckpoint(ModelCheckpoint):
         sharded = isinstance(trainer.strategy, FSDPStrategy)
         if self.export_best and not sharded and filepath == self.best_model_path and trainer.is_global_zero:
             module = trainer.lightning_module
-            datamodule = getattr(trainer, "datamodule", None)
-            tokenizer = datamodule.tokenizer if getattr(datamodule, "cache", None) is not None else None
+            tokenizer = getattr(trainer.datamodule, "tokenizer", None)
             folder = Path(filepath).with_suffix("")
             export_safetensors(module.model, module.network_config, folder, tokenizer, type(module).__name__)
 
@@ -94,10 +93,9 @@ class SampleText(pl.Callback):
 
     def sample(self, trainer: pl.Trainer) -> str | None:
         module = trainer.lightning_module
-        datamodule = getattr(trainer, "datamodule", None)
-        if getattr(module, "data_task", None) != "causal_lm" or getattr(datamodule, "cache", None) is None:
+        tokenizer = getattr(trainer.datamodule, "tokenizer", None)
+        if getattr(module, "data_task", None) != "causal_lm" or tokenizer is None:
             return None
-        tokenizer = datamodule.tokenizer
         ids = tokenizer.encode(self.prompt, add_special_tokens=False).ids or [0]
         prompt = torch.tensor([ids[-module.block_size :]], device=module.device)
         generator = torch.Generator(device=module.device).manual_seed(self.seed)

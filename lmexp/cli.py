@@ -60,17 +60,12 @@ def generate_text(
     ids = tok.encode(prompt, add_special_tokens=False).ids
     if not ids:
         raise ConfigError(f"prompt {prompt!r} encodes to no tokens: give a prompt of at least one known character")
-    if len(ids) > loaded.config.block_size:
-        raise ConfigError(
-            f"the prompt has {len(ids)} tokens but the model's context is block_size={loaded.config.block_size}: "
-            "shorten the prompt"
-        )
     model = loaded.model.to(device)
     generator = torch.Generator(device=device).manual_seed(seed)
     prompt_ids = torch.tensor([ids] * num_samples, device=device)
     try:
         out = generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, generator=generator, use_cache=kv_cache)
-    except ValueError as err:  # invalid sampling settings
+    except ValueError as err:  # invalid sampling settings, or a prompt longer than the context
         raise ConfigError(str(err)) from None
     return [tok.decode(row.tolist()) for row in out]
 

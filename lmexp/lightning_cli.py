@@ -28,7 +28,6 @@ class LmexpCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
         # TokenBatches shards batches across workers itself, so its __len__ is exact.
         warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
-        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
         logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_an_advertisement)
         super().__init__(

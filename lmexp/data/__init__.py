@@ -12,7 +12,7 @@ from lmexp.data.cache import TokenCache, build_token_cache
 from lmexp.data.cleaning import CleaningReport, clean_documents, clean_text
 from lmexp.data.masking import MLMBatchTransform
 from lmexp.data.sources import Document, read_documents
-from lmexp.data.tokenizer import load_tokenizer, special_tokens_for, tokenizer_hash, train_tokenizer
+from lmexp.data.tokenizer import load_tokenizer, special_tokens_for, train_tokenizer
 
 if TYPE_CHECKING:
     from lmexp.data.datamodule import TextDataModule
@@ -40,6 +40,5 @@ __all__ = [
     "load_tokenizer",
     "read_documents",
     "special_tokens_for",
-    "tokenizer_hash",
     "train_tokenizer",
 ]

@@ -22,6 +22,11 @@ def causal_lm_batch(windows: torch.Tensor, epoch: int, batch_index: int) -> dict
     return {"input_ids": windows[:, :-1].contiguous(), "labels": windows[:, 1:].contiguous()}
 
 
+def count_windows(n_tokens: int, window: int, stride: int, offset: int = 0) -> int:
+    """How many windows of ``window`` tokens, ``stride`` apart, fit after ``offset``."""
+    return max(0, (n_tokens - offset - window) // stride + 1)
+
+
 class TokenBatches(IterableDataset):
     """Fixed-length windows over a token array, grouped into batches.
 
@@ -66,15 +71,14 @@ class TokenBatches(IterableDataset):
         """Window start positions this rank uses in ``epoch``, in order."""
         rng = np.random.default_rng((self.seed, epoch))
         offset = int(rng.integers(self.stride)) if self.shuffle else 0
-        count = max(0, (len(self.tokens) - offset - self.window) // self.stride + 1)
+        count = count_windows(len(self.tokens), self.window, self.stride, offset)
         order = rng.permutation(count) if self.shuffle else np.arange(count)
         per_rank = count // self.world_size  # equal counts: DDP ranks must step together
-        mine = order[self.rank * per_rank : (self.rank + 1) * per_rank] if self.world_size > 1 else order
+        mine = order[self.rank * per_rank : (self.rank + 1) * per_rank]
         return offset + mine.astype(np.int64) * self.stride
 
     def num_samples(self) -> int:
-        count = max(0, (len(self.tokens) - self.window) // self.stride + 1)
-        return count // self.world_size
+        return count_windows(len(self.tokens), self.window, self.stride) // self.world_size
 
     def __len__(self) -> int:
         if self.shuffle:  # a random offset can cost one window: count the smaller case

@@ -92,7 +92,7 @@ def _encode_split(
         for start in range(0, len(documents), _ENCODE_CHUNK):
             chunk = [doc + DOCUMENT_SEPARATOR for doc in documents[start : start + _ENCODE_CHUNK]]
             encodings = tokenizer.encode_batch(chunk, add_special_tokens=False)
-            ids = np.fromiter((i for e in encodings for i in e.ids), dtype=dtype)
+            ids = np.concatenate([np.asarray(e.ids, dtype=dtype) for e in encodings])
             ids.tofile(f)
             n_tokens += ids.size
             n_bytes += sum(len(doc.encode()) for doc in chunk)

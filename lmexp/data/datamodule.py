@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
-from lmexp.data.batches import BatchTransform, TokenBatches, causal_lm_batch
+from lmexp.data.batches import BatchTransform, TokenBatches, causal_lm_batch, count_windows
 from lmexp.data.cache import TokenCache, build_token_cache
 from lmexp.data.cleaning import Dedupe, Normalization
 from lmexp.data.masking import MLMBatchTransform
@@ -100,7 +100,6 @@ class TextDataModule(pl.LightningDataModule):
         self.cache_root = Path(cache_dir) if cache_dir else lmexp_cache_dir() / "tokens"
         self.num_workers = num_workers
         self.cache: TokenCache | None = None
-        self._train: TokenBatches | None = None
         self._resume: dict[str, int] | None = None
 
     # ----------------------------------------------------------------- what the model needs
@@ -153,8 +152,7 @@ class TextDataModule(pl.LightningDataModule):
         ranks = self.trainer.world_size if self.trainer else 1
         for split in needed:
             tokens = self.cache.meta["splits"][split]["tokens"]
-            samples = max(0, (tokens - window) // stride + 1)
-            if samples < ranks:
+            if count_windows(tokens, window, stride) < ranks:
                 fraction = {"train": "", "val": " or a larger data.val_fraction", "test": " or a larger data.test_fraction"}
                 raise DataError(
                     f"the {split} split has {tokens} tokens, fewer than one sample of {window} "
@@ -181,14 +179,13 @@ class TextDataModule(pl.LightningDataModule):
             raise ConfigError("data.sentence_order applies to masked LM only: remove it or train MaskedLM")
 
     @property
-    def tokenizer(self) -> Tokenizer:
-        if self.cache is None:
-            raise RuntimeError("the tokenizer exists after prepare_data() and setup()")
-        return self.cache.tokenizer
+    def tokenizer(self) -> Tokenizer | None:
+        """The trained tokenizer; None until setup() has run."""
+        return self.cache.tokenizer if self.cache is not None else None
 
     @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.get_vocab_size()
+    def vocab_size(self) -> int | None:
+        return self.cache.tokenizer.get_vocab_size() if self.cache is not None else None
 
     def bytes_per_token(self, split: str = "val") -> float:
         """UTF-8 bytes per token, to turn nats per token into bits per byte."""
@@ -202,9 +199,11 @@ class TextDataModule(pl.LightningDataModule):
         # Training: each rank draws its own masks (batch indices repeat across ranks).
         # Evaluation: one fixed draw, so val/loss compares across epochs and world sizes.
         rank = self.trainer.global_rank if self.trainer and training else 0
-        specials = [t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special]
+        assert self.cache is not None
+        tokenizer = self.cache.tokenizer
+        specials = [t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special]
         return MLMBatchTransform(
-            self.tokenizer.get_vocab(), self.mlm_probability, self.sentence_order, self.seed + 7919 * rank,
+            tokenizer.get_vocab(), self.mlm_probability, self.sentence_order, self.seed + 7919 * rank,
             special_tokens=specials,
         )
 
@@ -242,16 +241,16 @@ class TextDataModule(pl.LightningDataModule):
         return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, generator=generator)
 
     def train_dataloader(self) -> DataLoader:
-        self._train = self._batches("train", shuffle=True)
-        if len(self._train) == 0:
+        batches = self._batches("train", shuffle=True)
+        if len(batches) == 0:
             raise DataError(
                 f"the train split has too few tokens for one batch of {self.batch_size} x "
                 f"{self.resolved_block_size()}: lower data.batch_size or block_size, or add text"
             )
         if self._resume is not None:
-            self._train.resume_from(self._resume["epoch"], self._resume["batches_done"])
+            batches.resume_from(self._resume["epoch"], self._resume["batches_done"])
             self._resume = None
-        return self._loader(self._train)
+        return self._loader(batches)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_fraction == 0:

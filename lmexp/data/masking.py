@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lmexp.data.tokenizer import CLS, MASK, MLM_SPECIAL_TOKENS, PAD, SEP
+from lmexp.data.tokenizer import CLS, MASK, MLM_SPECIAL_TOKENS, SEP
 from lmexp.errors import ConfigError
 
 
@@ -36,7 +36,7 @@ class MLMBatchTransform:
     ) -> None:
         if not 0.0 < mlm_probability < 1.0:
             raise ConfigError(f"mlm_probability={mlm_probability} must be in (0, 1), typically 0.15")
-        missing = [t for t in (PAD, CLS, SEP, MASK) if t not in vocab]
+        missing = [t for t in (CLS, SEP, MASK) if t not in vocab]
         if missing:
             raise ConfigError(
                 f"the tokenizer lacks the special tokens {missing} that masked LM needs: "

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -65,17 +64,8 @@ def train_tokenizer(
         raise ConfigError(f"tokenizer {kind!r} is unknown: choose one of char, bpe, wordpiece")
     if kind != "char" and vocab_size < 32:
         raise ConfigError(f"vocab_size={vocab_size} is too small for {kind}: use at least 32")
-    tokenizer.train_from_iterator(_as_iterator(texts), trainer)
+    tokenizer.train_from_iterator(texts, trainer)
     return tokenizer
-
-
-def _as_iterator(texts: Iterable[str]) -> Iterator[str]:
-    yield from texts
-
-
-def tokenizer_hash(tokenizer: Tokenizer) -> str:
-    """Identity of a tokenizer's full definition, to tell whether two tokenizers agree."""
-    return hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:16]
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
