@@ -8,6 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Import Lightning (and the optional packages torchmetrics pulls in, such as transformers) while
+# pytest's session-wide capture is active: their loggers bind to sys.stderr at import, and one
+# bound inside a capsys test would keep writing to that test's closed stream.
+import lightning.pytorch  # noqa: F401, E402
+
 SUBJECTS = ["the cat", "a dog", "the old king", "my friend", "the small bird", "our teacher"]
 VERBS = ["sees", "likes", "follows", "finds", "hears", "paints"]
 OBJECTS = ["the moon", "a red ball", "the river", "an open door", "the garden", "a quiet song"]

@@ -108,7 +108,7 @@ def test_missing_checkpoint(tmp_path, capsys):
     ("extra", "expected"),
     [
         (["--data.block_size=512"], "data.block_size=512 exceeds the model's context of 128 tokens"),
-        (["--model.network_overrides={vocab_size: 50}"], "model's vocab_size=50 differs from the tokenizer's"),
+        (["--model.network_overrides={vocab_size: 5}"], "model's vocab_size=5 is smaller than the tokenizer's"),
         (["--trainer.max_steps=-1", "--trainer.max_epochs=-1"], "training has no end"),
     ],
 )

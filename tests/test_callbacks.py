@@ -29,8 +29,35 @@ def test_tokens_per_second_reaches_the_logger_at_every_logging_step(tiny_corpus:
         check_val_every_n_epoch=None, logger=CSVLogger(str(tmp_path)), enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False,
     )
-    objective = CausalLM("gpt-tiny", warmup_steps=0, throughput_every_n_steps=4)
+    objective = CausalLM("gpt-tiny", warmup_steps=0)
     trainer.fit(objective, datamodule=TextDataModule(str(tiny_corpus), batch_size=2))
     rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
     rates = [float(r["train/tokens_per_sec"]) for r in rows if r.get("train/tokens_per_sec")]
     assert len(rates) == 4 and all(rate > 0 for rate in rates)  # steps 3, 6, 9, 12
+
+
+def test_training_metrics_are_logged_only_on_logging_steps(tiny_corpus: Path, tmp_path: Path, monkeypatch):
+    """Each self.log costs ~1 ms and a host read-back: between logging steps none is made."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    calls: list[tuple[str, int]] = []
+    original = CausalLM.log
+
+    def counting_log(self, name, *args, **kwargs):
+        if name.startswith("train/"):
+            calls.append((name, self.trainer.global_step))
+        return original(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(CausalLM, "log", counting_log)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=10, log_every_n_steps=4, limit_val_batches=0, logger=CSVLogger(str(tmp_path)),
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(CausalLM("gpt-tiny", warmup_steps=0), datamodule=TextDataModule(str(tiny_corpus), batch_size=2))
+    loss_steps = [step for name, step in calls if name == "train/loss"]
+    assert loss_steps == [3, 7]  # global_step before steps 4 and 8, the steps Lightning writes
+    rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    logged = [int(r["step"]) for r in rows if r.get("train/loss")]
+    assert logged == [3, 7]

@@ -172,3 +172,31 @@ def test_training_without_a_validation_split(tiny_corpus: Path, tmp_path: Path):
     trainer.fit(CausalLM("gpt-tiny", warmup_steps=1), datamodule=data)
     assert trainer.global_step == 6 and (tmp_path / "last.ckpt").is_file()
     assert "val/loss" not in trainer.callback_metrics
+
+
+def test_adamw8bit_trains_with_8bit_state(tiny_corpus: Path, cpu_trainer_kwargs: dict):
+    pytest.importorskip("bitsandbytes")
+    data = TextDataModule(str(tiny_corpus), batch_size=4)
+    trainer = pl.Trainer(max_steps=30, limit_val_batches=0, **cpu_trainer_kwargs)
+    objective = CausalLM("gpt-tiny", optimizer="adamw8bit", lr=3e-3, warmup_steps=0)
+    losses = []
+    trainer.fit(objective, datamodule=data)
+    optimizer = trainer.optimizers[0]
+    assert type(optimizer).__name__ == "AdamW8bit"
+    big = max((p for group in optimizer.param_groups for p in group["params"]), key=torch.Tensor.numel)
+    assert optimizer.state[big]["state1"].dtype == torch.uint8  # the large matrices keep 8-bit moments
+    batch = next(iter(data.train_dataloader()))
+    losses = objective.compute_loss(batch, "train")[0].item()
+    assert losses < math.log(data.vocab_size) * 0.8
+
+
+def test_unknown_optimizer_is_refused():
+    with pytest.raises(ConfigError, match="optimizer='sgd' is unknown"):
+        CausalLM("gpt-tiny", optimizer="sgd")
+
+
+def test_model_vocabulary_may_be_padded_beyond_the_tokenizer(tiny_corpus: Path, cpu_trainer_kwargs: dict):
+    data = TextDataModule(str(tiny_corpus), batch_size=2)
+    objective = CausalLM("gpt-tiny", network_overrides={"vocab_size": 128}, warmup_steps=0)
+    pl.Trainer(max_steps=2, limit_val_batches=0, **cpu_trainer_kwargs).fit(objective, datamodule=data)
+    assert data.vocab_size < 128 and objective.model.lm_head.weight.shape[0] == 128
