@@ -3,6 +3,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer, decoders, models, trainers
 
 from lmexp.data.cache import build_token_cache, cache_key, split_documents
 from lmexp.data.sources import source_fingerprint
@@ -34,6 +35,17 @@ def test_bpe_respects_vocab_size_and_char_ignores_it():
     assert bpe.get_vocab_size() == 300
     char = train_tokenizer(DOCS, "char", vocab_size=300, special_tokens=["[UNK]"])
     assert char.get_vocab_size() == len(set("".join(DOCS))) + 1
+
+
+@pytest.mark.parametrize("specials", [[], ["[UNK]"], MLM_SPECIAL_TOKENS, ["a", "[UNK]", "[UNK]"]])
+def test_char_tokenizer_is_identical_to_the_bpe_trainer_one(specials):
+    # The char tokenizer is built without a trainer; caches and checkpoints made with the
+    # trainer's tokenizer must keep the same ids, so the whole tokenizer.json must match.
+    docs = [*DOCS, "héllo 𝄞 wörld", "[UNK] a\tb\r", "", "ＡＢ"]
+    reference = Tokenizer(models.BPE(unk_token="[UNK]" if "[UNK]" in specials else None))
+    reference.decoder = decoders.Fuse()
+    reference.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=1, special_tokens=specials, show_progress=False))
+    assert train_tokenizer(iter(docs), "char", special_tokens=specials).to_str() == reference.to_str()
 
 
 def settings_for(source: Path, **changes) -> dict:
