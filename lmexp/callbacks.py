@@ -130,11 +130,27 @@ class SampleText(pl.Callback):
 
 
 class StepProgressBar(RichProgressBar):
-    """Rich progress bar titled by optimizer steps when training is bounded by steps.
+    """Rich progress bar titled by optimizer steps, whose metrics never stall the device.
 
     Language models train for ``max_steps``, not epochs; Lightning then has no epoch limit and
-    the stock title reads ``Epoch 0/-2``.
+    the stock title reads ``Epoch 0/-2``. The stock bar also re-reads the logged metrics after
+    every batch, turning each logged GPU tensor into a Python number: a device sync per step
+    that stops the host from queueing work ahead (it halved the speed of a small GPT on a
+    GPU). This bar re-reads them only on the steps where new values were logged.
     """
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.is_disabled:
+            return
+        if self.train_progress_bar_id is None:  # resumed mid-epoch
+            self._initialize_train_progress_bar_id()
+        self._update(self.train_progress_bar_id, batch_idx + 1)
+        connector = getattr(trainer, "_logger_connector", None)
+        if connector is None or connector.should_update_logs:
+            self._update_metrics(trainer, pl_module)
+        self.refresh()
 
     def _get_train_description(self, current_epoch: int) -> str:
         trainer = self.trainer

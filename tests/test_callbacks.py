@@ -61,3 +61,19 @@ def test_training_metrics_are_logged_only_on_logging_steps(tiny_corpus: Path, tm
     rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
     logged = [int(r["step"]) for r in rows if r.get("train/loss")]
     assert logged == [3, 7]
+
+
+def test_progress_bar_reads_metrics_only_on_logging_steps(tiny_corpus: Path, monkeypatch):
+    """Reading logged tensors back is a device sync: the bar must not do it every batch."""
+    from lmexp.callbacks import StepProgressBar
+
+    reads: list[int] = []
+    monkeypatch.setattr(StepProgressBar, "_update_metrics", lambda self, trainer, module: reads.append(trainer.global_step))
+    bar = StepProgressBar()
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=10, log_every_n_steps=4, limit_val_batches=0, logger=False, callbacks=[bar],
+        enable_checkpointing=False, enable_model_summary=False,
+    )
+    trainer.fit(CausalLM("gpt-tiny", warmup_steps=0), datamodule=TextDataModule(str(tiny_corpus), batch_size=2))
+    assert reads == [4, 8, 10]  # after the batches whose metrics were logged, and once at the end
+    assert bar.progress is None or bar.train_progress_bar_id is not None
