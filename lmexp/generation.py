@@ -19,6 +19,17 @@ def sample_next_token(
     set of most likely tokens whose probability reaches p (nucleus sampling).
     """
     _check_sampling(temperature, top_k, top_p)
+    return _sample(logits, temperature, top_k, top_p, generator)
+
+
+def _sample(
+    logits: Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """sample_next_token without argument checks, which `generate` does once, not per token."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature  # (B, V)
@@ -45,14 +56,22 @@ def generate(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     eos_id: int | None = None,
+    window_shift: int | None = None,
 ) -> Tensor:
     """Extend prompts input_ids (B, T) by up to max_new_tokens tokens -> (B, T + new).
 
     Any model whose forward(input_ids) returns logits (B, T, V) works; models with `make_cache`
-    (GPT) decode incrementally with a KV cache when use_cache. Beyond the model's context
-    (config.block_size) only the last block_size tokens are fed; with a cache, that window is
-    prefilled into a fresh cache. With eos_id, finished rows are padded with eos_id and
-    generation stops early once every row has produced it.
+    (GPT) decode incrementally with a KV cache when use_cache. With eos_id, finished rows are
+    padded with eos_id and generation stops early once every row has produced it.
+
+    Past the model's context L (config.block_size) the model sees a window of the latest tokens
+    whose start moves window_shift tokens at a time: with n tokens so far it sees [start, n),
+    where start is 0 while n <= L, else the smallest multiple of window_shift with n - start <= L,
+    so between L - window_shift + 1 and L tokens. Cached keys cannot slide (their positions are
+    baked into them), so each move re-encodes the window into a fresh cache, once per
+    window_shift new tokens. window_shift=1 is the exact sliding window (always the last L tokens)
+    and re-encodes L tokens for every new token; None means max(1, L // 4). Cached and uncached
+    generation follow the same rule, so use_cache changes the speed, not the tokens.
     """
     _check_sampling(temperature, top_k, top_p)
     if max_new_tokens < 0:
@@ -68,34 +87,63 @@ def generate(
             f"prompt has {input_ids.size(1)} tokens but the model's context is "
             f"block_size={block_size}: shorten the prompt"
         )
+    shift = _window_shift(window_shift, block_size)
     cache = model.make_cache(input_ids.size(0)) if use_cache and hasattr(model, "make_cache") else None
 
     was_training = model.training
     model.eval()
     try:
-        tokens = input_ids
-        pending = tokens  # tokens not yet in the cache
-        finished = torch.zeros(tokens.size(0), dtype=torch.bool, device=tokens.device)
+        batch, length = input_ids.shape
+        # Written in place: concatenating every step would copy the whole sequence per token.
+        tokens = input_ids.new_empty(batch, length + max_new_tokens)
+        tokens[:, :length] = input_ids
+        cache_start = 0  # first position of the window the cache holds
+        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
+            start = _window_start(length, block_size, shift)
             if cache is None:
-                context = tokens if block_size is None else tokens[:, -block_size:]
-                logits = model(context)
+                logits = model(tokens[:, start:length])
             else:
-                if cache.length + pending.size(1) > cache.max_length:
+                if start != cache_start:
                     cache.reset()
-                    pending = tokens[:, -cache.max_length :]
-                logits = model(pending, cache=cache)
-            next_token = sample_next_token(logits[:, -1], temperature, top_k, top_p, generator)  # (B, 1)
+                    cache_start = start
+                logits = model(tokens[:, start + cache.length : length], cache=cache)
+            next_token = _sample(logits[:, -1], temperature, top_k, top_p, generator)  # (B, 1)
             if eos_id is not None:
                 next_token = next_token.masked_fill(finished[:, None], eos_id)
                 finished |= next_token[:, 0] == eos_id
-            tokens = torch.cat((tokens, next_token), dim=1)
-            pending = next_token
+            tokens[:, length : length + 1] = next_token
+            length += 1
             if eos_id is not None and bool(finished.all()):
                 break
-        return tokens
+        return tokens if length == tokens.size(1) else tokens[:, :length].clone()
     finally:
         model.train(was_training)
+
+
+def _window_start(length: int, block_size: int | None, shift: int) -> int:
+    """First position the model sees when length tokens exist (the rule `generate` documents)."""
+    if block_size is None or length <= block_size:
+        return 0
+    return -(-(length - block_size) // shift) * shift  # ceil to a multiple of shift
+
+
+def _window_shift(window_shift: int | None, block_size: int | None) -> int:
+    """The validated window shift; a quarter of the context by default keeps at least 3/4 of it
+    in view while one re-encoding of the cache serves many new tokens."""
+    if window_shift is None:
+        return max(1, block_size // 4) if block_size is not None else 1
+    if isinstance(window_shift, bool) or not isinstance(window_shift, int) or window_shift < 1:
+        raise ValueError(
+            f"window_shift={window_shift!r} is invalid: use a positive number of tokens "
+            "(1 for an exact sliding window), or None for a quarter of the context"
+        )
+    if block_size is not None and window_shift > block_size:
+        raise ValueError(
+            f"window_shift={window_shift} exceeds the model's context block_size={block_size}: "
+            f"use at most {block_size}"
+        )
+    return window_shift
 
 
 def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
