@@ -1,0 +1,203 @@
+"""Time to reach a validation loss on Tiny Shakespeare: lmexp's shipped config vs a plain fp32 loop.
+
+    python benchmarks/bench_time_to_loss.py --source ../shared/data/tinyshakespeare.txt
+
+Both train the nanoGPT CPU recipe's model (4 layers, 4 heads, 128 dims, block 64, dropout 0) on
+the same character-level data, and both evaluate on the same held-out windows (the first
+``--val-batches`` batches of 64 windows of the val split) about every 5% of their planned
+steps, stopping at the first evaluation at or below ``--target``:
+
+- ``plain``: a hand-written fp32 loop with nanoGPT's settings (batch 12, lr 1e-3, 100 warmup
+  steps, cosine to 1e-4 over 2000 steps, AdamW betas 0.9/0.99, weight decay 0.1, clip 1.0);
+- ``lmexp``: ``lmexp fit --config configs/shakespeare_char.yaml`` (its batch size, learning rate,
+  schedule and precision, progress bar on) with early stopping at the target.
+
+Each run is a fresh process; the table gives the wall time from process start and from the
+first training step to the evaluation that reached the target, the steps and tokens it took,
+and the lmexp/plain ratio. Results are printed and appended to BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PROCESS_START = time.perf_counter()
+RECIPE = dict(batch_size=12, lr=1e-3, warmup=100, steps=2000, min_lr_ratio=0.1, betas=(0.9, 0.99), weight_decay=0.1)
+VAL_BATCH = 64
+
+
+def _val_batches(data, count: int) -> list:
+    """The first ``count`` batches of 64 val windows: identical for both runs."""
+    from lmexp.data.batches import TokenBatches
+
+    assert data.cache is not None
+    window, stride = data._window()
+    batches = TokenBatches(data.cache.tokens("val"), window, stride, VAL_BATCH, shuffle=False)
+    return [b for _, b in zip(range(count), batches)]
+
+
+def _evaluate(model, batches) -> float:
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    with torch.no_grad():
+        losses = [F.cross_entropy(model(b["input_ids"]).flatten(0, 1), b["labels"].flatten()) for b in batches]
+    model.train()
+    return float(torch.stack(losses).mean())
+
+
+def run_plain(source: str, target: float, val_batches: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from lmexp.data import TextDataModule
+    from lmexp.models import build_model, from_name
+    from lmexp.objectives.schedule import warmup_cosine
+
+    torch.manual_seed(1337)
+    data = TextDataModule(source, tokenizer="char", batch_size=RECIPE["batch_size"], block_size=64,
+                          task="causal_lm", dedupe="none")
+    data.prepare_data()
+    data.setup("fit")
+    val = _val_batches(data, val_batches)
+    model = build_model(from_name("gpt-nano", vocab_size=data.vocab_size, dropout=0.0))
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": RECIPE["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=RECIPE["lr"], betas=RECIPE["betas"], fused=True,
+    )
+    total, warmup = RECIPE["steps"], RECIPE["warmup"]
+    scheduler = LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup, total, RECIPE["min_lr_ratio"]))
+    every = total // 20
+    train_start = time.perf_counter()
+    step, curve = 0, []
+    while step < total:
+        for batch in data.train_dataloader():
+            logits = model(batch["input_ids"])
+            loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step % every == 0 or step == total:
+                val_loss = _evaluate(model, val)
+                curve.append((step, val_loss))
+                if val_loss <= target or step == total:
+                    return _result(step, RECIPE["batch_size"] * 64, val_loss, train_start, curve, target)
+    raise AssertionError("unreachable")
+
+
+def run_lmexp(source: str, target: float, val_batches: int, extra: list[str]) -> dict:
+    import lightning.pytorch as pl
+
+    from lmexp.lightning_cli import LmexpCLI
+
+    state: dict = {"curve": []}
+
+    class TargetWatch(pl.Callback):
+        """Evaluates the shared windows every 5% of the planned steps and stops at the target."""
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            state["train_start"] = time.perf_counter()
+            state["val"] = _val_batches(trainer.datamodule, val_batches)
+            state["every"] = max(1, trainer.max_steps // 20)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            step = trainer.global_step
+            if step % state["every"] and step != trainer.max_steps:
+                return
+            val_loss = _evaluate(pl_module.model, state["val"])
+            state["curve"].append((step, val_loss))
+            if val_loss <= target:
+                trainer.should_stop = True
+                state["done"] = (step, val_loss, time.perf_counter())
+
+    workdir = tempfile.mkdtemp(prefix="lmexp-ttl-")
+    args = ["--config", str(ROOT / "configs" / "shakespeare_char.yaml"), f"--data.source={source}",
+            f"--trainer.default_root_dir={workdir}", "--trainer.limit_val_batches=0", *extra]
+    cli = LmexpCLI(args=args, run=False)
+    # The config's own early stopping and samples would change what is timed: keep the bar,
+    # logger and checkpoints, drop those two, and let TargetWatch decide when to stop.
+    cli.trainer.callbacks[:] = [c for c in cli.trainer.callbacks
+                                if type(c).__name__ not in ("EarlyStopping", "SampleText")] + [TargetWatch()]
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    tokens_per_step = cli.datamodule.batch_size * cli.model.block_size
+    step, val_loss, ended = state.get("done") or (cli.trainer.global_step, state["curve"][-1][1], time.perf_counter())
+    return _result(step, tokens_per_step, val_loss, state["train_start"], state["curve"], target, ended)
+
+
+def _result(step, tokens_per_step, val_loss, train_start, curve, target, ended=None) -> dict:
+    ended = ended or time.perf_counter()
+    return {
+        "reached": val_loss <= target, "steps": step, "tokens": step * tokens_per_step, "val_loss": val_loss,
+        "train_s": ended - train_start, "process_s": ended - PROCESS_START, "curve": curve,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--source", required=True, help="path of tinyshakespeare.txt")
+    parser.add_argument("--target", type=float, default=1.90)
+    parser.add_argument("--val-batches", type=int, default=8, help="batches of 64 val windows per evaluation")
+    parser.add_argument("--runs", nargs="+", default=["plain", "lmexp"], choices=["plain", "lmexp"])
+    parser.add_argument("--lmexp-args", nargs="*", default=[], help="extra CLI overrides for the lmexp run")
+    parser.add_argument("--output", default=None)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        if args.worker == "plain":
+            result = run_plain(args.source, args.target, args.val_batches)
+        else:
+            result = run_lmexp(args.source, args.target, args.val_batches, args.lmexp_args)
+        print("RESULT " + json.dumps(result))
+        return
+
+    from benchmarks.report import BENCHMARKS_FILE, append_entry, markdown_table
+
+    os.environ.setdefault("LMEXP_CACHE_DIR", tempfile.mkdtemp(prefix="lmexp-bench-cache-"))
+    results = {}
+    for run in args.runs:
+        command = [sys.executable, __file__, "--worker", run, "--source", args.source, "--target", str(args.target),
+                   "--val-batches", str(args.val_batches)]
+        if args.lmexp_args:
+            command += ["--lmexp-args", *args.lmexp_args]
+        print(f"running {run} ...", flush=True)
+        finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+        line = next((l for l in finished.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if finished.returncode != 0 or line is None:
+            raise SystemExit(f"{run} failed:\n{finished.stderr[-3000:]}")
+        results[run] = json.loads(line[len("RESULT "):])
+        print(run, {k: v for k, v in results[run].items() if k != "curve"}, flush=True)
+    base = results.get("plain")
+    rows = []
+    for run, r in results.items():
+        ratio = f"{r['train_s'] / base['train_s']:.2f}x" if base else ""
+        rows.append([run, "yes" if r["reached"] else "no", str(r["steps"]), f"{r['tokens']:,}", f"{r['val_loss']:.3f}",
+                     f"{r['train_s']:.1f}", f"{r['process_s']:.1f}", ratio])
+    table = markdown_table(
+        ["run", f"reached {args.target}", "steps", "tokens", "val loss", "train s", "process s", "train time vs plain"],
+        rows,
+    )
+    command = "python benchmarks/bench_time_to_loss.py " + " ".join(sys.argv[1:])
+    append_entry(f"Time to val loss {args.target}, Tiny Shakespeare recipe", command, table,
+                 Path(args.output or BENCHMARKS_FILE))
+
+
+if __name__ == "__main__":
+    main()
