@@ -23,6 +23,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+CONFIG = ROOT / "configs" / "shakespeare_char.yaml"
+RECIPE_STEPS = next(int(line.split(":")[1]) for line in CONFIG.read_text().splitlines() if line.strip().startswith("max_steps:"))
 
 from benchmarks.report import BENCHMARKS_FILE, append_entry, markdown_table  # noqa: E402
 
@@ -30,12 +32,12 @@ from benchmarks.report import BENCHMARKS_FILE, append_entry, markdown_table  # n
 def run(source: str, precision: str, steps: int, workdir: Path) -> dict:
     root = workdir / precision
     command = [
-        sys.executable, "-m", "lmexp", "fit", "--config", str(ROOT / "configs" / "shakespeare_char.yaml"),
+        sys.executable, "-m", "lmexp", "fit", "--config", str(CONFIG),
         f"--data.source={source}", f"--trainer.precision={precision}", f"--trainer.max_steps={steps}",
         f"--trainer.default_root_dir={root}", "--trainer.callbacks.init_args.every_n_steps=0",
     ]
-    if steps < 2000:  # same LR schedule as the full recipe, fewer steps
-        command += [f"--trainer.val_check_interval={steps}", "--model.max_steps=2000"]
+    if steps < RECIPE_STEPS:  # same LR schedule as the full recipe, fewer steps
+        command += [f"--trainer.val_check_interval={steps}", f"--model.max_steps={RECIPE_STEPS}"]
     started = time.perf_counter()
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - started
@@ -70,7 +72,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for precision in args.precisions:
             full = precision == "32-true" or fast_bf16
-            results.append(run(args.source, precision, 2000 if full else args.short_steps, Path(tmp)))
+            results.append(run(args.source, precision, RECIPE_STEPS if full else args.short_steps, Path(tmp)))
     base = results[0]["tokens_per_s"]
     rows = [
         [

@@ -4,8 +4,8 @@
 
 Both train the nanoGPT CPU recipe's model (4 layers, 4 heads, 128 dims, block 64, dropout 0) on
 the same character-level data, and both evaluate on the same held-out windows (the first
-``--val-batches`` batches of 64 windows of the val split) about every 5% of their planned
-steps, stopping at the first evaluation at or below ``--target``:
+``--val-batches`` batches of 64 windows of the val split) every ``--eval-tokens`` training
+tokens, stopping at the first evaluation at or below ``--target``:
 
 - ``plain``: a hand-written fp32 loop with nanoGPT's settings (batch 12, lr 1e-3, 100 warmup
   steps, cosine to 1e-4 over 2000 steps, AdamW betas 0.9/0.99, weight decay 0.1, clip 1.0);
@@ -57,7 +57,7 @@ def _evaluate(model, batches) -> float:
     return float(torch.stack(losses).mean())
 
 
-def run_plain(source: str, target: float, val_batches: int) -> dict:
+def run_plain(source: str, target: float, val_batches: int, eval_tokens: int) -> dict:
     import torch
     import torch.nn.functional as F
     from torch.optim.lr_scheduler import LambdaLR
@@ -81,7 +81,7 @@ def run_plain(source: str, target: float, val_batches: int) -> dict:
     )
     total, warmup = RECIPE["steps"], RECIPE["warmup"]
     scheduler = LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup, total, RECIPE["min_lr_ratio"]))
-    every = total // 20
+    every = max(1, eval_tokens // (RECIPE["batch_size"] * 64))
     train_start = time.perf_counter()
     step, curve = 0, []
     while step < total:
@@ -102,7 +102,7 @@ def run_plain(source: str, target: float, val_batches: int) -> dict:
     raise AssertionError("unreachable")
 
 
-def run_lmexp(source: str, target: float, val_batches: int, extra: list[str]) -> dict:
+def run_lmexp(source: str, target: float, val_batches: int, eval_tokens: int, extra: list[str]) -> dict:
     import lightning.pytorch as pl
 
     from lmexp.lightning_cli import LmexpCLI
@@ -110,12 +110,13 @@ def run_lmexp(source: str, target: float, val_batches: int, extra: list[str]) ->
     state: dict = {"curve": []}
 
     class TargetWatch(pl.Callback):
-        """Evaluates the shared windows every 5% of the planned steps and stops at the target."""
+        """Evaluates the shared windows every ``eval_tokens`` tokens and stops at the target."""
 
         def on_train_start(self, trainer, pl_module) -> None:
             state["train_start"] = time.perf_counter()
             state["val"] = _val_batches(trainer.datamodule, val_batches)
-            state["every"] = max(1, trainer.max_steps // 20)
+            tokens_per_step = trainer.datamodule.batch_size * pl_module.block_size * trainer.accumulate_grad_batches
+            state["every"] = max(1, eval_tokens // tokens_per_step)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             step = trainer.global_step
@@ -154,6 +155,7 @@ def main() -> None:
     parser.add_argument("--source", required=True, help="path of tinyshakespeare.txt")
     parser.add_argument("--target", type=float, default=1.90)
     parser.add_argument("--val-batches", type=int, default=8, help="batches of 64 val windows per evaluation")
+    parser.add_argument("--eval-tokens", type=int, default=38_400, help="training tokens between evaluations")
     parser.add_argument("--runs", nargs="+", default=["plain", "lmexp"], choices=["plain", "lmexp"])
     parser.add_argument("--lmexp-args", nargs="*", default=[], help="extra CLI overrides for the lmexp run")
     parser.add_argument("--output", default=None)
@@ -162,9 +164,9 @@ def main() -> None:
 
     if args.worker:
         if args.worker == "plain":
-            result = run_plain(args.source, args.target, args.val_batches)
+            result = run_plain(args.source, args.target, args.val_batches, args.eval_tokens)
         else:
-            result = run_lmexp(args.source, args.target, args.val_batches, args.lmexp_args)
+            result = run_lmexp(args.source, args.target, args.val_batches, args.eval_tokens, args.lmexp_args)
         print("RESULT " + json.dumps(result))
         return
 
@@ -174,7 +176,7 @@ def main() -> None:
     results = {}
     for run in args.runs:
         command = [sys.executable, __file__, "--worker", run, "--source", args.source, "--target", str(args.target),
-                   "--val-batches", str(args.val_batches)]
+                   "--val-batches", str(args.val_batches), "--eval-tokens", str(args.eval_tokens)]
         if args.lmexp_args:
             command += ["--lmexp-args", *args.lmexp_args]
         print(f"running {run} ...", flush=True)
