@@ -26,6 +26,7 @@ def generate_text(
     seed: int = 0,
     num_samples: int = 1,
     kv_cache: bool = True,
+    window_shift: int | None = None,
     tokenizer: str | None = None,
     device: str = "cpu",
 ) -> list[str]:
@@ -41,6 +42,8 @@ def generate_text(
         seed: Random seed of the sampling.
         num_samples: Independent samples to draw.
         kv_cache: Reuse attention keys and values between steps (much faster, same output).
+        window_shift: Past the model's context, how many tokens the window moves at a time
+            (1: always the last block_size tokens, slowest; default: a quarter of the context).
         tokenizer: A ``tokenizer.json`` to use instead of the one saved in the checkpoint.
         device: ``cpu`` or ``cuda``.
     """
@@ -64,10 +67,15 @@ def generate_text(
     generator = torch.Generator(device=device).manual_seed(seed)
     prompt_ids = torch.tensor([ids] * num_samples, device=device)
     try:
-        out = generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, generator=generator, use_cache=kv_cache)
+        out = generate(
+            model, prompt_ids, max_new_tokens, temperature, top_k, top_p, generator=generator, use_cache=kv_cache,
+            window_shift=window_shift,
+        )
     except ValueError as err:  # invalid sampling settings, or a prompt longer than the context
         raise ConfigError(str(err)) from None
-    return [tok.decode(row.tolist()) for row in out]
+    # A model vocabulary padded beyond the tokenizer's has ids with no text: they decode to nothing.
+    known = tok.get_vocab_size()
+    return [tok.decode([i for i in row.tolist() if i < known]) for row in out]
 
 
 def run_generate(argv: list[str]) -> list[str]:

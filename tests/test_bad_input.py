@@ -97,6 +97,10 @@ def test_prompt_longer_than_the_context(tmp_path, capsys):
         capsys, ["generate", "--ckpt", str(tmp_path / "checkpoints" / "last.ckpt"), "--prompt", "the cat " * 40]
     )
     assert "prompt has 320 tokens but the model's context is block_size=128: shorten the prompt" in message
+    message = one_line_error(
+        capsys, ["generate", "--ckpt", str(tmp_path / "checkpoints" / "last.ckpt"), "--window_shift", "500"]
+    )
+    assert "window_shift=500 exceeds the model's context block_size=128" in message
 
 
 def test_missing_checkpoint(tmp_path, capsys):
