@@ -1,6 +1,8 @@
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
+import pytest
 
 from lmexp import CausalLM, TextDataModule
 from lmexp.callbacks import SampleText
@@ -77,3 +79,28 @@ def test_progress_bar_reads_metrics_only_on_logging_steps(tiny_corpus: Path, mon
     trainer.fit(CausalLM("gpt-tiny", warmup_steps=0), datamodule=TextDataModule(str(tiny_corpus), batch_size=2))
     assert reads == [4, 8, 10]  # after the batches whose metrics were logged, and once at the end
     assert bar.progress is None or bar.train_progress_bar_id is not None
+
+
+def test_tokens_per_second_with_gradient_accumulation_spans_whole_windows(tiny_corpus: Path, monkeypatch):
+    """The rate is logged once per logged optimizer step, over all its micro-batches."""
+    logged: list[tuple[int, float]] = []
+    original = CausalLM.log
+
+    def recording_log(self, name, value, *args, **kwargs):
+        if name == "train/tokens_per_sec":
+            logged.append((self.trainer.global_step, value))
+        return original(self, name, value, *args, **kwargs)
+
+    monkeypatch.setattr(CausalLM, "log", recording_log)
+    clock = iter(range(1000))
+    monkeypatch.setattr("lmexp.objectives.base.time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=6, accumulate_grad_batches=2, log_every_n_steps=3, limit_val_batches=0,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(CausalLM("gpt-tiny", warmup_steps=0), datamodule=TextDataModule(str(tiny_corpus), batch_size=2))
+    tokens_per_batch = 2 * 32  # batch 2 x gpt-tiny's block of 32
+    # One clock tick per batch: the first batch starts the clock, so the window up to optimizer
+    # step 3 (batch 6) holds 5 batches in 5 ticks, and the next up to step 6 holds 6 in 6.
+    assert [step for step, _ in logged] == [3, 6]
+    assert [rate for _, rate in logged] == [pytest.approx(tokens_per_batch)] * 2

@@ -372,8 +372,10 @@ class LanguageModelObjective(pl.LightningModule):
             self._throughput_start = (now, 0)
             return
         started, tokens = self._throughput_start
-        tokens += batch["input_ids"].numel() * self.trainer.world_size
-        if self._logs_this_step() and now > started:
+        trainer = self.trainer
+        tokens += batch["input_ids"].numel() * trainer.world_size
+        ends_window = (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or batch_idx + 1 == trainer.num_training_batches
+        if ends_window and self._logs_this_step() and now > started:
             self.log("train/tokens_per_sec", tokens / (now - started), prog_bar=True)
             self._throughput_start = (now, 0)
         else:
