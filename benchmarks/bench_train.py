@@ -159,6 +159,7 @@ def _run_plain(job: Job, data, timer: StepTimer) -> int:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=job.precision.startswith("bf16"))
     model.train()
     step = 0
+    timer.started = time.perf_counter()  # as in the other modes: from the start of training
     while True:
         for batch in data.train_dataloader():
             x = batch["input_ids"].to(device, non_blocking=True)

@@ -36,6 +36,7 @@ def test_tokens_per_second_reaches_the_logger_at_every_logging_step(tiny_corpus:
     rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
     rates = [float(r["train/tokens_per_sec"]) for r in rows if r.get("train/tokens_per_sec")]
     assert len(rates) == 4 and all(rate > 0 for rate in rates)  # steps 3, 6, 9, 12
+    assert len(set(rates)) == 4  # each a fresh measurement, also right after the validation at step 5
 
 
 def test_training_metrics_are_logged_only_on_logging_steps(tiny_corpus: Path, tmp_path: Path, monkeypatch):
@@ -70,7 +71,13 @@ def test_progress_bar_reads_metrics_only_on_logging_steps(tiny_corpus: Path, mon
     from lmexp.callbacks import StepProgressBar
 
     reads: list[int] = []
-    monkeypatch.setattr(StepProgressBar, "_update_metrics", lambda self, trainer, module: reads.append(trainer.global_step))
+    shown: list[set[str]] = []
+
+    def update_metrics(self, trainer, module):
+        reads.append(trainer.global_step)
+        shown.append(set(self.get_metrics(trainer, module)))
+
+    monkeypatch.setattr(StepProgressBar, "_update_metrics", update_metrics)
     bar = StepProgressBar()
     trainer = pl.Trainer(
         accelerator="cpu", max_steps=10, log_every_n_steps=4, limit_val_batches=0, logger=False, callbacks=[bar],
@@ -78,7 +85,7 @@ def test_progress_bar_reads_metrics_only_on_logging_steps(tiny_corpus: Path, mon
     )
     trainer.fit(CausalLM("gpt-tiny", warmup_steps=0), datamodule=TextDataModule(str(tiny_corpus), batch_size=2))
     assert reads == [4, 8, 10]  # after the batches whose metrics were logged, and once at the end
-    assert bar.progress is None or bar.train_progress_bar_id is not None
+    assert {"train/loss", "train/tokens_per_sec"} <= shown[0]  # this step's values, not the last interval's
 
 
 def test_tokens_per_second_with_gradient_accumulation_spans_whole_windows(tiny_corpus: Path, monkeypatch):
@@ -100,7 +107,8 @@ def test_tokens_per_second_with_gradient_accumulation_spans_whole_windows(tiny_c
     )
     trainer.fit(CausalLM("gpt-tiny", warmup_steps=0), datamodule=TextDataModule(str(tiny_corpus), batch_size=2))
     tokens_per_batch = 2 * 32  # batch 2 x gpt-tiny's block of 32
-    # One clock tick per batch: the first batch starts the clock, so the window up to optimizer
-    # step 3 (batch 6) holds 5 batches in 5 ticks, and the next up to step 6 holds 6 in 6.
-    assert [step for step, _ in logged] == [3, 6]
-    assert [rate for _, rate in logged] == [pytest.approx(tokens_per_batch)] * 2
+    # The clock ticks once per read: at the end of the first batch (t=0), then as each logged
+    # optimizer step starts, before its first micro-batch (batches 5 and 11): the windows hold
+    # batches 2-4 (1 tick) and 5-10 (1 tick), whole accumulation windows only.
+    assert [step for step, _ in logged] == [2, 5]
+    assert [float(rate) for _, rate in logged] == [3 * tokens_per_batch, 6 * tokens_per_batch]

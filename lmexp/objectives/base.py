@@ -165,6 +165,8 @@ class LanguageModelObjective(pl.LightningModule):
         self._schedule_steps: int | None = None
         self._saved_schedule_steps: int | None = None
         self._throughput_start: tuple[float, int] | None = None  # (time, tokens since)
+        self._validation_seconds = 0.0  # spent validating inside the current throughput window
+        self._validation_started = 0.0
         self.eval_nll = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
         if self.network_config.vocab_size is not None:
             self._build()
@@ -321,16 +323,21 @@ class LanguageModelObjective(pl.LightningModule):
         if stage == "train":
             if not self._logs_this_step():
                 return loss
-            self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-        else:
-            n_targets = (batch["labels"] != -100).sum()
-            self.eval_nll[stage].update(nll.detach(), weight=n_targets)
+            # Logged as CPU copies (one sync per logging step): Lightning turns every progress-bar
+            # value back into a number after each batch, a device sync per step for a GPU tensor.
+            self.log("train/loss", loss.detach().cpu(), prog_bar=True, batch_size=batch_size)
+            for name, value in extra.items():
+                self.log(f"train/{name}", value.detach().cpu(), batch_size=batch_size)
+            return loss
+        n_targets = (batch["labels"] != -100).sum()
+        self.eval_nll[stage].update(nll.detach(), weight=n_targets)
         for name, value in extra.items():
-            self.log(f"{stage}/{name}", value, on_step=stage == "train", on_epoch=stage != "train",
-                     batch_size=batch_size, sync_dist=stage != "train")
+            self.log(f"{stage}/{name}", value, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
         return loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self._trainer is not None and batch_idx % self.trainer.accumulate_grad_batches == 0 and self._logs_this_step():
+            self._log_throughput()  # here, not after the batch, so the progress bar reads it now
         return self._step(batch, "train")
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -357,29 +364,34 @@ class LanguageModelObjective(pl.LightningModule):
         self._log_eval_epoch("test")
 
     # ------------------------------------------------------------ throughput
+    def on_validation_start(self) -> None:
+        self._validation_started = time.perf_counter()
+
     def on_validation_end(self) -> None:
-        if self._throughput_start is not None:  # validation time is not training throughput
-            self._throughput_start = (time.perf_counter(), 0)
+        # Validation time is not training time: leave it out of the throughput window.
+        if self._throughput_start is not None:
+            self._validation_seconds += time.perf_counter() - self._validation_started
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        """Tokens per second since the previous logging step (a host timer: no device sync).
-
-        The window starts after the first batch (so start-up is not counted) and restarts after
-        each validation.
-        """
-        now = time.perf_counter()
+        # The first batch only starts the clock, so start-up is not counted as training time.
         if self._throughput_start is None:
-            self._throughput_start = (now, 0)
+            self._throughput_start = (time.perf_counter(), 0)
             return
         started, tokens = self._throughput_start
-        trainer = self.trainer
-        tokens += batch["input_ids"].numel() * trainer.world_size
-        ends_window = (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or batch_idx + 1 == trainer.num_training_batches
-        if ends_window and self._logs_this_step() and now > started:
-            self.log("train/tokens_per_sec", tokens / (now - started), prog_bar=True)
+        self._throughput_start = (started, tokens + batch["input_ids"].numel() * self.trainer.world_size)
+
+    def _log_throughput(self) -> None:
+        """Tokens per second over the batches since the previous logging step, validation time
+        left out (a host timer: no device sync)."""
+        if self._throughput_start is None:
+            return
+        now = time.perf_counter()
+        started, tokens = self._throughput_start
+        elapsed = now - started - self._validation_seconds
+        if tokens and elapsed > 0:
+            self.log("train/tokens_per_sec", torch.tensor(tokens / elapsed), prog_bar=True)
             self._throughput_start = (now, 0)
-        else:
-            self._throughput_start = (started, tokens)
+            self._validation_seconds = 0.0
 
     # ------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

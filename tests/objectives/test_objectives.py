@@ -179,15 +179,14 @@ def test_adamw8bit_trains_with_8bit_state(tiny_corpus: Path, cpu_trainer_kwargs:
     data = TextDataModule(str(tiny_corpus), batch_size=4)
     trainer = pl.Trainer(max_steps=30, limit_val_batches=0, **cpu_trainer_kwargs)
     objective = CausalLM("gpt-tiny", optimizer="adamw8bit", lr=3e-3, warmup_steps=0)
-    losses = []
     trainer.fit(objective, datamodule=data)
     optimizer = trainer.optimizers[0]
     assert type(optimizer).__name__ == "AdamW8bit"
     big = max((p for group in optimizer.param_groups for p in group["params"]), key=torch.Tensor.numel)
     assert optimizer.state[big]["state1"].dtype == torch.uint8  # the large matrices keep 8-bit moments
     batch = next(iter(data.train_dataloader()))
-    losses = objective.compute_loss(batch, "train")[0].item()
-    assert losses < math.log(data.vocab_size) * 0.8
+    loss = objective.compute_loss(batch, "train")[0].item()
+    assert loss < math.log(data.vocab_size) * 0.8
 
 
 def test_unknown_optimizer_is_refused():
