@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lmexp.checkpoints import export_safetensors
 from lmexp.generation import generate
+from lmexp.objectives.base import logs_this_step
 
 
 class LmexpCheckpoint(ModelCheckpoint):
@@ -147,8 +148,7 @@ class StepProgressBar(RichProgressBar):
         if self.train_progress_bar_id is None:  # resumed mid-epoch
             self._initialize_train_progress_bar_id()
         self._update(self.train_progress_bar_id, batch_idx + 1)
-        connector = getattr(trainer, "_logger_connector", None)
-        if connector is None or connector.should_update_logs:
+        if logs_this_step(trainer):
             self._update_metrics(trainer, pl_module)
         self.refresh()
 

@@ -17,7 +17,10 @@ from safetensors.torch import load_model, save_model
 from tokenizers import Tokenizer
 from torch import nn
 
+from lmexp.data.tokenizer import load_tokenizer, tokenizer_from_json
 from lmexp.errors import CheckpointError
+
+CHECKPOINT_KEY = "lmexp"  # lmexp's entry in Lightning checkpoints: RNG, schedule, tokenizer
 from lmexp.models import ModelConfig, build_model
 
 EXPORT_FORMAT = 1
@@ -60,8 +63,8 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
     prefix = "model."
     state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     model.load_state_dict(state)
-    extra = checkpoint.get("lmexp", {})
-    tokenizer = Tokenizer.from_str(extra["tokenizer"]) if "tokenizer" in extra else None
+    extra = checkpoint.get(CHECKPOINT_KEY, {})
+    tokenizer = tokenizer_from_json(extra["tokenizer"]) if "tokenizer" in extra else None
     return LoadedModel(model.eval(), config, tokenizer, extra.get("objective"))
 
 
@@ -78,7 +81,7 @@ def _load_export(folder: Path) -> LoadedModel:
     model = build_model(config)
     load_model(model, str(folder / WEIGHTS_FILE))
     tokenizer_path = folder / TOKENIZER_FILE
-    tokenizer = Tokenizer.from_file(str(tokenizer_path)) if tokenizer_path.is_file() else None
+    tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path.is_file() else None
     return LoadedModel(model.eval(), config, tokenizer, meta.get("objective"))
 
 

@@ -22,3 +22,15 @@ class DataError(LmexpError, ValueError):
 
 class CheckpointError(LmexpError, ValueError):
     """A checkpoint is missing, unreadable, or does not match the tokenizer or model."""
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    """Refuse a value outside ``choices``, naming them."""
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not supported: choose one of {', '.join(choices)}")
+
+
+def check_positive(name: str, value: int) -> None:
+    """Refuse anything but an integer of at least 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name}={value!r} must be a positive integer: set it to 1 or more")

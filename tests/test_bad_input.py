@@ -144,3 +144,24 @@ def test_foreign_export_folder(tmp_path, capsys):
     (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
     message = one_line_error(capsys, ["generate", "--ckpt", str(tmp_path)])
     assert "is not an lmexp export" in message
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({"tokenizer": "sentencepiece"}, "data.tokenizer='sentencepiece' is not supported: choose one of char, bpe, wordpiece"),
+        ({"normalization": "NFD"}, "data.normalization='NFD' is not supported: choose one of NFC, NFKC, none"),
+        ({"dedupe": "line"}, "data.dedupe='line' is not supported: choose one of documents, lines, none"),
+        ({"task": "mlm"}, "data.task='mlm' is not supported: choose one of causal_lm, masked_lm"),
+        ({"block_size": 0}, "data.block_size=0 must be a positive integer"),
+        ({"vocab_size": 0}, "data.vocab_size=0 must be a positive integer"),
+        ({"num_workers": -1}, "data.num_workers=-1 is negative"),
+    ],
+)
+def test_data_settings_are_checked_before_any_work(settings, expected):
+    from lmexp.data import TextDataModule
+    from lmexp.errors import ConfigError
+
+    with pytest.raises(ConfigError) as raised:
+        TextDataModule("does-not-matter.txt", **settings)
+    assert expected in str(raised.value) and "\n" not in str(raised.value)

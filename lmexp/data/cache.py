@@ -23,7 +23,7 @@ from tokenizers import Tokenizer
 
 from lmexp.data.cleaning import clean_documents
 from lmexp.data.sources import read_documents
-from lmexp.data.tokenizer import train_tokenizer
+from lmexp.data.tokenizer import load_tokenizer, train_tokenizer
 from lmexp.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -53,7 +53,7 @@ class TokenCache:
     @classmethod
     def load(cls, path: Path) -> TokenCache:
         meta = json.loads((path / "meta.json").read_text())
-        return cls(path, Tokenizer.from_file(str(path / "tokenizer.json")), meta)
+        return cls(path, load_tokenizer(path), meta)
 
     def tokens(self, split: str) -> np.ndarray:
         count = self.meta["splits"][split]["tokens"]

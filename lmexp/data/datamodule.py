@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import lightning.pytorch as pl
 import torch
@@ -17,7 +17,7 @@ from lmexp.data.cleaning import Dedupe, Normalization
 from lmexp.data.masking import MLMBatchTransform
 from lmexp.data.sources import lmexp_cache_dir, source_fingerprint
 from lmexp.data.tokenizer import Task, TokenizerKind, special_tokens_for
-from lmexp.errors import ConfigError, DataError
+from lmexp.errors import ConfigError, DataError, check_choice, check_positive
 
 
 class TextDataModule(pl.LightningDataModule):
@@ -77,8 +77,17 @@ class TextDataModule(pl.LightningDataModule):
                 f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction} leaves no "
                 "training data: keep their sum below 1"
             )
-        if batch_size < 1:
-            raise ConfigError(f"data.batch_size={batch_size} must be at least 1")
+        check_choice("data.tokenizer", tokenizer, get_args(TokenizerKind))
+        check_choice("data.normalization", normalization, get_args(Normalization))
+        check_choice("data.dedupe", dedupe, get_args(Dedupe))
+        if task is not None:
+            check_choice("data.task", task, get_args(Task))
+        for name, value in (("batch_size", batch_size), ("vocab_size", vocab_size), ("min_chars", min_chars)):
+            check_positive(f"data.{name}", value)
+        if block_size is not None:
+            check_positive("data.block_size", block_size)
+        if num_workers < 0:
+            raise ConfigError(f"data.num_workers={num_workers} is negative: use 0 (no worker processes) or more")
         if not 0.0 < mlm_probability < 1.0:
             raise ConfigError(f"data.mlm_probability={mlm_probability} must be in (0, 1), typically 0.15")
         self.save_hyperparameters()

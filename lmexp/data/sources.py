@@ -80,6 +80,7 @@ def _read_table(path: Path, text_column: str) -> Iterator[Document]:
                 )
             yield Document(_cell_text(row[text_column]), f"{path}:{line_no}")
         return
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # a cell may hold a whole document
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=kind)  # keeps quoted newlines
     if reader.fieldnames is None or text_column not in reader.fieldnames:
         raise DataError(

@@ -91,4 +91,12 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         path = path / "tokenizer.json"
     if not path.is_file():
         raise ConfigError(f"tokenizer file {str(path)!r} does not exist: pass a tokenizer.json or its folder")
-    return Tokenizer.from_file(str(path))
+    return tokenizer_from_json(path.read_text(encoding="utf-8"))
+
+
+def tokenizer_from_json(text: str) -> Tokenizer:
+    """Rebuild a saved tokenizer. Text that spells a special token ("[MASK]" in a prompt) stays
+    text, as when the cache was encoded: that setting is not part of tokenizer.json."""
+    tokenizer = Tokenizer.from_str(text)
+    tokenizer.encode_special_tokens = True
+    return tokenizer

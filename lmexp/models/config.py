@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-from lmexp.errors import ConfigError
+from lmexp.errors import ConfigError, check_choice, check_positive
 
 Arch = Literal["gpt", "bert", "lstm"]
 Position = Literal["learned", "rotary"]
@@ -44,12 +44,12 @@ class ModelConfig:
     """Recompute each transformer block in the backward pass to save activation memory."""
 
     def __post_init__(self) -> None:
-        _check_choice("arch", self.arch, get_args(Arch))
-        _check_choice("position", self.position, get_args(Position))
+        check_choice("arch", self.arch, get_args(Arch))
+        check_choice("position", self.position, get_args(Position))
         for name in ("n_layer", "n_head", "n_embd", "block_size", "mlp_ratio", "type_vocab_size"):
-            _check_positive(name, getattr(self, name))
+            check_positive(name, getattr(self, name))
         if self.vocab_size is not None:
-            _check_positive("vocab_size", self.vocab_size)
+            check_positive("vocab_size", self.vocab_size)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(
                 f"dropout={self.dropout} is outside [0, 1): use a probability such as 0.1, or 0 to disable"
@@ -122,12 +122,3 @@ def _check_fields(changes: dict[str, Any]) -> None:
             f"unknown model config field(s) {', '.join(unknown)}: valid fields are {', '.join(fields)}"
         )
 
-
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name}={value!r} is not supported: choose one of {', '.join(choices)}")
-
-
-def _check_positive(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name}={value!r} must be a positive integer: set it to 1 or more")

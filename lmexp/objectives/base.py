@@ -17,12 +17,22 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
-from lmexp.errors import CheckpointError, ConfigError
+from lmexp.checkpoints import CHECKPOINT_KEY
+from lmexp.errors import CheckpointError, ConfigError, check_positive
 from lmexp.hardware import cpu_has_bf16_units
 from lmexp.models import ModelConfig, build_model, count_parameters, from_name
 from lmexp.objectives.schedule import warmup_cosine
 
-CHECKPOINT_KEY = "lmexp"  # our extra entry in Lightning checkpoints
+
+
+def logs_this_step(trainer: pl.Trainer) -> bool:
+    """Whether Lightning writes this training batch's metrics (every ``log_every_n_steps``).
+
+    Anything logged or read back between those steps is wasted: a logged GPU tensor turned into
+    a number is a device sync.
+    """
+    connector = getattr(trainer, "_logger_connector", None)
+    return connector is None or connector.should_update_logs or bool(trainer.fast_dev_run)
 
 
 def resolve_network(network: str | ModelConfig | Mapping[str, Any], overrides: Mapping[str, Any] | None) -> ModelConfig:
@@ -156,6 +166,12 @@ class LanguageModelObjective(pl.LightningModule):
             raise ConfigError(f"warmup_steps={warmup_steps} must be >= 0")
         if optimizer not in ("adamw", "adamw8bit"):
             raise ConfigError(f"optimizer={optimizer!r} is unknown: use 'adamw' or 'adamw8bit'")
+        if weight_decay < 0:
+            raise ConfigError(f"weight_decay={weight_decay} is negative: use 0 (none) or more, e.g. 0.1")
+        if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
+            raise ConfigError(f"betas={list(betas)} must be two values in [0, 1), e.g. [0.9, 0.99]")
+        if max_steps is not None:
+            check_positive("max_steps", max_steps)
         self.save_hyperparameters()
         self.network_config = resolve_network(network, network_overrides)
         self.model: nn.Module | None = None
@@ -165,7 +181,6 @@ class LanguageModelObjective(pl.LightningModule):
         self._schedule_steps: int | None = None
         self._saved_schedule_steps: int | None = None
         self._throughput_start: tuple[float, int] | None = None  # (time, tokens since)
-        self._validation_seconds = 0.0  # spent validating inside the current throughput window
         self._validation_started = 0.0
         self.eval_nll = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
         if self.network_config.vocab_size is not None:
@@ -229,11 +244,10 @@ class LanguageModelObjective(pl.LightningModule):
         embedding_params = {
             id(p) for m in self.modules() if isinstance(m, nn.Embedding) for p in m.parameters()
         }
-        decay, no_decay, seen = [], [], set()
-        for param in self.parameters():
-            if not param.requires_grad or id(param) in seen:
+        decay, no_decay = [], []
+        for param in self.parameters():  # a tied weight comes once
+            if not param.requires_grad:
                 continue
-            seen.add(id(param))
             (decay if param.ndim >= 2 and id(param) not in embedding_params else no_decay).append(param)
         return [
             {"params": decay, "weight_decay": self.hparams.weight_decay},
@@ -304,24 +318,11 @@ class LanguageModelObjective(pl.LightningModule):
         """
         raise NotImplementedError
 
-    def _logs_this_step(self) -> bool:
-        """Whether Lightning writes this training batch's metrics (every ``log_every_n_steps``).
-
-        Training metrics are logged only then: each ``self.log`` costs ~1 ms of Python on a
-        small model, and a logged tensor is read back to the host (a device sync) for the
-        progress bar. Between logging steps nothing leaves the device.
-        """
-        trainer = self._trainer
-        if trainer is None:
-            return True
-        connector = getattr(trainer, "_logger_connector", None)
-        return connector is None or connector.should_update_logs or bool(trainer.fast_dev_run)
-
-    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+    def _step(self, batch: dict[str, torch.Tensor], stage: str, log: bool = True) -> torch.Tensor:
         loss, nll, extra = self.compute_loss(batch, stage)
         batch_size = batch["input_ids"].shape[0]
         if stage == "train":
-            if not self._logs_this_step():
+            if not log:
                 return loss
             # Logged as CPU copies (one sync per logging step): Lightning turns every progress-bar
             # value back into a number after each batch, a device sync per step for a GPU tensor.
@@ -336,9 +337,12 @@ class LanguageModelObjective(pl.LightningModule):
         return loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        if self._trainer is not None and batch_idx % self.trainer.accumulate_grad_batches == 0 and self._logs_this_step():
+        # Training metrics are logged only on the steps Lightning writes: each self.log costs
+        # ~1 ms of Python on a small model.
+        log = self._trainer is None or logs_this_step(self.trainer)
+        if log and self._trainer is not None and batch_idx % self.trainer.accumulate_grad_batches == 0:
             self._log_throughput()  # here, not after the batch, so the progress bar reads it now
-        return self._step(batch, "train")
+        return self._step(batch, "train", log)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
@@ -368,9 +372,10 @@ class LanguageModelObjective(pl.LightningModule):
         self._validation_started = time.perf_counter()
 
     def on_validation_end(self) -> None:
-        # Validation time is not training time: leave it out of the throughput window.
+        # Validation time is not training time: move the window's start past it.
         if self._throughput_start is not None:
-            self._validation_seconds += time.perf_counter() - self._validation_started
+            started, tokens = self._throughput_start
+            self._throughput_start = (started + time.perf_counter() - self._validation_started, tokens)
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         # The first batch only starts the clock, so start-up is not counted as training time.
@@ -387,11 +392,9 @@ class LanguageModelObjective(pl.LightningModule):
             return
         now = time.perf_counter()
         started, tokens = self._throughput_start
-        elapsed = now - started - self._validation_seconds
-        if tokens and elapsed > 0:
-            self.log("train/tokens_per_sec", torch.tensor(tokens / elapsed), prog_bar=True)
+        if tokens and now > started:
+            self.log("train/tokens_per_sec", torch.tensor(tokens / (now - started)), prog_bar=True)
             self._throughput_start = (now, 0)
-            self._validation_seconds = 0.0
 
     # ------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

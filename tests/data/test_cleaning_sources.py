@@ -87,3 +87,9 @@ def test_table_cells_keep_quoted_newlines_unicode_separators_and_nulls(tmp_path:
     jsonl = tmp_path / "t.jsonl"
     jsonl.write_text('{"text": "a\u2028b"}\n{"text": null}\n')
     assert [d.text for d in read_documents(str(jsonl))] == ["a\u2028b", ""]
+
+
+def test_a_table_cell_may_hold_a_whole_document(tmp_path: Path):
+    big = "word " * 60_000  # 300 KB, beyond the csv module's default field limit of 128 KB
+    (tmp_path / "big.tsv").write_text(f"label\tsentence\n1\t{big}\n")
+    assert [len(d.text) for d in read_documents(str(tmp_path / "big.tsv"), text_column="sentence")] == [len(big)]

@@ -124,3 +124,8 @@ def test_text_that_spells_a_special_token_stays_text(tmp_path: Path):
     specials = {cache.tokenizer.token_to_id(t) for t in ("[MASK]", "[UNK]")}
     assert not specials & set(ids)
     assert "write [MASK] and [UNK] here" in cache.tokenizer.decode(ids)
+    # Tokenizers read back later (cache hits, checkpoints, --tokenizer) encode prompts the same way.
+    from lmexp.data import load_tokenizer
+
+    for reloaded in (build_token_cache(tmp_path / "c", settings, log=lambda _: None).tokenizer, load_tokenizer(cache.path)):
+        assert not specials & set(reloaded.encode("write [MASK] here").ids)

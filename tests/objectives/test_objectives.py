@@ -1,4 +1,5 @@
 import math
+import re
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -199,3 +200,16 @@ def test_model_vocabulary_may_be_padded_beyond_the_tokenizer(tiny_corpus: Path, 
     objective = CausalLM("gpt-tiny", network_overrides={"vocab_size": 128}, warmup_steps=0)
     pl.Trainer(max_steps=2, limit_val_batches=0, **cpu_trainer_kwargs).fit(objective, datamodule=data)
     assert data.vocab_size < 128 and objective.model.lm_head.weight.shape[0] == 128
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({"weight_decay": -0.1}, "weight_decay=-0.1 is negative"),
+        ({"betas": (1.5, 0.99)}, "betas=[1.5, 0.99] must be two values in [0, 1)"),
+        ({"max_steps": -5}, "max_steps=-5 must be a positive integer"),
+    ],
+)
+def test_optimizer_settings_are_checked_when_the_objective_is_built(settings, expected):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        CausalLM("gpt-tiny", **settings)
