@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import BENCHMARKS_FILE, append_entry, markdown_table  # noqa: E402
-from lmexp.generation import generate  # noqa: E402
+from lmexp.generation import _window_shift, generate  # noqa: E402
 from lmexp.models import GPT, from_name  # noqa: E402
 
 VOCAB = 65  # character-level Shakespeare
@@ -64,7 +64,7 @@ def row(
     cached, cached_out = tokens_per_second(
         model, prompt, new_tokens, True, window_shift, slow_repeats if exact_window else repeats
     )
-    shift = "-" if prompt.size(1) + new_tokens <= block_size else str(window_shift or block_size // 4)
+    shift = "-" if prompt.size(1) + new_tokens <= block_size else str(_window_shift(window_shift, block_size))
     same = "yes" if torch.equal(cached_out, uncached_out) else "no"
     print(f"{label}, block {block_size}, {new_tokens} new: {uncached:,.0f} -> {cached:,.0f} tok/s", flush=True)
     return [

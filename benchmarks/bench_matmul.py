@@ -23,14 +23,20 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.report import BENCHMARKS_FILE, append_entry, markdown_table  # noqa: E402
 
 
-def gflops(size: int, dtype: torch.dtype, repeats: int) -> float:
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b  # warm-up: kernel selection, allocation
+def gflops(size: int, dtype: torch.dtype, repeats: int, device: str = "cpu") -> float:
+    """Median GFLOP/s of a square product after one warm-up (kernel selection, allocation)."""
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
     times = []
-    for _ in range(repeats):
+    for i in range(repeats + 1):
+        if device == "cuda":
+            torch.cuda.synchronize()
         started = time.perf_counter()
         a @ b
-        times.append(time.perf_counter() - started)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i > 0:
+            times.append(time.perf_counter() - started)
     return 2 * size**3 / statistics.median(times) / 1e9
 
 

@@ -10,7 +10,8 @@ tokens, stopping at the first evaluation at or below ``--target``:
 - ``plain``: a hand-written fp32 loop with nanoGPT's settings (batch 12, lr 1e-3, 100 warmup
   steps, cosine to 1e-4 over 2000 steps, AdamW betas 0.9/0.99, weight decay 0.1, clip 1.0);
 - ``lmexp``: ``lmexp fit --config configs/shakespeare_char.yaml`` (its batch size, learning rate,
-  schedule and precision, progress bar on) with early stopping at the target.
+  schedule and precision; its progress bar runs, though into a pipe, where Rich draws less than
+  in a terminal) with early stopping at the target.
 
 Each run is a fresh process; the table gives the wall time from process start and from the
 first training step to the evaluation that reached the target, the steps and tokens it took,
@@ -63,12 +64,10 @@ def _evaluate(model, batches) -> float:
 
 def run_plain(source: str, target: float, val_batches: int, eval_tokens: int) -> dict:
     import torch
-    import torch.nn.functional as F
-    from torch.optim.lr_scheduler import LambdaLR
 
+    from benchmarks.plain_loop import endless_batches, plain_optimizer, plain_step
     from lmexp.data import TextDataModule
     from lmexp.models import build_model, from_name
-    from lmexp.objectives.schedule import warmup_cosine
 
     torch.manual_seed(1337)
     data = TextDataModule(source, tokenizer="char", batch_size=RECIPE["batch_size"], block_size=64,
@@ -77,32 +76,20 @@ def run_plain(source: str, target: float, val_batches: int, eval_tokens: int) ->
     data.setup("fit")
     val = _val_batches(data, val_batches)
     model = build_model(from_name("gpt-nano", vocab_size=data.vocab_size, dropout=0.0))
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": RECIPE["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=RECIPE["lr"], betas=RECIPE["betas"], fused=True,
+    total = RECIPE["steps"]
+    optimizer, scheduler = plain_optimizer(
+        model, RECIPE["lr"], RECIPE["betas"], RECIPE["weight_decay"], RECIPE["warmup"], total, RECIPE["min_lr_ratio"]
     )
-    total, warmup = RECIPE["steps"], RECIPE["warmup"]
-    scheduler = LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup, total, RECIPE["min_lr_ratio"]))
     every = max(1, eval_tokens // (RECIPE["batch_size"] * 64))
     train_start = time.perf_counter()
-    step, curve = 0, []
-    while step < total:
-        for batch in data.train_dataloader():
-            logits = model(batch["input_ids"])
-            loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if step % every == 0 or step == total:
-                val_loss = _evaluate(model, val)
-                curve.append((step, val_loss))
-                if val_loss <= target or step == total:
-                    return _result(step, RECIPE["batch_size"] * 64, val_loss, train_start, curve, target)
+    curve = []
+    for step, batch in enumerate(endless_batches(data), start=1):
+        plain_step(model, model, batch, optimizer, scheduler, 1.0)
+        if step % every == 0 or step == total:
+            val_loss = _evaluate(model, val)
+            curve.append((step, val_loss))
+            if val_loss <= target or step == total:
+                return _result(step, RECIPE["batch_size"] * 64, val_loss, train_start, curve, target)
     raise AssertionError("unreachable")
 
 
@@ -119,8 +106,8 @@ def run_lmexp(source: str, target: float, val_batches: int, eval_tokens: int, ex
         def on_train_start(self, trainer, pl_module) -> None:
             state["train_start"] = time.perf_counter()
             state["val"] = _val_batches(trainer.datamodule, val_batches)
-            tokens_per_step = trainer.datamodule.batch_size * pl_module.block_size * trainer.accumulate_grad_batches
-            state["every"] = max(1, eval_tokens // tokens_per_step)
+            state["tokens_per_step"] = trainer.datamodule.batch_size * pl_module.block_size * trainer.accumulate_grad_batches
+            state["every"] = max(1, eval_tokens // state["tokens_per_step"])
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             step = trainer.global_step
@@ -141,9 +128,8 @@ def run_lmexp(source: str, target: float, val_batches: int, eval_tokens: int, ex
     cli.trainer.callbacks[:] = [c for c in cli.trainer.callbacks
                                 if type(c).__name__ not in ("EarlyStopping", "SampleText")] + [TargetWatch()]
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    tokens_per_step = cli.datamodule.batch_size * cli.model.block_size
     step, val_loss, ended = state.get("done") or (cli.trainer.global_step, state["curve"][-1][1], time.perf_counter())
-    return _result(step, tokens_per_step, val_loss, state["train_start"], state["curve"], target, ended)
+    return _result(step, state["tokens_per_step"], val_loss, state["train_start"], state["curve"], target, ended)
 
 
 def _result(step, tokens_per_step, val_loss, train_start, curve, target, ended=None) -> dict:

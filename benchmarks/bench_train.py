@@ -31,7 +31,6 @@ import json
 import os
 import pty
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -134,47 +133,26 @@ class StepTimer:
 
 def _run_plain(job: Job, data, timer: StepTimer) -> int:
     import torch
-    import torch.nn.functional as F
-    from torch.optim.lr_scheduler import LambdaLR
 
+    from benchmarks.plain_loop import endless_batches, plain_optimizer, plain_step
     from lmexp.models import ModelConfig, build_model, count_parameters
-    from lmexp.objectives.schedule import warmup_cosine
 
     device = torch.device(job.device)
     config = ModelConfig(arch="gpt", **_network_overrides(job, data.vocab_size))
     model = build_model(config).to(device)
-    n_params = count_parameters(model)
     forward = torch.compile(model) if job.compile else model
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}]
-    if job.optimizer == "adamw8bit":
-        from bitsandbytes.optim import AdamW8bit
-
-        optimizer = AdamW8bit(groups, lr=LR, betas=BETAS)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=LR, betas=BETAS, fused=True)
     total = job.warmup + job.steps
-    scheduler = LambdaLR(optimizer, lambda step: warmup_cosine(step, min(100, total // 10), total + 1, 0.1))
+    optimizer, scheduler = plain_optimizer(
+        model, LR, BETAS, WEIGHT_DECAY, min(100, total // 10), total + 1, 0.1, eight_bit=job.optimizer == "adamw8bit"
+    )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=job.precision.startswith("bf16"))
     model.train()
-    step = 0
     timer.started = time.perf_counter()  # as in the other modes: from the start of training
-    while True:
-        for batch in data.train_dataloader():
-            x = batch["input_ids"].to(device, non_blocking=True)
-            y = batch["labels"].to(device, non_blocking=True)
-            with autocast:
-                logits = forward(x)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if timer.step_done(step):
-                return n_params
+    for step, batch in enumerate(endless_batches(data), start=1):
+        plain_step(forward, model, batch, optimizer, scheduler, CLIP, device, autocast)
+        if timer.step_done(step):
+            return count_parameters(model)
+    raise AssertionError("unreachable")
 
 
 def _run_lmexp(job: Job, data, timer: StepTimer, workdir: Path) -> int:
@@ -189,9 +167,10 @@ def _run_lmexp(job: Job, data, timer: StepTimer, workdir: Path) -> int:
                 trainer.should_stop = True
 
     shape = SIZES[job.size]
-    overrides = json.dumps(_network_overrides(job, data.vocab_size))
+    network = _network_overrides(job, data.vocab_size)
     if shape.get("vocab_size") is None:
-        overrides = json.dumps({k: v for k, v in json.loads(overrides).items() if k != "vocab_size"})
+        del network["vocab_size"]  # it comes from the tokenizer
+    overrides = json.dumps(network)
     args = [
         "--model=lmexp.CausalLM", "--model.network=gpt-nano", f"--model.network_overrides={overrides}",
         f"--model.lr={LR}", f"--model.betas=[{BETAS[0]}, {BETAS[1]}]", f"--model.weight_decay={WEIGHT_DECAY}",
@@ -215,6 +194,8 @@ def _run_hf(job: Job, data, timer: StepTimer, workdir: Path) -> int:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
+    from lmexp.models import count_parameters
+
     shape = SIZES[job.size]
 
     class Windows(torch.utils.data.Dataset):
@@ -229,7 +210,7 @@ def _run_hf(job: Job, data, timer: StepTimer, workdir: Path) -> int:
         def __getitem__(self, i: int) -> dict:
             batch = self.batches[i // shape["batch_size"]]
             row = i % shape["batch_size"]
-            ids = torch.cat((batch["input_ids"][row], batch["labels"][row, -1:]))[:-1]
+            ids = batch["input_ids"][row]
             return {"input_ids": ids, "labels": ids}
 
     class TimerCallback(TrainerCallback):
@@ -253,7 +234,7 @@ def _run_hf(job: Job, data, timer: StepTimer, workdir: Path) -> int:
     trainer = Trainer(model=model, args=arguments, train_dataset=Windows(), callbacks=[TimerCallback()])
     timer.started = time.perf_counter()
     trainer.train()
-    return sum(p.numel() for p in model.parameters())
+    return count_parameters(model)
 
 
 def worker(job: Job) -> dict:
@@ -286,30 +267,17 @@ def worker(job: Job) -> dict:
 
 # ----------------------------------------------------------------------------- driver side
 def matmul_peak(dtype_name: str, device: str) -> float:
-    """Median GFLOP/s of a square matrix product: the ceiling MFU is measured against."""
+    """The ceiling MFU is measured against: a large square product of the same dtype."""
     import torch
 
-    dtype = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16}[dtype_name]
+    from benchmarks.bench_matmul import gflops
     from lmexp.hardware import cpu_has_bf16_units
 
+    dtype = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16}[dtype_name]
     if device == "cuda":
-        size, repeats = 8192, 20
-    else:
-        size = 2048 if dtype == torch.float32 or cpu_has_bf16_units() else 512
-        repeats = 5
-    a = torch.randn(size, size, dtype=dtype, device=device)
-    b = torch.randn(size, size, dtype=dtype, device=device)
-    times = []
-    for i in range(repeats + 2):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i >= 2:
-            times.append(time.perf_counter() - started)
-    return 2 * size**3 / statistics.median(times) / 1e9
+        return gflops(8192, dtype, 20, device)
+    emulated = dtype == torch.bfloat16 and not cpu_has_bf16_units()
+    return gflops(512 if emulated else 2048, dtype, 5)
 
 
 def run_in_terminal(job: Job, timeout: float) -> dict:
