@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from lmexp.data.tokenizer import load_tokenizer, tokenizer_from_json
-from lmexp.errors import CheckpointError
+from lmexp.errors import CheckpointError, ConfigError
 
 CHECKPOINT_KEY = "lmexp"  # lmexp's entry in Lightning checkpoints: RNG, schedule, tokenizer
 from lmexp.models import ModelConfig, build_model
@@ -54,15 +55,10 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
     if path.is_dir():
         return _load_export(path)
     checkpoint = read_checkpoint(path)
-    try:
-        network = checkpoint["hyper_parameters"]["network"]
-        config = ModelConfig(**network)
-    except (KeyError, TypeError):
-        raise CheckpointError(f"{str(path)!r} is not an lmexp checkpoint (no model config inside)") from None
-    model = build_model(config)
+    network = checkpoint.get("hyper_parameters", {}).get("network")
     prefix = "model."
-    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    model.load_state_dict(state)
+    state = {k[len(prefix):]: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith(prefix)}
+    config, model = _build(network, path, lambda model: model.load_state_dict(state))
     extra = checkpoint.get(CHECKPOINT_KEY, {})
     tokenizer = tokenizer_from_json(extra["tokenizer"]) if "tokenizer" in extra else None
     return LoadedModel(model.eval(), config, tokenizer, extra.get("objective"))
@@ -71,18 +67,39 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
 def _load_export(folder: Path) -> LoadedModel:
     if not (folder / CONFIG_FILE).is_file():
         raise CheckpointError(f"{str(folder)!r} has no {CONFIG_FILE}: pass a folder written by the export")
-    meta = json.loads((folder / CONFIG_FILE).read_text())
+    try:
+        meta = json.loads((folder / CONFIG_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{str(folder / CONFIG_FILE)!r} is not valid JSON ({error}): re-export the model") from None
     if not isinstance(meta, dict) or "model" not in meta or not (folder / WEIGHTS_FILE).is_file():
         raise CheckpointError(
             f"{str(folder)!r} is not an lmexp export (its {CONFIG_FILE} has no 'model' entry or "
             f"{WEIGHTS_FILE} is missing): pass a folder written by lmexp, such as checkpoints/best"
         )
-    config = ModelConfig(**meta["model"])
-    model = build_model(config)
-    load_model(model, str(folder / WEIGHTS_FILE))
+    config, model = _build(meta["model"], folder, lambda model: load_model(model, str(folder / WEIGHTS_FILE)))
     tokenizer_path = folder / TOKENIZER_FILE
     tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path.is_file() else None
     return LoadedModel(model.eval(), config, tokenizer, meta.get("objective"))
+
+
+def _build(network: Any, path: Path, load_weights: Callable[[nn.Module], Any]) -> tuple[ModelConfig, nn.Module]:
+    """The model a checkpoint or export describes, with its weights; one-line errors otherwise."""
+    if not isinstance(network, dict):
+        raise CheckpointError(f"{str(path)!r} is not an lmexp checkpoint (no model config inside)")
+    try:
+        config = ModelConfig().replace(**network)
+    except ConfigError as error:
+        raise CheckpointError(f"{str(path)!r} has a model config lmexp cannot use ({error})") from None
+    model = build_model(config)
+    try:
+        load_weights(model)
+    except RuntimeError as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise CheckpointError(
+            f"{str(path)!r} holds weights that do not fit its model config ({first_line}): "
+            "pass a checkpoint or export written by lmexp, unedited"
+        ) from None
+    return config, model
 
 
 def export_safetensors(

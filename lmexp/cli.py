@@ -47,6 +47,14 @@ def generate_text(
         tokenizer: A ``tokenizer.json`` to use instead of the one saved in the checkpoint.
         device: ``cpu`` or ``cuda``.
     """
+    if num_samples < 1:
+        raise ConfigError(f"num_samples={num_samples} must be at least 1")
+    try:
+        torch_device = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device={device!r} is not a device name: use cpu or cuda") from None
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} but this machine has no usable CUDA GPU: use --device cpu")
     loaded = load_checkpoint(ckpt)
     if loaded.config.arch == "bert":
         raise ConfigError(f"{ckpt!r} holds a bert (masked LM) model, which does not generate text: use a GPT or LSTM checkpoint")

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from lmexp.cli import main
 from tests.conftest import make_corpus
@@ -165,3 +166,51 @@ def test_data_settings_are_checked_before_any_work(settings, expected):
     with pytest.raises(ConfigError) as raised:
         TextDataModule("does-not-matter.txt", **settings)
     assert expected in str(raised.value) and "\n" not in str(raised.value)
+
+
+def _tiny_export(folder):
+    import json
+
+    from lmexp.checkpoints import export_safetensors
+    from lmexp.data import train_tokenizer
+    from lmexp.models import GPT, from_name
+
+    config = from_name("gpt-tiny", vocab_size=20)
+    tokenizer = train_tokenizer(["abcdefghij klmnop"], "char", special_tokens=["[UNK]"])
+    export_safetensors(GPT(config), config, folder, tokenizer)
+    return folder / "config.json", json.loads((folder / "config.json").read_text())
+
+
+def test_edited_or_broken_exports(tmp_path, capsys):
+    import json
+
+    config_file, meta = _tiny_export(tmp_path / "export")
+    config_file.write_text(json.dumps({**meta, "model": {**meta["model"], "n_layers": 2}}))
+    message = one_line_error(capsys, ["generate", "--ckpt", str(tmp_path / "export")])
+    assert "has a model config lmexp cannot use" in message and "n_layers" in message
+
+    config_file.write_text(json.dumps({**meta, "model": {**meta["model"], "n_embd": 64}}))
+    message = one_line_error(capsys, ["generate", "--ckpt", str(tmp_path / "export")])
+    assert "holds weights that do not fit its model config" in message
+
+    config_file.write_text("{not json")
+    assert "is not valid JSON" in one_line_error(capsys, ["generate", "--ckpt", str(tmp_path / "export")])
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--num_samples", "0"], "num_samples=0 must be at least 1"),
+        (["--device", "gpu"], "device='gpu' is not a device name: use cpu or cuda"),
+    ],
+)
+def test_generate_settings(tmp_path, capsys, extra, expected):
+    _tiny_export(tmp_path / "export")
+    assert expected in one_line_error(capsys, ["generate", "--ckpt", str(tmp_path / "export"), *extra])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_generate_on_cuda_without_a_gpu(tmp_path, capsys):
+    _tiny_export(tmp_path / "export")
+    message = one_line_error(capsys, ["generate", "--ckpt", str(tmp_path / "export"), "--device", "cuda"])
+    assert "no usable CUDA GPU: use --device cpu" in message
