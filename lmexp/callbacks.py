@@ -1,17 +1,22 @@
-"""Callbacks lmexp adds to Lightning's: checkpoints with exports, text samples, a progress bar."""
+"""Callbacks lmexp adds to Lightning's: checkpoints with exports, text samples, progress displays."""
 
 from __future__ import annotations
 
+import math
+import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.strategies import FSDPStrategy
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lmexp.checkpoints import export_safetensors
+from lmexp.data.tokenizer import describe_unknown, encode_prompt
 from lmexp.generation import generate
 from lmexp.objectives.base import logs_this_step
 
@@ -55,11 +60,12 @@ class LmexpCheckpoint(ModelCheckpoint):
 
 
 class CheckpointOnException(pl.Callback):
-    """Save ``<dirpath>/interrupted.ckpt`` when training stops on an error or Ctrl-C.
+    """Save ``<dirpath>/interrupted.ckpt`` when training stops on an error, Ctrl-C or SIGTERM.
 
     Lightning's ``OnExceptionCheckpoint`` does the same but also turns every later ``fit``
-    without ``ckpt_path`` into a silent resume; here resuming stays explicit:
-    ``--ckpt_path <dirpath>/interrupted.ckpt``.
+    without ``ckpt_path`` into a silent resume; here resuming stays explicit
+    (``--ckpt_path last`` picks this file when it is the newest). A run that then trains to its
+    end has used it up, so it is removed.
     """
 
     def __init__(self, dirpath: str, filename: str = "interrupted") -> None:
@@ -67,8 +73,14 @@ class CheckpointOnException(pl.Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if trainer.state.fn == "fit" and trainer.global_step > 0:
-            trainer.save_checkpoint(self.path)
-            rank_zero_info(f"training stopped by {type(exception).__name__}; resume with --ckpt_path {self.path}")
+            trainer.save_checkpoint(self.path, weights_only=False)  # everything needed to resume
+            reason = "SIGTERM" if isinstance(exception, SIGTERMException) else type(exception).__name__
+            rank_zero_info(f"training stopped by {reason} at step {trainer.global_step}; checkpoint saved to "
+                           f"{self.path}: resume with --ckpt_path last")
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero and self.path.is_file() and not trainer.interrupted:
+            self.path.unlink()
 
 
 class SampleText(pl.Callback):
@@ -91,17 +103,29 @@ class SampleText(pl.Callback):
         self.top_k = top_k
         self.seed = seed
         self._last_sampled_step = -1
+        self._samples_file: Path | None = None
+        self._warned_unknown = False
 
     def sample(self, trainer: pl.Trainer) -> str | None:
         module = trainer.lightning_module
         tokenizer = getattr(trainer.datamodule, "tokenizer", None)
         if getattr(module, "data_task", None) != "causal_lm" or tokenizer is None:
             return None
-        ids = tokenizer.encode(self.prompt, add_special_tokens=False).ids or [0]
+        ids, unknown = encode_prompt(tokenizer, self.prompt)
+        if unknown and not self._warned_unknown:
+            self._warned_unknown = True
+            rank_zero_warn(f"sample prompt {self.prompt!r}: {describe_unknown(unknown)}")
+        ids = ids or [0]
         prompt = torch.tensor([ids[-module.block_size :]], device=module.device)
         generator = torch.Generator(device=module.device).manual_seed(self.seed)
         out = generate(module.model, prompt, self.max_new_tokens, self.temperature, self.top_k, generator=generator)
         return tokenizer.decode(out[0].tolist())
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # trainer.log_dir is a collective (a broadcast from rank 0) under DDP: read it here, where
+        # every rank calls it, never from code that runs on rank 0 alone (it would hang there).
+        log_dir = trainer.log_dir
+        self._samples_file = Path(log_dir) / "samples.txt" if log_dir is not None else None
 
     def _emit(self, trainer: pl.Trainer, title: str) -> None:
         # Generating on rank 0 alone needs the whole model there, which FSDP does not keep.
@@ -111,9 +135,9 @@ class SampleText(pl.Callback):
         if text is None:
             return
         rank_zero_info(f"\n--- {title} ---\n{text}\n---")
-        if trainer.log_dir is not None:
-            Path(trainer.log_dir).mkdir(parents=True, exist_ok=True)
-            with open(Path(trainer.log_dir) / "samples.txt", "a", encoding="utf-8") as f:
+        if self._samples_file is not None:
+            self._samples_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(self._samples_file, "a", encoding="utf-8") as f:
                 f.write(f"--- {title} ---\n{text}\n\n")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -127,7 +151,8 @@ class SampleText(pl.Callback):
             self._emit(trainer, f"sample at step {step}")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._emit(trainer, f"sample after {trainer.global_step} steps")
+        if trainer.global_step != self._last_sampled_step:  # the last periodic sample may be this step's
+            self._emit(trainer, f"sample after {trainer.global_step} steps")
 
 
 class StepProgressBar(RichProgressBar):
@@ -161,6 +186,87 @@ class StepProgressBar(RichProgressBar):
         return f"{description:{len(self.validation_description)}}"
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        metrics = super().get_metrics(trainer, pl_module)
-        metrics.pop("v_num", None)  # the log folder's version number is not a metric
-        return metrics
+        return display_metrics(super().get_metrics(trainer, pl_module))
+
+
+# Short names in progress displays, so the line fits in 80 columns; the loggers keep the full ones.
+_DISPLAY_NAMES = {"train/loss": "loss", "train/tokens_per_sec": "tok/s", "val/loss": "val_loss", "val/bpb": "val_bpb"}
+
+
+def display_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The progress-bar metrics worth a glance, short-named: loss, tokens/s, val loss and bpb
+    (perplexity is exp(loss); the version number of the log folder is not a metric)."""
+    shown: dict[str, Any] = {}
+    for name, short in _DISPLAY_NAMES.items():
+        if name in metrics:
+            value = metrics[name]
+            value = value.item() if isinstance(value, torch.Tensor) else value
+            shown[short] = round(value) if name == "train/tokens_per_sec" else value
+    return shown
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class PlainProgress(ProgressBar):
+    """Progress as plain lines, one per logging interval, for output that is not a terminal.
+
+    Under a pipe, ``nohup``, CI or a cluster scheduler's log file a Rich bar draws nothing until
+    the end, so a long run looks dead. This prints step, loss, tokens/s, elapsed time and an ETA
+    every ``log_every_n_steps`` steps, and the validation metrics after each validation.
+    """
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        super().__init__()
+        self._stream = stream
+        self._enabled = True
+        self._started = 0.0
+        self._first_step = 0
+        self._last_printed = -1
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def _print(self, line: str) -> None:
+        if self._enabled and self.trainer.is_global_zero:
+            print(line, file=self._stream or sys.stdout, flush=True)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._started = time.perf_counter()
+        self._first_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if not logs_this_step(trainer) or step == self._last_printed or step == 0:
+            return
+        self._last_printed = step
+        total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
+        elapsed = time.perf_counter() - self._started
+        parts = [f"step {step}/{total}" if math.isfinite(total) else f"step {step}"]
+        metrics = display_metrics(self.get_metrics(trainer, pl_module))
+        parts += [f"{name} {value:,}" if name == "tok/s" else f"{name} {value:.4f}" for name, value in metrics.items()
+                  if not name.startswith("val")]
+        parts.append(f"elapsed {_clock(elapsed)}")
+        done = step - self._first_step
+        if done > 0 and math.isfinite(total) and total > step:
+            parts.append(f"eta {_clock(elapsed / done * (total - step))}")
+        self._print(" | ".join(parts))
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        values = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        shown = ", ".join(f"{k} {float(v):.4f}" for k, v in sorted(values.items()))
+        self._print(f"validation at step {trainer.global_step}: {shown}")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._print(f"training ended at step {trainer.global_step} after {_clock(time.perf_counter() - self._started)}")

@@ -8,6 +8,7 @@ config and its tokenizer.
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable
@@ -38,15 +39,53 @@ class LoadedModel:
     objective: str | None = None
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """``torch.load`` a Lightning checkpoint safely (``weights_only=True``), with clear errors."""
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """``torch.load`` a Lightning checkpoint safely (``weights_only=True``), with one-line errors.
+
+    ``mmap=True`` maps the tensors instead of reading them: a cheap check that a file is a
+    complete checkpoint, and a way to read its small entries (``global_step``).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist: pass the path of a .ckpt file or an export folder")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive, whose index comes last
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is truncated or not a checkpoint (not a complete archive as torch.save "
+            "writes): pass a .ckpt written by lmexp, such as checkpoints/last.ckpt"
+        )
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for corrupt or foreign files
-        raise CheckpointError(f"checkpoint {str(path)!r} could not be read ({type(err).__name__}: {err})") from None
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # torch raises several types for truncated, corrupt or foreign files
+        # torch's messages run to paragraphs (the weights-only one explains its history): keep
+        # the first sentence, which says what failed.
+        first = str(err).strip().splitlines()[0].split(". ")[0].rstrip(".") if str(err).strip() else ""
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} could not be read safely ({type(err).__name__}: {first}): "
+            "pass a .ckpt written by lmexp, such as checkpoints/last.ckpt"
+        ) from None
+
+
+RESUMABLE = ("last.ckpt", "interrupted.ckpt")  # what training writes as it goes, and on a stop
+
+
+def latest_checkpoint(folder: str | Path, names: tuple[str, ...] = RESUMABLE) -> Path | None:
+    """The newest complete checkpoint of a run, whichever file holds it.
+
+    After a crash, Ctrl-C or SIGTERM, ``interrupted.ckpt`` is newer than ``last.ckpt``; after a
+    finished run the reverse. The one with the most optimizer steps wins (the newer file on a
+    tie); a file that cannot be read (cut short by a crash while it was written) is passed over.
+    """
+    found: list[tuple[int, float, Path]] = []
+    for name in names:
+        path = Path(folder) / name
+        if not path.is_file():
+            continue
+        try:
+            step = int(read_checkpoint(path, mmap=True).get("global_step", 0))
+        except CheckpointError:
+            continue
+        found.append((step, path.stat().st_mtime, path))
+    return max(found)[2] if found else None
 
 
 def load_checkpoint(path: str | Path) -> LoadedModel:

@@ -1,4 +1,4 @@
-"""Command line: ``lmexp fit|validate|test|predict`` (LightningCLI) and ``lmexp generate``.
+"""Command line: ``lmexp fit|validate|test`` (LightningCLI) and ``lmexp generate``.
 
 ``lmexp`` (the console script), ``python -m lmexp`` and tests all call ``main``. Lightning is
 imported only for the trainer verbs, so ``lmexp generate`` starts without it.
@@ -6,14 +6,73 @@ imported only for the trainer verbs, so ``lmexp generate`` starts without it.
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import sys
+from typing import Any, NoReturn
 
 import torch
 
 from lmexp.checkpoints import load_checkpoint
-from lmexp.data.tokenizer import load_tokenizer
+from lmexp.data.tokenizer import describe_unknown, encode_prompt, load_tokenizer
 from lmexp.errors import CheckpointError, ConfigError, LmexpError
 from lmexp.generation import generate
+
+DESCRIPTION = (
+    "Train and use language models. Verbs: fit, validate, test (each with --help), and "
+    "generate: sample text from a checkpoint (lmexp generate --help)."
+)
+
+
+def summarize_parse_error(message: str) -> str:
+    """jsonargparse's nested explanation of a bad value as one line: key, value, expected type.
+
+    ``--model.lr abc`` yields a dozen lines (one per class the value was tried against); what
+    the user needs is which key, what was given and what it should be.
+    """
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    lines = message.splitlines()
+    if keys:
+        # What the innermost key expected: the lines indented under its "Parser key" line (the
+        # outer ones list the classes the whole group was tried as).
+        start = max(i for i, line in enumerate(lines) if 'Parser key "' in line)
+        depth = len(lines[start]) - len(lines[start].lstrip())
+        inner = [lines[start]]
+        for line in lines[start + 1:]:
+            if line.strip() and len(line) - len(line.lstrip()) <= depth:
+                break
+            inner.append(line)
+        section = "\n".join(inner)
+        expected = []
+        for class_name, choices in re.findall(r"Expected a (?:<class '([^']+)'>|typing\.Literal\[(.*?)\])(?=\.|\s*$)", section, re.M):
+            if choices:
+                expected.append(f"one of {choices}")
+            else:
+                expected.append("null" if class_name == "NoneType" else class_name.rsplit(".", 1)[-1])
+        given = re.search(r"(?:Got|Given) value: (.*)", section)
+        if expected and given:
+            key = ".".join(dict.fromkeys(keys))
+            types = " or ".join(dict.fromkeys(expected))
+            return f"--{key}: expected {types}, got {given.group(1).strip()!r}"
+    kept = [line.strip() for line in lines if line.strip()]
+    return " ".join(kept[:3]) if kept else message
+
+
+class OneLineErrors:
+    """Parser mixin: a bad flag or value prints ``error: ...`` in one line and exits 2, instead
+    of the usage text and the nested explanation (the fix is in ``--help``)."""
+
+    prog: str
+    exit_on_error: bool
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:
+            super().error(message, ex)  # type: ignore[misc]  # raises for callers that catch it
+        parser = getattr(ex, "subcommand_parser", None) or self
+        command = parser.prog.replace(" [options]", "")
+        print(f"error: {summarize_parse_error(message)} (see {command} --help)", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def generate_text(
@@ -68,7 +127,9 @@ def generate_text(
             )
     if tok is None:
         raise CheckpointError(f"{ckpt!r} contains no tokenizer: pass --tokenizer PATH/tokenizer.json")
-    ids = tok.encode(prompt, add_special_tokens=False).ids
+    ids, unknown = encode_prompt(tok, prompt)
+    if unknown:
+        print(f"warning: prompt {prompt!r}: {describe_unknown(unknown)}", file=sys.stderr)
     if not ids:
         raise ConfigError(f"prompt {prompt!r} encodes to no tokens: give a prompt of at least one known character")
     model = loaded.model.to(device)
@@ -89,7 +150,10 @@ def generate_text(
 def run_generate(argv: list[str]) -> list[str]:
     from jsonargparse import ArgumentParser
 
-    parser = ArgumentParser(prog="lmexp generate", description=generate_text.__doc__.splitlines()[0])
+    class Parser(OneLineErrors, ArgumentParser):
+        pass
+
+    parser = Parser(prog="lmexp generate", description=generate_text.__doc__.splitlines()[0])
     parser.add_function_arguments(generate_text, as_positional=False)
     config = parser.parse_args(argv)
     samples = generate_text(**{k: v for k, v in config.as_dict().items() if k != "config"})
@@ -112,20 +176,71 @@ def _user_error(err: BaseException) -> LmexpError | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``lmexp`` and ``python -m lmexp``: user errors become one line and exit 2."""
-    words = sys.argv[1:] if argv is None else list(argv)
-    try:
-        if words and words[0] == "generate":
-            run_generate(words[1:])
-        else:
-            from lmexp.lightning_cli import LmexpCLI
+def _process_rank() -> int:
+    """This process's rank in a multi-process run (set by Lightning's launcher, torchrun or SLURM)."""
+    for variable in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
+        if os.environ.get(variable, "").isdigit():
+            return int(os.environ[variable])
+    return 0
 
-            # None lets LightningCLI read sys.argv itself (and keep its own checks quiet).
-            LmexpCLI(args=None if argv is None else words)
+
+def _one_line(message: str) -> str:
+    return " ".join(line.strip() for line in str(message).strip().splitlines() if line.strip())
+
+
+def _stop_status(stop: SystemExit) -> Any:
+    """The exit status for a stop: 128 + the signal number for SIGTERM and Ctrl-C.
+
+    Lightning ends a run stopped by SIGTERM with a SystemExit of status 0 and one stopped by
+    Ctrl-C with status 1 (after saving the interrupted checkpoint); a scheduler then reads a
+    pre-empted run as a success, or as an ordinary failure.
+    """
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    if isinstance(stop, SIGTERMException):
+        return 128 + signal.SIGTERM
+    if isinstance(stop.__context__, KeyboardInterrupt):
+        return 128 + signal.SIGINT
+    return stop.code
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``lmexp`` and ``python -m lmexp``: user errors become one line and exit 2;
+    a run stopped by SIGTERM or Ctrl-C exits 143 or 130 once its checkpoint is written."""
+    words = sys.argv[1:] if argv is None else list(argv)
+    if words and words[0] == "generate":
+        try:
+            run_generate(words[1:])
+        except Exception as err:
+            _exit_on_user_error(err)
+        return
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from lmexp.lightning_cli import LmexpCLI
+
+    try:
+        # None lets LightningCLI read sys.argv itself (and keep its own checks quiet).
+        LmexpCLI(args=None if argv is None else words)
+    except SystemExit as stop:
+        raise SystemExit(_stop_status(stop)) from None
+    except KeyboardInterrupt:  # before or after the trainer, which handles its own
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
+    except MisconfigurationException as err:  # Lightning's own check of a trainer setting
+        _user_error_exit(_one_line(str(err)))
     except Exception as err:
-        user_error = _user_error(err)
-        if user_error is None:
-            raise
-        print(f"error: {user_error}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _exit_on_user_error(err)
+
+
+def _exit_on_user_error(err: Exception) -> None:
+    user_error = _user_error(err)
+    if user_error is None:
+        raise err
+    _user_error_exit(str(user_error))
+
+
+def _user_error_exit(message: str) -> NoReturn:
+    # Every rank of a multi-process run meets the same bad setting: one report is enough.
+    if _process_rank() == 0:
+        print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2) from None

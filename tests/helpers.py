@@ -81,3 +81,19 @@ class FailAtEpochStart(pl.Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if trainer.current_epoch == self.epoch:
             raise RuntimeError(f"simulated crash at the start of epoch {self.epoch}")
+
+
+class SignalAtStep(pl.Callback):
+    """Send this process a signal once ``step`` optimizer steps are done, as a scheduler or a
+    user's Ctrl-C would (on rank 0 only: under DDP Lightning passes SIGTERM on to the others)."""
+
+    def __init__(self, step: int, signal_name: str = "SIGTERM") -> None:
+        self.step = step
+        self.signal_name = signal_name
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and trainer.is_global_zero:
+            import os
+            import signal
+
+            os.kill(os.getpid(), getattr(signal, self.signal_name))

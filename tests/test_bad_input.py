@@ -214,3 +214,77 @@ def test_generate_on_cuda_without_a_gpu(tmp_path, capsys):
     _tiny_export(tmp_path / "export")
     message = one_line_error(capsys, ["generate", "--ckpt", str(tmp_path / "export"), "--device", "cuda"])
     assert "no usable CUDA GPU: use --device cpu" in message
+
+
+def _bad_checkpoint(tmp_path: Path, kind: str) -> Path:
+    path = tmp_path / f"{kind}.ckpt"
+    if kind == "truncated":
+        torch.save({"global_step": 3, "state_dict": {"w": torch.zeros(1000)}}, path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif kind == "random":
+        path.write_bytes(bytes(range(256)) * 8)
+    elif kind == "pickle":
+        torch.save({"module": torch.nn.Linear(2, 2)}, path)  # loads only by running pickled code
+    return path
+
+
+@pytest.mark.parametrize("verb", ["fit", "validate", "test"])
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("missing", "does not exist"),
+        ("truncated", "is truncated or not a checkpoint"),
+        ("random", "is truncated or not a checkpoint"),
+        ("pickle", "could not be read safely (UnpicklingError: Weights only load failed)"),
+    ],
+)
+def test_bad_ckpt_path(tmp_path, capsys, verb, kind, expected):
+    path = _bad_checkpoint(tmp_path, kind)
+    argv = [verb, "--config", str(ROOT / "configs" / "quickstart.yaml"), f"--trainer.default_root_dir={tmp_path}",
+            "--ckpt_path", str(path)]
+    message = one_line_error(capsys, argv)
+    assert f"{path}' {expected}" in message and "pass" in message
+    assert "In PyTorch 2.6" not in message  # torch's paragraph about weights_only stays out
+
+
+@pytest.mark.parametrize("kind", ["random", "pickle"])
+def test_generate_on_a_file_that_is_not_a_checkpoint(tmp_path, capsys, kind):
+    path = _bad_checkpoint(tmp_path, kind)
+    message = one_line_error(capsys, ["generate", "--ckpt", str(path)])
+    assert str(path) in message and "pass a .ckpt written by lmexp" in message and "In PyTorch 2.6" not in message
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--model.lr", "abc"], "--model.lr: expected float, got 'abc' (see lmexp fit --help)"),
+        (["--data.batch_size", "x"], "--data.batch_size: expected int, got 'x'"),
+        (["--model.optimizer", "sgd"], "--model.optimizer: expected one of 'adamw', 'adamw8bit', got 'sgd'"),
+        (["--trainer.max_stepz", "5"], "unrecognized arguments: --trainer.max_stepz 5 (see lmexp fit --help)"),
+        # Lightning's own check of a trainer setting, raised as the Trainer is built.
+        (["--trainer.max_steps", "-5"], "`max_steps` must be a non-negative integer or -1"),
+    ],
+)
+def test_bad_flags_are_one_line(tmp_path, capsys, flags, expected):
+    argv = ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), f"--trainer.default_root_dir={tmp_path}", *flags]
+    assert expected in one_line_error(capsys, argv)
+    assert "usage:" not in capsys.readouterr().err
+
+
+def test_generate_flags_are_one_line(tmp_path, capsys):
+    message = one_line_error(capsys, ["generate", "--ckpt", "x", "--max_new_tokens", "abc"])
+    assert message == "error: --max_new_tokens: expected int, got 'abc' (see lmexp generate --help)"
+
+
+def test_a_user_error_is_reported_by_rank_zero_only(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "1")  # what Lightning's launcher sets in the second process
+    with pytest.raises(SystemExit) as exit_info:
+        main(fit(str(tmp_path / "missing.txt"), tmp_path))
+    assert exit_info.value.code == 2 and capsys.readouterr().err == ""
+
+
+def test_unknown_prompt_characters_are_named(tmp_path, capsys):
+    _tiny_export(tmp_path / "export")
+    main(["generate", "--ckpt", str(tmp_path / "export"), "--prompt", "ab\u00e9c\u2014", "--max_new_tokens", "3"])
+    err = capsys.readouterr().err
+    assert "warning: prompt 'ab\u00e9c\u2014'" in err and "'\u00e9', '\u2014'" in err and "not in the tokenizer's vocabulary" in err

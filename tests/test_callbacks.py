@@ -16,9 +16,10 @@ def test_samples_once_per_step_under_gradient_accumulation(tiny_corpus: Path, cp
     )
     trainer.fit(CausalLM("gpt-tiny", warmup_steps=0), datamodule=TextDataModule(str(tiny_corpus), batch_size=2))
     assert caplog.text.count("sample at step 2") == 1 and caplog.text.count("sample at step 4") == 1
-    assert "sample after 4 steps ---\nthe " in caplog.text
+    assert "sample at step 4 ---\nthe " in caplog.text
+    assert "sample after" not in caplog.text  # the step-4 sample is the final one: printed once
     saved = (Path(trainer.log_dir) / "samples.txt").read_text()
-    assert saved.count("--- sample") == 3 and "--- sample after 4 steps ---\nthe " in saved
+    assert saved.count("--- sample") == 2 and "--- sample at step 4 ---\nthe " in saved
 
 
 def test_tokens_per_second_reaches_the_logger_at_every_logging_step(tiny_corpus: Path, tmp_path: Path):
@@ -85,7 +86,7 @@ def test_progress_bar_reads_metrics_only_on_logging_steps(tiny_corpus: Path, mon
     )
     trainer.fit(CausalLM("gpt-tiny", warmup_steps=0), datamodule=TextDataModule(str(tiny_corpus), batch_size=2))
     assert reads == [4, 8, 10]  # after the batches whose metrics were logged, and once at the end
-    assert {"train/loss", "train/tokens_per_sec"} <= shown[0]  # this step's values, not the last interval's
+    assert {"loss", "tok/s"} <= shown[0]  # this step's values, not the last interval's
 
 
 def test_tokens_per_second_with_gradient_accumulation_spans_whole_windows(tiny_corpus: Path, monkeypatch):
@@ -112,3 +113,49 @@ def test_tokens_per_second_with_gradient_accumulation_spans_whole_windows(tiny_c
     # batches 2-4 (1 tick) and 5-10 (1 tick), whole accumulation windows only.
     assert [step for step, _ in logged] == [2, 5]
     assert [float(rate) for _, rate in logged] == [3 * tokens_per_batch, 6 * tokens_per_batch]
+
+
+def test_plain_progress_prints_a_line_per_logging_interval(tiny_corpus: Path):
+    """Without a terminal (a pipe, nohup, a scheduler's log) progress still shows as it happens."""
+    import io
+
+    from lmexp.callbacks import PlainProgress
+
+    out = io.StringIO()
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=10, log_every_n_steps=4, val_check_interval=5, limit_val_batches=1,
+        check_val_every_n_epoch=None, logger=False, callbacks=[PlainProgress(stream=out)],
+        enable_checkpointing=False, enable_model_summary=False,
+    )
+    trainer.fit(CausalLM("gpt-tiny", warmup_steps=0), datamodule=TextDataModule(str(tiny_corpus), batch_size=2))
+    lines = out.getvalue().splitlines()
+    steps = [line for line in lines if line.startswith("step ")]
+    assert [line.split(" | ")[0] for line in steps] == ["step 4/10", "step 8/10"]
+    assert all(" | loss " in line and " tok/s " in line and " | eta " in line for line in steps)
+    assert [line.split(":")[0] for line in lines if line.startswith("validation")] == [
+        "validation at step 5", "validation at step 10"
+    ]
+    assert "val/loss" in lines[-2] and lines[-1].startswith("training ended at step 10 after ")
+
+
+def test_progress_bar_metrics_fit_in_80_columns(tiny_corpus: Path, monkeypatch):
+    import io
+
+    import rich
+
+    from lmexp.callbacks import StepProgressBar
+
+    # Lightning reconfigures Rich's global console with the bar's console_kwargs: give this test
+    # a console of its own, so later output does not land in this test's buffer.
+    monkeypatch.setattr(rich, "_console", None)
+
+    screen = io.StringIO()
+    bar = StepProgressBar(console_kwargs={"file": screen, "width": 80, "force_terminal": True, "color_system": None})
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=6, log_every_n_steps=2, val_check_interval=3, limit_val_batches=1,
+        check_val_every_n_epoch=None, logger=False, callbacks=[bar], enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(CausalLM("gpt-tiny", warmup_steps=0), datamodule=TextDataModule(str(tiny_corpus), batch_size=2))
+    drawn = screen.getvalue()
+    assert "tok/s: " in drawn and "val_loss: " in drawn and "…" not in drawn

@@ -72,12 +72,15 @@ def test_every_shipped_config_parses_and_builds(config: Path, tmp_path: Path):
     assert cli.model.block_size > 0 and cli.datamodule is not None
 
 
-def test_help_lists_subcommands(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--help"])
-    assert exit_info.value.code == 0
-    out = capsys.readouterr().out
-    assert all(verb in out for verb in ("fit", "validate", "test"))
+def test_help_lists_every_verb_under_its_own_name():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "lmexp", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: lmexp ") and "__main__" not in result.stdout
+    assert "{fit,validate,test}" in result.stdout and "generate" in result.stdout
+    assert "predict" not in result.stdout  # nothing to predict for a language model yet
 
 
 def test_a_crash_between_validations_loses_nothing(tmp_path: Path):
@@ -103,3 +106,49 @@ def test_without_validation_the_latest_checkpoint_is_the_best_and_is_exported(tm
     main(quickstart_args(tmp_path, steps=6) + ["--data.val_fraction=0", "--trainer.enable_progress_bar=false"])
     checkpoints = tmp_path / "checkpoints"
     assert (checkpoints / "best.ckpt").is_file() and (checkpoints / "best" / "model.safetensors").is_file()
+
+
+@pytest.fixture
+def restore_signal_handlers():
+    import signal
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)  # Lightning ignores SIGINT after a Ctrl-C, for its shutdown
+
+
+@pytest.mark.parametrize(("signal_name", "status"), [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_saves_exits_non_zero_and_last_resumes_from_it(
+    tmp_path: Path, restore_signal_handlers, caplog, signal_name: str, status: int
+):
+    caplog.set_level("INFO")
+    args = quickstart_args(tmp_path, steps=20) + ["--trainer.enable_progress_bar=false"]
+    checkpoints = tmp_path / "checkpoints"
+    with pytest.raises(SystemExit) as exit_info:
+        main(args + ["--trainer.callbacks+=tests.helpers.SignalAtStep", "--trainer.callbacks.step=13",
+                     f"--trainer.callbacks.signal_name={signal_name}"])
+    assert exit_info.value.code == status  # 128 + the signal's number: a scheduler sees a stopped run
+    interrupted = checkpoints / "interrupted.ckpt"
+    assert torch.load(interrupted, weights_only=True)["global_step"] == 13
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 10  # the validation's
+    assert "weights_only` was not set" not in caplog.text
+
+    caplog.clear()
+    main(args + ["--ckpt_path", "last"])  # the newest checkpoint, not last.ckpt
+    assert f"Restoring states from the checkpoint path at {interrupted}" in caplog.text
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 20
+    assert not interrupted.exists()  # spent: a later "last" must not go back to it
+
+
+def test_ckpt_path_last_skips_a_truncated_checkpoint_and_starts_fresh_without_one(tmp_path: Path, caplog):
+    from lmexp.checkpoints import latest_checkpoint
+
+    caplog.set_level("INFO")
+    args = quickstart_args(tmp_path, steps=10) + ["--trainer.enable_progress_bar=false"]
+    main(args + ["--ckpt_path", "last"])  # nothing saved yet: trains from the start
+    assert "no checkpoint in" in caplog.text and "training from the start" in caplog.text
+    checkpoints = tmp_path / "checkpoints"
+    interrupted = checkpoints / "interrupted.ckpt"
+    interrupted.write_bytes((checkpoints / "last.ckpt").read_bytes()[:1000])  # a write cut short
+    assert latest_checkpoint(checkpoints) == checkpoints / "last.ckpt"

@@ -1,4 +1,6 @@
-"""Two CPU processes under DDP: each rank sees different data, both end with the same weights."""
+"""Two CPU processes under DDP, with the configs' callbacks (samples, early stopping, checkpoints):
+each rank sees different data, both end with the same weights, and nothing on one rank waits for
+the other."""
 
 import json
 import os
@@ -19,16 +21,26 @@ def test_ddp_two_cpu_processes(tmp_path: Path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(make_corpus(400))
     record = tmp_path / "record"
+    # The README's second form: the quickstart config (with its sample, early-stopping and
+    # checkpoint callbacks) on two processes; samples fall on a validation step and at the end.
     command = [
-        sys.executable, "-m", "lmexp", "fit", "--config", str(ROOT / "configs" / "ddp_cpu.yaml"),
-        f"--data.source={corpus}", "--trainer.max_steps=8", "--trainer.val_check_interval=4",
+        sys.executable, "-m", "lmexp", "fit", "--config", str(ROOT / "configs" / "quickstart.yaml"),
+        "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.accelerator=cpu",
+        f"--data.source={corpus}", "--data.batch_size=8", "--trainer.max_steps=8", "--trainer.val_check_interval=4",
         "--trainer.limit_val_batches=2", "--model.warmup_steps=2", "--model.network_overrides={block_size: 32}",
-        f"--trainer.default_root_dir={tmp_path / 'run'}", "--trainer.enable_progress_bar=false",
+        "--trainer.log_every_n_steps=2", "--trainer.callbacks.every_n_steps=4", "--trainer.callbacks.max_new_tokens=20",
+        f"--trainer.default_root_dir={tmp_path / 'run'}",
         "--trainer.callbacks+=tests.helpers.RankRecorder", f"--trainer.callbacks.out_dir={record}",
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
+    samples = (next((tmp_path / "run").rglob("samples.txt"))).read_text()
+    assert samples.count("--- sample at step 4 ---") == 1 and samples.count("--- sample at step 8 ---") == 1
+    assert "sample after 8 steps" not in samples  # the step-8 sample is the final one: not twice
+    assert (tmp_path / "run" / "checkpoints" / "best" / "model.safetensors").is_file()
+    # Not a terminal: progress comes as plain lines, from rank 0 only.
+    assert result.stdout.count("step 2/8 | loss ") == 1 and "validation at step 8: val/bpb" in result.stdout
 
     seen = [json.loads((record / f"batches-{rank}.json").read_text()) for rank in (0, 1)]
     assert all(s["world_size"] == 2 and len(s["batches"]) == 8 for s in seen)

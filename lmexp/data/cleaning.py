@@ -12,6 +12,7 @@ from typing import Literal
 Normalization = Literal["NFC", "NFKC", "none"]
 Dedupe = Literal["documents", "lines", "none"]
 
+BOM = "\ufeff"
 # Control characters (Unicode category Cc) except newline and tab, which carry layout.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
@@ -23,6 +24,7 @@ class CleaningReport:
     documents_in: int = 0
     normalized: int = 0
     control_chars_removed: int = 0
+    byte_order_marks_removed: int = 0
     empty_dropped: int = 0
     too_short_dropped: int = 0
     duplicates_dropped: int = 0
@@ -36,7 +38,7 @@ class CleaningReport:
             f"({self.chars_out:,} chars); dropped {self.empty_dropped} empty, "
             f"{self.too_short_dropped} too short, {self.duplicates_dropped} duplicate documents, "
             f"{self.duplicate_lines_dropped} duplicate lines; {self.normalized} normalized, "
-            f"{self.control_chars_removed} control characters removed"
+            f"{self.control_chars_removed} control characters and {self.byte_order_marks_removed} byte-order marks removed"
         )
 
     def to_dict(self) -> dict[str, int]:
@@ -44,8 +46,12 @@ class CleaningReport:
 
 
 def clean_text(text: str, normalization: Normalization = "NFC") -> tuple[str, bool, int]:
-    """Normalize one document; returns (text, whether normalization changed it, controls removed)."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    """Normalize one document; returns (text, whether normalization changed it, controls removed).
+
+    A byte-order mark (U+FEFF, which editors on Windows put at the start of UTF-8 files) is
+    removed too: kept, it becomes a character token, or three byte tokens in BPE.
+    """
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace(BOM, "")
     normalized = text if normalization == "none" else unicodedata.normalize(normalization, text)
     cleaned, removed = _CONTROL.subn("", normalized)
     return cleaned.strip("\n"), normalized != text, removed
@@ -68,6 +74,7 @@ def clean_documents(
     kept: list[str] = []
     for raw in texts:
         report.documents_in += 1
+        report.byte_order_marks_removed += raw.count(BOM)
         text, changed, removed = clean_text(raw, normalization)
         report.normalized += changed
         report.control_chars_removed += removed

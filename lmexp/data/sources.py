@@ -62,7 +62,8 @@ def decode_utf8(data: bytes, origin: str) -> str:
 
 def _read_table(path: Path, text_column: str) -> Iterator[Document]:
     kind = TABLE_SUFFIXES[path.suffix.lower()]
-    text = decode_utf8(path.read_bytes(), str(path))
+    # A byte-order mark would become part of the first column's name (or the first JSON line).
+    text = decode_utf8(path.read_bytes(), str(path)).removeprefix("\ufeff")
     if kind == "jsonl":
         # Split on newlines only: str.splitlines() also breaks inside a line at U+2028 and friends.
         for line_no, line in enumerate(text.split("\n"), 1):

@@ -100,3 +100,31 @@ def tokenizer_from_json(text: str) -> Tokenizer:
     tokenizer = Tokenizer.from_str(text)
     tokenizer.encode_special_tokens = True
     return tokenizer
+
+
+def encode_prompt(tokenizer: Tokenizer, text: str) -> tuple[list[int], list[str]]:
+    """Token ids of a prompt, and the pieces of it the tokenizer does not know.
+
+    A character tokenizer maps an unseen character to ``[UNK]`` (which decodes to nothing) or
+    drops it; WordPiece maps a whole unknown word to ``[UNK]``. Either way the model sees less
+    than the user typed, so callers say which pieces were lost.
+    """
+    encoding = tokenizer.encode(text, add_special_tokens=False)
+    unk_id = tokenizer.token_to_id(UNK)
+    unknown = [text[start:end] for token_id, (start, end) in zip(encoding.ids, encoding.offsets) if token_id == unk_id]
+    # Without an unknown token, unseen characters vanish (and the offsets around them are not
+    # reliable): ask about each distinct character instead.
+    unknown += [
+        char for char in dict.fromkeys(text)
+        if not char.isspace() and not tokenizer.encode(char, add_special_tokens=False).ids
+    ]
+    return encoding.ids, list(dict.fromkeys(unknown))
+
+
+def describe_unknown(unknown: list[str]) -> str:
+    """One clause naming what ``encode_prompt`` could not encode."""
+    shown = ", ".join(repr(piece) for piece in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
+    return (
+        f"not in the tokenizer's vocabulary, so the model sees [UNK] or nothing in their place: {shown}; "
+        "use characters that occur in the training text"
+    )

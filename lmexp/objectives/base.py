@@ -359,7 +359,8 @@ class LanguageModelObjective(pl.LightningModule):
         metrics = {f"{stage}/loss": nll, f"{stage}/ppl": torch.exp(nll)}
         if self.bytes_per_token.get(stage) and self.reports_bits_per_byte:
             metrics[f"{stage}/bpb"] = nll / math.log(2) / self.bytes_per_token[stage]
-        self.log_dict(metrics, prog_bar=stage == "val")
+        # The metric is already reduced over ranks; sync_dist states that (Lightning warns otherwise).
+        self.log_dict(metrics, prog_bar=stage == "val", sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval_epoch("val")

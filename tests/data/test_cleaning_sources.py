@@ -93,3 +93,19 @@ def test_a_table_cell_may_hold_a_whole_document(tmp_path: Path):
     big = "word " * 60_000  # 300 KB, beyond the csv module's default field limit of 128 KB
     (tmp_path / "big.tsv").write_text(f"label\tsentence\n1\t{big}\n")
     assert [len(d.text) for d in read_documents(str(tmp_path / "big.tsv"), text_column="sentence")] == [len(big)]
+
+
+def test_byte_order_marks_are_stripped_and_counted(tmp_path: Path):
+    from lmexp.data.tokenizer import train_tokenizer
+
+    path = tmp_path / "bom.txt"
+    path.write_bytes("\ufefffirst paragraph\n\nsecond one\n".encode("utf-8"))
+    texts = [doc.text for doc in read_documents(str(path))]
+    kept, report = clean_documents(texts)
+    assert kept == ["first paragraph", "second one"] and report.byte_order_marks_removed == 1
+    assert "1 byte-order marks removed" in report.summary()
+    assert "\ufeff" not in train_tokenizer(kept, "char").get_vocab()
+
+    table = tmp_path / "bom.tsv"
+    table.write_bytes("\ufefftext\tlabel\nhello\t1\n".encode("utf-8"))  # the header's first name stays "text"
+    assert [doc.text for doc in read_documents(str(table))] == ["hello"]
