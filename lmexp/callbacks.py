@@ -79,7 +79,8 @@ class CheckpointOnException(pl.Callback):
                            f"{self.path}: resume with --ckpt_path last")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.is_global_zero and self.path.is_file() and not trainer.interrupted:
+        # Reached only when fit ends without an exception.
+        if trainer.is_global_zero and self.path.is_file():
             self.path.unlink()
 
 
@@ -237,7 +238,7 @@ class PlainProgress(ProgressBar):
         self._enabled = True
 
     def _print(self, line: str) -> None:
-        if self._enabled and self.trainer.is_global_zero:
+        if self._enabled:  # ProgressBar.setup disables it on every rank but 0
             print(line, file=self._stream or sys.stdout, flush=True)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -58,7 +58,7 @@ def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     except Exception as err:  # torch raises several types for truncated, corrupt or foreign files
         # torch's messages run to paragraphs (the weights-only one explains its history): keep
         # the first sentence, which says what failed.
-        first = str(err).strip().splitlines()[0].split(". ")[0].rstrip(".") if str(err).strip() else ""
+        first = (str(err).strip().splitlines() or [""])[0].split(". ")[0].rstrip(".")
         raise CheckpointError(
             f"checkpoint {str(path)!r} could not be read safely ({type(err).__name__}: {first}): "
             "pass a .ckpt written by lmexp, such as checkpoints/last.ckpt"

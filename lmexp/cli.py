@@ -55,8 +55,7 @@ def summarize_parse_error(message: str) -> str:
             key = ".".join(dict.fromkeys(keys))
             types = " or ".join(dict.fromkeys(expected))
             return f"--{key}: expected {types}, got {given.group(1).strip()!r}"
-    kept = [line.strip() for line in lines if line.strip()]
-    return " ".join(kept[:3]) if kept else message
+    return _one_line(message, max_lines=3)
 
 
 class OneLineErrors:
@@ -184,8 +183,9 @@ def _process_rank() -> int:
     return 0
 
 
-def _one_line(message: str) -> str:
-    return " ".join(line.strip() for line in str(message).strip().splitlines() if line.strip())
+def _one_line(message: str, max_lines: int | None = None) -> str:
+    """A multi-line message joined into one line (its first ``max_lines`` non-empty lines)."""
+    return " ".join([line.strip() for line in message.splitlines() if line.strip()][:max_lines])
 
 
 def _stop_status(stop: SystemExit) -> Any:

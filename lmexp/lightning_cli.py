@@ -21,6 +21,9 @@ from lmexp.errors import CheckpointError
 from lmexp.objectives import LanguageModelObjective
 
 
+NAMED_CHECKPOINTS = ("last", "best", "hpc")  # --ckpt_path values that name a file rather than give one
+
+
 class LmexpArgumentParser(OneLineErrors, LightningArgumentParser):
     """Lightning's parser, reporting a bad flag or value in one line."""
 
@@ -104,9 +107,6 @@ class LmexpCLI(LightningCLI):
         if config.get("logger", True) is not False and not any(isinstance(c, LearningRateMonitor) for c in configured):
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         return super()._instantiate_trainer(config, callbacks)
-
-
-NAMED_CHECKPOINTS = ("last", "best", "hpc")
 
 
 def resolve_ckpt_path(ckpt_path: str | None, dirpath: str, best_name: str, verb: str) -> str | None:

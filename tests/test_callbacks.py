@@ -159,3 +159,13 @@ def test_progress_bar_metrics_fit_in_80_columns(tiny_corpus: Path, monkeypatch):
     trainer.fit(CausalLM("gpt-tiny", warmup_steps=0), datamodule=TextDataModule(str(tiny_corpus), batch_size=2))
     drawn = screen.getvalue()
     assert "tok/s: " in drawn and "val_loss: " in drawn and "…" not in drawn
+
+
+def test_a_sample_prompt_with_unknown_characters_warns_once(tiny_corpus: Path, cpu_trainer_kwargs: dict):
+    trainer = pl.Trainer(
+        max_steps=4, limit_val_batches=0,
+        callbacks=[SampleText(every_n_steps=2, prompt="the \u00e9", max_new_tokens=3)], **cpu_trainer_kwargs,
+    )
+    with pytest.warns(UserWarning, match="not in the tokenizer's vocabulary.*'\u00e9'") as caught:
+        trainer.fit(CausalLM("gpt-tiny", warmup_steps=0), datamodule=TextDataModule(str(tiny_corpus), batch_size=2))
+    assert sum("vocabulary" in str(w.message) for w in caught) == 1  # not once per sample
