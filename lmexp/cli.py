@@ -20,8 +20,9 @@ from lmexp.errors import CheckpointError, ConfigError, LmexpError
 from lmexp.generation import generate
 
 DESCRIPTION = (
-    "Train and use language models. Verbs: fit, validate, test (each with --help), and "
-    "generate: sample text from a checkpoint (lmexp generate --help)."
+    "Train and use language models. Verbs: fit, validate, test (each with --help); "
+    "generate: sample text from a checkpoint (lmexp generate --help); "
+    "runs: list tracked runs (lmexp runs --help)."
 )
 
 
@@ -33,6 +34,10 @@ def summarize_parse_error(message: str) -> str:
     """
     keys = re.findall(r'Parser key "([^"]+)"', message)
     lines = message.splitlines()
+    unknown = re.search(r"Problem with given class_path '([^']+)':\s+Option '([^']+)' is not accepted", message)
+    if unknown and keys:  # --model.lrx: a misspelt option of the chosen class
+        class_path, option = unknown.groups()
+        return f"--{keys[0]}.{option}: {class_path} has no option {option!r}"
     if keys:
         # What the innermost key expected: the lines indented under its "Parser key" line (the
         # outer ones list the classes the whole group was tried as).
@@ -163,6 +168,71 @@ def run_generate(argv: list[str]) -> list[str]:
     return samples
 
 
+def list_tracked_runs(experiment: str | None = None, limit: int = 20, tracking_uri: str | None = None) -> list[dict]:
+    """List the newest tracked runs with their key metrics and checkpoints.
+
+    Args:
+        experiment: Only this experiment's runs (default: all).
+        limit: How many runs, newest first.
+        tracking_uri: The tracking store (default: $MLFLOW_TRACKING_URI, else ./mlflow.db).
+    """
+    from lmexp.mlflow_store import list_runs
+
+    return list_runs(tracking_uri, experiment, limit)
+
+
+def sync_journal_file(journal: str) -> str:
+    """Send the records a run kept while its tracking store was unreachable.
+
+    Args:
+        journal: The ``tracking-journal.jsonl`` file the run's warning named.
+    """
+    from lmexp.mlflow_store import sync_journal
+
+    return sync_journal(journal)
+
+
+def run_runs(argv: list[str]) -> None:
+    from jsonargparse import ArgumentParser
+
+    class Parser(OneLineErrors, ArgumentParser):
+        pass
+
+    if argv and argv[0] == "sync":
+        parser = Parser(prog="lmexp runs sync", description=sync_journal_file.__doc__.splitlines()[0])
+        parser.add_function_arguments(sync_journal_file, as_positional=True)
+        config = parser.parse_args(argv[1:])
+        run_id = sync_journal_file(config.journal)
+        print(f"sent {config.journal} to MLflow run {run_id}")
+        return
+    parser = Parser(prog="lmexp runs", description=list_tracked_runs.__doc__.splitlines()[0]
+                    + " (lmexp runs sync JOURNAL: send records kept during a tracking outage)")
+    parser.add_function_arguments(list_tracked_runs, as_positional=False)
+    config = parser.parse_args(argv)
+    rows = list_tracked_runs(**{k: v for k, v in config.as_dict().items() if k != "config"})
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    columns = ["run", "experiment", "status", "started", "minutes", "steps", "train/loss", "val/loss", "test/loss",
+               "checkpoint"]
+    for column in columns:
+        table.add_column(column, no_wrap=column == "checkpoint")
+    for row in rows:
+        table.add_row(*[_cell(row.get(column)) for column in columns])
+    console = Console(width=None if sys.stdout.isatty() else 400)
+    if rows:
+        console.print(table)
+    else:
+        print("no tracked runs yet: train one with lmexp fit --config CONFIG")
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def _user_error(err: BaseException) -> LmexpError | None:
     """The LmexpError behind ``err``, if any: jsonargparse and Lightning wrap what they catch."""
     seen: set[int] = set()
@@ -208,9 +278,9 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of ``lmexp`` and ``python -m lmexp``: user errors become one line and exit 2;
     a run stopped by SIGTERM or Ctrl-C exits 143 or 130 once its checkpoint is written."""
     words = sys.argv[1:] if argv is None else list(argv)
-    if words and words[0] == "generate":
+    if words and words[0] in ("generate", "runs"):
         try:
-            run_generate(words[1:])
+            (run_generate if words[0] == "generate" else run_runs)(words[1:])
         except Exception as err:
             _exit_on_user_error(err)
         return
@@ -220,7 +290,9 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         # None lets LightningCLI read sys.argv itself (and keep its own checks quiet).
-        LmexpCLI(args=None if argv is None else words)
+        cli = LmexpCLI(args=None if argv is None else words)
+        if cli.built is not None:
+            cli.built.execute()
     except SystemExit as stop:
         raise SystemExit(_stop_status(stop)) from None
     except KeyboardInterrupt:  # before or after the trainer, which handles its own

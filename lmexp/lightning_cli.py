@@ -1,25 +1,28 @@
-"""LightningCLI with lmexp's defaults, behind ``lmexp fit|validate|test``."""
+"""LightningCLI with lmexp's defaults, behind ``lmexp fit|validate|test`` and ``lmexp.runs.build``."""
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.loggers import Logger
 
 from lmexp.callbacks import CheckpointOnException, LmexpCheckpoint, PlainProgress, StepProgressBar
-from lmexp.checkpoints import latest_checkpoint, read_checkpoint
+from lmexp.checkpoints import read_checkpoint
 from lmexp.cli import DESCRIPTION, OneLineErrors
 from lmexp.data import TextDataModule
-from lmexp.errors import CheckpointError
+from lmexp.mlflow_store import check_experiment_name, default_tracking_uri
 from lmexp.objectives import LanguageModelObjective
-
+from lmexp.runs import (
+    TRACKING_KEY, Run, RunRecorder, default_experiment, new_run_dir, resolve_named_checkpoint, run_dir_of_checkpoint,
+)
+from lmexp.tracking import MLflowTracker
 
 NAMED_CHECKPOINTS = ("last", "best", "hpc")  # --ckpt_path values that name a file rather than give one
 
@@ -33,28 +36,40 @@ def _not_an_advertisement(record: logging.LogRecord) -> bool:
 
 
 class LmexpCLI(LightningCLI):
-    """LightningCLI with lmexp's defaults: best/last checkpoints with an export, a checkpoint on
-    crash or interrupt, a Rich progress bar, learning-rate logging, and our own data sampler
-    (it shards batches across ranks itself)."""
+    """LightningCLI with lmexp's defaults: a run folder per run, MLflow tracking, best/last
+    checkpoints with an export, a checkpoint on crash or interrupt, a progress display,
+    learning-rate logging, and our own data sampler (it shards batches across ranks itself).
 
-    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+    It builds and stops: ``built`` holds the run, which ``lmexp.cli.main`` or the caller of
+    ``lmexp.runs.build`` executes.
+    """
+
+    def __init__(
+        self,
+        args: list[str] | None = None,
+        callbacks: list[pl.Callback] | None = None,
+        logger: Logger | bool | None = None,
+        exit_on_error: bool = True,
+    ) -> None:
         # TokenBatches shards batches across workers itself, so its __len__ is exact.
         warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
         # The data module restores the data position itself (its state is in the checkpoint).
         warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
         logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_an_advertisement)
+        self.logger_override = logger
+        self.built: Run | None = None
         super().__init__(
             model_class=LanguageModelObjective,
             datamodule_class=TextDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
-            trainer_defaults={"use_distributed_sampler": False},
-            save_config_kwargs={"overwrite": True},
+            trainer_defaults={"use_distributed_sampler": False, "callbacks": list(callbacks or [])},
+            save_config_callback=None,  # RunRecorder writes config.yaml into the run folder
             parser_class=LmexpArgumentParser,
-            parser_kwargs={"prog": "lmexp", "description": DESCRIPTION},
+            # jsonargparse's subcommand parsers defer errors to the main parser unless told otherwise.
+            parser_kwargs={"prog": "lmexp", "description": DESCRIPTION, **({} if exit_on_error else {"exit_on_error": False})},
             args=args,
-            run=run,
         )
 
     @staticmethod
@@ -64,6 +79,10 @@ class LmexpCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(LmexpCheckpoint, "checkpoint")
+        parser.add_argument("--experiment", type=str | None, default=None,
+                            help="MLflow experiment and run-folder group (default: the first config file's name)")
+        parser.add_argument("--run_name", type=str | None, default=None,
+                            help="Name of the run and its folder (default: the start time, e.g. 20261203-101500)")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         super().parse_arguments(parser, args)
@@ -75,57 +94,77 @@ class LmexpCLI(LightningCLI):
             read_checkpoint(ckpt_path, mmap=True)
 
     def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
+        verb = self.subcommand
+        config = self.config[verb]
+        self.experiment = check_experiment_name(config.experiment or default_experiment(config.get("config")))
+        root = Path(config.trainer.default_root_dir or Path("runs") / self.experiment)
+        requested = config.ckpt_path
+        config.ckpt_path = resolve_named_checkpoint(
+            config.ckpt_path, root, config.run_name, verb, config.checkpoint.filename
+        )
+        # A fit resumed from one of this experiment's runs continues that run's folder (also a
+        # named run that stopped before its first checkpoint, with --ckpt_path last).
+        resumed = run_dir_of_checkpoint(config.ckpt_path, root) if verb == "fit" else None
+        if resumed is None and verb == "fit" and requested == "last" and config.run_name and (root / config.run_name).is_dir():
+            resumed = (root / config.run_name).resolve()
+        self.run_dir = resumed or new_run_dir(root, config.run_name, verb)
+        config.trainer.default_root_dir = str(self.run_dir)
         if config.checkpoint.dirpath is None:
-            root = config.trainer.default_root_dir or os.getcwd()
-            config.checkpoint.dirpath = os.path.join(root, "checkpoints")
+            config.checkpoint.dirpath = str(self.run_dir / "checkpoints")
         if config.data.init_args.get("val_fraction") == 0 and config.checkpoint.monitor == "val/loss":
             # No validation split: the best checkpoint (and its export) is the latest one,
             # saved when training (or its epoch) ends rather than after a validation.
             config.checkpoint.monitor = None
             config.checkpoint.save_on_train_epoch_end = True
-        if self.subcommand is not None:
-            config.ckpt_path = resolve_ckpt_path(
-                config.ckpt_path, config.checkpoint.dirpath, config.checkpoint.filename, self.subcommand
-            )
+        # The MLflow run a checkpoint belongs to: a resumed fit continues it.
+        self.source_run = (read_checkpoint(config.ckpt_path, mmap=True).get(TRACKING_KEY) or {}) if config.ckpt_path else {}
+        self.config_yaml = self._parser(verb).dump(config, skip_none=False)
 
-    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
-        if config.get("logger") in (True, None):
-            # The logger Lightning would pick without TensorBoard, minus its install notices.
-            config["logger"] = CSVLogger(config.get("default_root_dir") or os.getcwd())
-        configured = list(config.get("callbacks") or []) + list(callbacks)
-        checkpoint = next((c for c in configured if isinstance(c, LmexpCheckpoint)), None)
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        config = self._get(self.config_init, "trainer", default={})
+        logger = config.get("logger") if self.logger_override is None else self.logger_override
+        if logger in (True, None):
+            logger = MLflowTracker()
+        for tracker in logger if isinstance(logger, list) else [logger]:
+            if isinstance(tracker, MLflowTracker):
+                self._bind_tracker(tracker)
+        configured = list(config.get("callbacks") or []) + list(self.trainer_defaults["callbacks"])
+        callbacks = list(config.get("callbacks") or [])
+        checkpoint = self._get(self.config_init, "checkpoint")
         if checkpoint is not None and checkpoint.dirpath:
-            # A crash or Ctrl-C between validations keeps its progress: resume with
-            # --ckpt_path <dirpath>/interrupted.ckpt.
+            # A crash or Ctrl-C between validations keeps its progress: resume with --ckpt_path last.
             callbacks.append(CheckpointOnException(checkpoint.dirpath))
         if config.get("enable_progress_bar", True) is not False and not any(
             isinstance(c, ProgressBar) for c in configured
         ):
             # A Rich bar draws nothing until the end where output is not a terminal.
             callbacks.append(StepProgressBar() if sys.stdout.isatty() else PlainProgress())
-        if config.get("logger", True) is not False and not any(isinstance(c, LearningRateMonitor) for c in configured):
+        if logger is not False and not any(isinstance(c, LearningRateMonitor) for c in configured):
             callbacks.append(LearningRateMonitor(logging_interval="step"))
-        return super()._instantiate_trainer(config, callbacks)
+        recorded = yaml_to_dict(self.config_yaml)
+        callbacks.append(RunRecorder(self.run_dir, self.experiment, recorded, self.config_yaml,
+                                     self.config[self.subcommand].ckpt_path, self.source_run.get("run_id")))
+        return super().instantiate_trainer(logger=logger, callbacks=callbacks, **kwargs)
+
+    def _bind_tracker(self, tracker: MLflowTracker) -> None:
+        """Fill in what the run knows and the tracker was not told: experiment, run name, folder,
+        and the MLflow run a resumed fit continues (when it was tracked in the same store)."""
+        same_store = self.source_run.get("tracking_uri") in (None, tracker.tracking_uri or default_tracking_uri())
+        continues = self.source_run.get("run_id") if self.subcommand == "fit" and same_store else None
+        tracker.use_defaults(experiment_name=self.experiment, run_name=self.run_dir.name, save_dir=str(self.run_dir),
+                             run_id=continues)
+
+    def after_instantiate_classes(self) -> None:
+        verb = self.subcommand
+        self.built = Run(
+            verb=verb, trainer=self.trainer, model=self.model, datamodule=self.datamodule, run_dir=self.run_dir,
+            experiment=self.experiment, ckpt_path=self.config[verb].ckpt_path, config=yaml_to_dict(self.config_yaml),
+        )
+        # Built, not run: the caller executes it (LightningCLI runs the verb only when one is set).
+        self.subcommand = None
 
 
-def resolve_ckpt_path(ckpt_path: str | None, dirpath: str, best_name: str, verb: str) -> str | None:
-    """The file ``--ckpt_path last`` or ``best`` names in the run's checkpoint folder.
+def yaml_to_dict(text: str) -> dict[str, Any]:
+    import yaml
 
-    ``last`` is the newest complete checkpoint, whichever file holds it (``last.ckpt``, or
-    ``interrupted.ckpt`` after a crash or a signal). A ``fit`` with ``last`` and nothing saved
-    yet starts from scratch, so one command both starts and resumes a pre-emptible job.
-    """
-    if ckpt_path == "last":
-        found = latest_checkpoint(dirpath)
-        if found is None:
-            if verb == "fit":
-                rank_zero_info(f"--ckpt_path last: no checkpoint in {dirpath} yet, training from the start")
-                return None
-            raise CheckpointError(f"--ckpt_path last: {dirpath} holds no readable checkpoint; train first or pass a path")
-        return str(found)
-    if ckpt_path == "best":
-        path = os.path.join(dirpath, f"{best_name}.ckpt")
-        read_checkpoint(path, mmap=True)
-        return path
-    return ckpt_path
+    return yaml.safe_load(text) or {}

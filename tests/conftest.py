@@ -38,6 +38,19 @@ def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return cache
 
 
+@pytest.fixture(scope="session")
+def tracking_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One SQLite tracking store for the session: MLflow creates its schema once (~1.5 s)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture(autouse=True)
+def isolated_tracking(tracking_store: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs are tracked in the session's store, never in a mlflow.db of the working directory."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_store)
+    return tracking_store
+
+
 @pytest.fixture(autouse=True)
 def restore_torch_state():
     dtype, threads = torch.get_default_dtype(), torch.get_num_threads()

@@ -84,7 +84,7 @@ def test_checkpoint_with_another_tokenizer(tmp_path, capsys):
 
     train_tokenizer(["abc"], "char", special_tokens=["[UNK]"]).save(str(wrong))
     message = one_line_error(
-        capsys, ["generate", "--ckpt", str(tmp_path / "checkpoints" / "last.ckpt"), "--tokenizer", str(wrong)]
+        capsys, ["generate", "--ckpt", str(tmp_path / "latest" / "checkpoints" / "last.ckpt"), "--tokenizer", str(wrong)]
     )
     assert "tokens but the checkpoint's model has vocab_size=" in message
 
@@ -95,11 +95,11 @@ def test_prompt_longer_than_the_context(tmp_path, capsys):
     main(fit(str(corpus), tmp_path))
     capsys.readouterr()
     message = one_line_error(
-        capsys, ["generate", "--ckpt", str(tmp_path / "checkpoints" / "last.ckpt"), "--prompt", "the cat " * 40]
+        capsys, ["generate", "--ckpt", str(tmp_path / "latest" / "checkpoints" / "last.ckpt"), "--prompt", "the cat " * 40]
     )
     assert "prompt has 320 tokens but the model's context is block_size=128: shorten the prompt" in message
     message = one_line_error(
-        capsys, ["generate", "--ckpt", str(tmp_path / "checkpoints" / "last.ckpt"), "--window_shift", "500"]
+        capsys, ["generate", "--ckpt", str(tmp_path / "latest" / "checkpoints" / "last.ckpt"), "--window_shift", "500"]
     )
     assert "window_shift=500 exceeds the model's context block_size=128" in message
 

@@ -8,7 +8,7 @@ import torch
 from lmexp import CausalLM
 from lmexp.checkpoints import load_checkpoint
 from lmexp.cli import main
-from lmexp.lightning_cli import LmexpCLI
+from lmexp.runs import build
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -27,7 +27,7 @@ def test_quickstart_trains_saves_exports_generates_and_resumes(tmp_path: Path, c
     main(quickstart_args(tmp_path))
     capsys.readouterr()
     assert "parameters" in caplog.text and "sample after 20 steps" in caplog.text
-    checkpoints = tmp_path / "checkpoints"
+    checkpoints = tmp_path / "latest" / "checkpoints"
     best, last = checkpoints / "best.ckpt", checkpoints / "last.ckpt"
     assert best.is_file() and last.is_file()
     raw = torch.load(last, weights_only=True)  # loadable without trusting pickles
@@ -68,8 +68,9 @@ def test_quickstart_trains_saves_exports_generates_and_resumes(tmp_path: Path, c
 def test_every_shipped_config_parses_and_builds(config: Path, tmp_path: Path):
     first_line = config.read_text().splitlines()[0]
     assert first_line.startswith("# "), f"{config.name} must start with a comment saying what it is for"
-    cli = LmexpCLI(args=["--config", str(config), f"--trainer.default_root_dir={tmp_path}"], run=False)
-    assert cli.model.block_size > 0 and cli.datamodule is not None
+    run = build("fit", configs=[config], overrides={"trainer.default_root_dir": str(tmp_path)})
+    assert run.model.block_size > 0 and run.datamodule is not None
+    assert run.run_dir.parent == tmp_path and run.experiment == config.stem
 
 
 def test_help_lists_every_verb_under_its_own_name():
@@ -91,12 +92,12 @@ def test_a_crash_between_validations_loses_nothing(tmp_path: Path):
     crashed = tmp_path / "crashed"
     with pytest.raises(RuntimeError, match="simulated crash at step 7"):
         main(args(crashed) + ["--trainer.callbacks+=tests.helpers.FailAtStep", "--trainer.callbacks.step=7"])
-    interrupted = crashed / "checkpoints" / "interrupted.ckpt"
+    interrupted = crashed / "latest" / "checkpoints" / "interrupted.ckpt"
     assert torch.load(interrupted, weights_only=True)["global_step"] == 7  # the 7 finished steps are kept
     main(args(crashed) + ["--ckpt_path", str(interrupted)])
 
-    straight = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=True)
-    resumed = torch.load(crashed / "checkpoints" / "last.ckpt", weights_only=True)
+    straight = torch.load(tmp_path / "straight" / "latest" / "checkpoints" / "last.ckpt", weights_only=True)
+    resumed = torch.load(crashed / "latest" / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == straight["global_step"] == 20
     for name, value in straight["state_dict"].items():
         torch.testing.assert_close(resumed["state_dict"][name], value, rtol=0, atol=1e-6, msg=name)
@@ -104,7 +105,7 @@ def test_a_crash_between_validations_loses_nothing(tmp_path: Path):
 
 def test_without_validation_the_latest_checkpoint_is_the_best_and_is_exported(tmp_path: Path):
     main(quickstart_args(tmp_path, steps=6) + ["--data.val_fraction=0", "--trainer.enable_progress_bar=false"])
-    checkpoints = tmp_path / "checkpoints"
+    checkpoints = tmp_path / "latest" / "checkpoints"
     assert (checkpoints / "best.ckpt").is_file() and (checkpoints / "best" / "model.safetensors").is_file()
 
 
@@ -124,7 +125,7 @@ def test_a_signal_saves_exits_non_zero_and_last_resumes_from_it(
 ):
     caplog.set_level("INFO")
     args = quickstart_args(tmp_path, steps=20) + ["--trainer.enable_progress_bar=false"]
-    checkpoints = tmp_path / "checkpoints"
+    checkpoints = tmp_path / "latest" / "checkpoints"
     with pytest.raises(SystemExit) as exit_info:
         main(args + ["--trainer.callbacks+=tests.helpers.SignalAtStep", "--trainer.callbacks.step=13",
                      f"--trainer.callbacks.signal_name={signal_name}"])
@@ -136,7 +137,7 @@ def test_a_signal_saves_exits_non_zero_and_last_resumes_from_it(
 
     caplog.clear()
     main(args + ["--ckpt_path", "last"])  # the newest checkpoint, not last.ckpt
-    assert f"Restoring states from the checkpoint path at {interrupted}" in caplog.text
+    assert f"Restoring states from the checkpoint path at {interrupted.resolve()}" in caplog.text
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 20
     assert not interrupted.exists()  # spent: a later "last" must not go back to it
 
@@ -147,8 +148,8 @@ def test_ckpt_path_last_skips_a_truncated_checkpoint_and_starts_fresh_without_on
     caplog.set_level("INFO")
     args = quickstart_args(tmp_path, steps=10) + ["--trainer.enable_progress_bar=false"]
     main(args + ["--ckpt_path", "last"])  # nothing saved yet: trains from the start
-    assert "no checkpoint in" in caplog.text and "training from the start" in caplog.text
-    checkpoints = tmp_path / "checkpoints"
+    assert "no checkpoint under" in caplog.text and "training from the start" in caplog.text
+    checkpoints = tmp_path / "latest" / "checkpoints"
     interrupted = checkpoints / "interrupted.ckpt"
     interrupted.write_bytes((checkpoints / "last.ckpt").read_bytes()[:1000])  # a write cut short
     assert latest_checkpoint(checkpoints) == checkpoints / "last.ckpt"

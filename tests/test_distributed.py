@@ -38,7 +38,7 @@ def test_ddp_two_cpu_processes(tmp_path: Path):
     samples = (next((tmp_path / "run").rglob("samples.txt"))).read_text()
     assert samples.count("--- sample at step 4 ---") == 1 and samples.count("--- sample at step 8 ---") == 1
     assert "sample after 8 steps" not in samples  # the step-8 sample is the final one: not twice
-    assert (tmp_path / "run" / "checkpoints" / "best" / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "latest" / "checkpoints" / "best" / "model.safetensors").is_file()
     # Not a terminal: progress comes as plain lines, from rank 0 only.
     assert result.stdout.count("step 2/8 | loss ") == 1 and "validation at step 8: val/bpb" in result.stdout
 

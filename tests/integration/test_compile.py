@@ -17,6 +17,6 @@ def test_compiled_training_writes_plain_checkpoints(tiny_corpus: Path, tmp_path:
         "--trainer.max_steps=6", "--trainer.val_check_interval=3", "--trainer.limit_val_batches=2",
         "--model.warmup_steps=1", f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false",
     ])
-    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    state = torch.load(tmp_path / "latest" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert not any("_orig_mod" in key for key in state)  # loadable into an uncompiled model
-    assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt").model(torch.tensor([[1, 2, 3]])).shape[-1] > 10
+    assert load_checkpoint(tmp_path / "latest" / "checkpoints" / "last.ckpt").model(torch.tensor([[1, 2, 3]])).shape[-1] > 10

@@ -1,0 +1,407 @@
+"""Build a run (trainer, objective, data) exactly as ``lmexp fit|validate|test`` would.
+
+``build`` is the one way runs are made: the command line, sweeps, benchmarks and tests all
+come through it, so each gets the same config validation, one-line errors, run folder,
+tracking and callbacks::
+
+    from lmexp.runs import build
+
+    run = build("fit", configs=["configs/quickstart.yaml"], overrides={"model.init_args.lr": 3e-3})
+    run.execute()
+    print(run.run_dir, run.trainer.callback_metrics["val/loss"])
+
+Every run gets its own folder, ``<root>/<run name>/`` (root: ``trainer.default_root_dir``, else
+``runs/<experiment>``), holding its checkpoints, config, samples and export, so two runs never
+overwrite each other. A ``fit`` resumed with ``--ckpt_path last`` continues the run folder (and
+the MLflow run) whose checkpoint is the newest.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from lmexp.checkpoints import latest_checkpoint, read_checkpoint
+from lmexp.errors import CheckpointError, ConfigError
+from lmexp.mlflow_store import check_experiment_name, flatten
+from lmexp.models import count_parameters
+from lmexp.tracking import MLflowTracker
+
+VERBS = ("fit", "validate", "test")
+RUN_DIR_VARIABLE = "LMEXP_RUN_DIR"  # tells the other ranks of a DDP run which folder rank 0 chose
+TRACKING_KEY = "lmexp_run"  # checkpoint entry: the MLflow run a resumed fit continues
+
+
+@dataclass
+class Run:
+    """A built run, ready to execute: what ``lmexp VERB`` would run, as objects."""
+
+    verb: str
+    trainer: pl.Trainer
+    model: pl.LightningModule
+    datamodule: pl.LightningDataModule | None
+    run_dir: Path
+    experiment: str
+    ckpt_path: str | None
+    config: dict[str, Any]
+
+    @property
+    def tracker(self) -> MLflowTracker | None:
+        return next((lg for lg in self.trainer.loggers if isinstance(lg, MLflowTracker)), None)
+
+    def execute(self) -> Any:
+        """Run the verb: ``trainer.fit/validate/test(model, datamodule, ckpt_path)``."""
+        method = getattr(self.trainer, self.verb)
+        return method(self.model, datamodule=self.datamodule, ckpt_path=self.ckpt_path)
+
+
+def build(
+    verb: str = "fit",
+    configs: Sequence[str | Path] = (),
+    overrides: Mapping[str, Any] | None = None,
+    args: Sequence[str] = (),
+    callbacks: Iterable[pl.Callback] = (),
+    logger: Logger | bool | None = None,
+    experiment: str | None = None,
+    run_name: str | None = None,
+    ckpt_path: str | None = None,
+) -> Run:
+    """Build a run as ``lmexp VERB --config C1 --config C2 --KEY=VALUE ... ARGS`` would.
+
+    Args:
+        verb: ``fit``, ``validate`` or ``test``.
+        configs: YAML config files, later ones overriding earlier ones.
+        overrides: Dotted keys as the flags spell them (``model.init_args.lr``,
+            ``trainer.max_steps``), with Python values.
+        args: Further command-line arguments, as typed.
+        callbacks: Callbacks added to the configured ones.
+        logger: A Lightning logger to use instead of the default MLflow tracker; False: none.
+        experiment: MLflow experiment and run-folder group; default: the first config's name.
+        run_name: Name of the run and its folder; default: the start time.
+        ckpt_path: A checkpoint to resume or evaluate, or ``last``/``best``.
+
+    Raises:
+        ConfigError, DataError, CheckpointError: bad input, with a one-line message.
+    """
+    from lmexp.lightning_cli import LmexpCLI
+
+    if verb not in VERBS:
+        raise ConfigError(f"verb {verb!r} is not one of {', '.join(VERBS)}")
+    argv = [verb] + [f"--config={path}" for path in configs]
+    argv += [f"--{key}={_flag_value(value)}" for key, value in (overrides or {}).items()]
+    for flag, value in (("experiment", experiment), ("run_name", run_name), ("ckpt_path", ckpt_path)):
+        if value is not None:
+            argv.append(f"--{flag}={value}")
+    from jsonargparse import ArgumentError
+
+    from lmexp.cli import summarize_parse_error
+
+    try:
+        cli = LmexpCLI([*argv, *args], callbacks=list(callbacks), logger=logger, exit_on_error=False)
+    except ArgumentError as err:  # a bad key or value: the one line the command line would print
+        raise ConfigError(f"{summarize_parse_error(str(err))} (see lmexp {verb} --help)") from None
+    return cli.built
+
+
+def _flag_value(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+# ----------------------------------------------------------------------- run folders
+def default_experiment(config_files: Sequence[Any]) -> str:
+    """The first config file's name without its suffix (``quickstart``), else ``default``."""
+    for path in config_files or ():
+        name = Path(str(getattr(path, "relative", path))).stem
+        if name:
+            return name
+    return "default"
+
+
+def new_run_dir(root: Path, run_name: str | None, verb: str) -> Path:
+    """Create ``root/<run name>``: the given name, or the start time (``20261203-101500``,
+    with ``-validate``/``-test`` for evaluations, and ``-2``, ``-3``... when taken).
+
+    Under DDP only rank 0 chooses; the other ranks read its choice from the environment the
+    launcher passes on.
+    """
+    if _process_rank() != 0 and os.environ.get(RUN_DIR_VARIABLE):
+        return Path(os.environ[RUN_DIR_VARIABLE])
+    root = root.resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    if run_name is not None:
+        path = root / run_name
+        try:
+            path.mkdir()
+        except FileExistsError:
+            raise ConfigError(
+                f"run folder {str(path)!r} exists: pick another --run_name, or continue that run with --ckpt_path last"
+            ) from None
+    else:
+        base = time.strftime("%Y%m%d-%H%M%S") + ("" if verb == "fit" else f"-{verb}")
+        for attempt in range(1, 1000):
+            path = root / (base if attempt == 1 else f"{base}-{attempt}")
+            try:
+                path.mkdir()  # atomic: two runs started in the same second get different folders
+                break
+            except FileExistsError:
+                continue
+    path = path.resolve()
+    os.environ[RUN_DIR_VARIABLE] = str(path)
+    if verb == "fit":
+        _point_latest(root, path)
+    return path
+
+
+def _point_latest(root: Path, run_dir: Path) -> None:
+    """``root/latest`` -> the newest training run's folder, so ``runs/quickstart/latest/checkpoints/best.ckpt``
+    names the latest model (evaluation runs do not move it)."""
+    link = root / "latest"
+    if link.exists() and not link.is_symlink():
+        return  # a run called "latest": leave it
+    temporary = root / f".latest-{os.getpid()}"
+    try:
+        temporary.unlink(missing_ok=True)
+        temporary.symlink_to(run_dir.name, target_is_directory=True)
+        os.replace(temporary, link)
+    except OSError:  # a file system without symlinks: the link is a convenience
+        temporary.unlink(missing_ok=True)
+
+
+def run_folders(root: Path) -> list[Path]:
+    """The run folders under ``root`` (not the ``latest`` link)."""
+    if not root.is_dir():
+        return []
+    return [p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")]
+
+
+def latest_run_checkpoint(root: Path) -> Path | None:
+    """The newest complete resumable checkpoint of any run under ``root`` (by time written)."""
+    found = [c for c in (latest_checkpoint(run / "checkpoints") for run in run_folders(root)) if c is not None]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def resolve_named_checkpoint(ckpt_path: str | None, root: Path, run_name: str | None, verb: str,
+                             best_name: str = "best") -> str | None:
+    """The file ``--ckpt_path last`` or ``best`` names: in the named run, else in the run whose
+    checkpoint is the newest. ``fit`` with ``last`` and nothing saved yet starts from scratch."""
+    if ckpt_path not in ("last", "best"):
+        return ckpt_path
+    where = root / run_name if run_name else root
+    if run_name:
+        found = latest_checkpoint(where / "checkpoints")
+    else:
+        found = latest_run_checkpoint(root)
+    if ckpt_path == "best" and found is not None:
+        found = found.parent / f"{best_name}.ckpt"
+        read_checkpoint(found, mmap=True)
+    if found is None:
+        if verb == "fit" and ckpt_path == "last":
+            from lightning.pytorch.utilities import rank_zero_info
+
+            rank_zero_info(f"--ckpt_path last: no checkpoint under {where} yet, training from the start")
+            return None
+        raise CheckpointError(f"--ckpt_path {ckpt_path}: no run under {where} has a readable checkpoint; "
+                              "train first or pass a path")
+    return str(found)
+
+
+def run_dir_of_checkpoint(ckpt_path: str | None, root: Path) -> Path | None:
+    """The run folder a checkpoint lies in (``<root>/<run>/checkpoints/x.ckpt``), if it is one of ``root``'s."""
+    if ckpt_path is None:
+        return None
+    path = Path(ckpt_path).resolve()
+    if path.parent.name == "checkpoints" and path.parent.parent.parent == root.resolve():
+        return path.parent.parent
+    return None
+
+
+def _process_rank() -> int:
+    for variable in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
+        if os.environ.get(variable, "").isdigit():
+            return int(os.environ[variable])
+    return 0
+
+
+# ------------------------------------------------------------------- what a run records
+def git_state(folder: Path) -> dict[str, str]:
+    """Commit and dirty flag of the git checkout ``folder`` is in (empty outside one)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=10)
+        if commit.returncode != 0:
+            return {}
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    return {"mlflow.source.git.commit": commit.stdout.strip(), "git.dirty": str(bool(status.stdout.strip())).lower()}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def system_info(trainer: pl.Trainer) -> dict[str, str]:
+    versions = {f"system.{name}": _version(name) for name in ("torch", "lightning", "lmexp", "mlflow")}
+    device = trainer.strategy.root_device
+    return {
+        **versions,
+        "system.python": platform.python_version(),
+        "system.cpu": cpu_model(),
+        "system.device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "system.accelerator": device.type,
+        "system.devices": str(trainer.num_devices * trainer.num_nodes),
+        "system.strategy": type(trainer.strategy).__name__,
+        "system.precision": str(trainer.precision),
+        "system.threads": str(torch.get_num_threads()),
+    }
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+class RunRecorder(pl.Callback):
+    """Writes the run's ``config.yaml`` into its folder and records the run in the trackers.
+
+    Every logger gets the flattened config as hyperparameters; an ``MLflowTracker`` also gets
+    tags (objective, preset, dataset, tokenizer, git), system info, data statistics, the model's
+    resolved config and size, the tokenizer, samples, the best export and a loss-curve PNG.
+    """
+
+    def __init__(self, run_dir: Path, experiment: str, config: dict[str, Any], config_yaml: str,
+                 ckpt_path: str | None = None, source_run_id: str | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.experiment = experiment
+        self.config = config
+        self.config_yaml = config_yaml
+        self.ckpt_path = ckpt_path
+        self.source_run_id = source_run_id
+        self._model_recorded = False
+
+    @staticmethod
+    def tracker(trainer: pl.Trainer) -> MLflowTracker | None:
+        return next((lg for lg in trainer.loggers if isinstance(lg, MLflowTracker)), None)
+
+    @rank_zero_only
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(self.config_yaml, encoding="utf-8")
+        for logger in trainer.loggers:
+            logger.log_hyperparams(self.config)
+        tracker = self.tracker(trainer)
+        if tracker is None:
+            return
+        datamodule = trainer.datamodule
+        hparams = pl_module.hparams
+        tags = {
+            "objective": type(pl_module).__name__,
+            "preset": hparams.get("network") if isinstance(hparams.get("network"), str) else "custom",
+            "dataset": str(getattr(datamodule, "source", "")),
+            "tokenizer": str(getattr(datamodule, "tokenizer_kind", "")),
+            "verb": trainer.state.fn.value if trainer.state.fn else stage,
+            "run_dir": str(self.run_dir.resolve()),
+            **git_state(Path.cwd()),
+        }
+        if self.ckpt_path:
+            tags["checkpoint_loaded"] = str(Path(self.ckpt_path).resolve())
+        if self.source_run_id and stage != "fit":
+            tags["evaluated_run_id"] = self.source_run_id
+        tracker.set_tags(tags)
+        params = system_info(trainer)
+        cache = getattr(datamodule, "cache", None)
+        if cache is not None:
+            cleaning = cache.meta.get("cleaning", {})
+            params.update({f"data_stats.cleaning.{k}": str(v) for k, v in flatten(cleaning).items()})
+            for split, stats in cache.meta.get("splits", {}).items():
+                params[f"data_stats.{split}_tokens"] = str(stats.get("tokens"))
+            params["data_stats.vocab_size"] = str(datamodule.vocab_size)
+            tracker.log_text(datamodule.tokenizer.to_str(), "tokenizer.json")
+        tracker.log_hyperparams(params)
+        tracker.log_artifact(self.run_dir / "config.yaml")
+
+    def _record_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        tracker = self.tracker(trainer)
+        if self._model_recorded or tracker is None or not trainer.is_global_zero:
+            return
+        self._model_recorded = True
+        network = getattr(pl_module, "network_config", None)
+        params = {f"network.{k}": v for k, v in network.to_dict().items()} if network is not None else {}
+        model = getattr(pl_module, "model", None) or pl_module
+        params["n_parameters"] = count_parameters(model)
+        tracker.log_hyperparams(params)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._record_model(trainer, pl_module)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._record_model(trainer, pl_module)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._record_model(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        tracker = self.tracker(trainer)
+        if tracker is not None and trainer.is_global_zero:
+            checkpoint[TRACKING_KEY] = {
+                "run_id": tracker.run_id, "tracking_uri": tracker.tracking_uri, "experiment": self.experiment,
+                "run_dir": str(self.run_dir.resolve()),
+            }
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        tracker = self.tracker(trainer)
+        if tracker is None or not trainer.is_global_zero:
+            return
+        if isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
+            tracker.stop_reason = "killed"
+        self._upload_results(trainer, tracker)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Called before Lightning finalizes the loggers (only when the verb succeeded).
+        tracker = self.tracker(trainer)
+        if tracker is not None and trainer.is_global_zero:
+            self._upload_results(trainer, tracker)
+
+    def _upload_results(self, trainer: pl.Trainer, tracker: MLflowTracker) -> None:
+        samples = self.run_dir / "samples.txt"
+        if samples.is_file():
+            tracker.log_artifact(samples)
+        if trainer.state.fn != "fit":
+            return
+        checkpoint = trainer.checkpoint_callback
+        best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
+        tags = {"global_step": str(trainer.global_step)}
+        if best:
+            tags["checkpoint.best"] = best
+        last = getattr(checkpoint, "last_model_path", "") if checkpoint is not None else ""
+        if last:
+            tags["checkpoint.last"] = last
+        tracker.set_tags(tags)
+        export = Path(best).with_suffix("") if best else None
+        if export is not None and export.is_dir():
+            size_mb = sum(f.stat().st_size for f in export.iterdir() if f.is_file()) / 1e6
+            if 0 < size_mb <= tracker.export_max_mb:
+                tracker.log_artifact(export, "export")
+        tracker.log_loss_curve()

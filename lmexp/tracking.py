@@ -1,0 +1,307 @@
+"""MLflow tracking that never slows or stops training.
+
+``MLflowTracker`` is a Lightning logger. Everything it records (metrics, params, tags,
+artifacts, the run's end) goes through a queue to one background thread, which talks to the
+tracking store. Training never waits for the store: not for MLflow's import and database set-up
+at start, not for a slow server, not for a dead one. When the store cannot be reached, the
+records are kept in order in a journal file beside the run (``tracking-journal.jsonl``), one
+warning says so, and the thread keeps trying; whatever is still unsent at the end stays in the
+journal, which ``lmexp runs sync FILE`` sends later.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers.logger import Logger
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+
+from lmexp.mlflow_store import (
+    JOURNAL_NAME, TrackingStore, check_experiment_name, check_tracking_uri, default_tracking_uri, flatten,
+    is_unreachable,
+)
+
+_END_STATUS = {"success": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
+
+log = logging.getLogger(__name__)
+
+
+_STOP = object()
+
+
+class MLflowTracker(Logger):
+    """Log a run to MLflow from a background thread, keeping records through outages.
+
+    Args:
+        tracking_uri: Where runs are stored: ``sqlite:///...``, ``http://host:port``, any MLflow
+            store. Default: ``$MLFLOW_TRACKING_URI``, else ``mlflow.db`` in the working directory.
+        experiment_name: MLflow experiment; default: the config file's name.
+        run_name: Name of the run; default: its run folder's name.
+        run_id: Continue this MLflow run instead of starting one (set from a checkpoint on resume).
+        tags: Extra tags for the run.
+        save_dir: The run folder (the journal goes there); the run builder sets it.
+        export_max_mb: Upload the best checkpoint's safetensors export as an artifact when it is
+            at most this many MB (0: never).
+        retry_seconds: While the store is unreachable, how often to try again.
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str | None = None,
+        experiment_name: str | None = None,
+        run_name: str | None = None,
+        run_id: str | None = None,
+        tags: dict[str, str] | None = None,
+        save_dir: str | None = None,
+        export_max_mb: float = 100.0,
+        retry_seconds: float = 30.0,
+    ) -> None:
+        super().__init__()
+        self.tracking_uri = check_tracking_uri(tracking_uri) if tracking_uri else None
+        if experiment_name is not None:
+            check_experiment_name(experiment_name)
+        self.experiment_name = experiment_name
+        self.run_name = run_name
+        self.resume_run_id = run_id
+        self.tags = dict(tags or {})
+        self._save_dir = save_dir
+        self.export_max_mb = export_max_mb
+        self.retry_seconds = retry_seconds
+        self.stop_reason: str | None = None  # "killed" after Ctrl-C or SIGTERM
+        self.history: dict[str, list[list[float]]] = collections.defaultdict(list)  # key -> [[step, value]]
+        self._store: TrackingStore | None = None
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._connected = threading.Event()
+        self._pending: collections.deque[dict[str, Any]] = collections.deque()
+        self._offline_since: float | None = None
+        self._next_retry = 0.0
+        self._warned = False
+        self._ended = True
+
+    def use_defaults(self, experiment_name: str, run_name: str, save_dir: str, run_id: str | None = None) -> None:
+        """Fill in what the run builder knows and this tracker was not told."""
+        self.experiment_name = self.experiment_name or check_experiment_name(experiment_name)
+        self.run_name = self.run_name or run_name
+        self._save_dir = self._save_dir or save_dir
+        self.resume_run_id = self.resume_run_id or run_id
+
+    # ------------------------------------------------------------ Lightning's Logger API
+    @property
+    def name(self) -> str | None:
+        return self.experiment_name
+
+    @property
+    def version(self) -> str | None:
+        return self.run_id
+
+    @property
+    def save_dir(self) -> str | None:
+        return self._save_dir
+
+    @property
+    def log_dir(self) -> str | None:
+        return self._save_dir
+
+    @property
+    def client(self) -> Any:
+        """The run's ``MlflowClient`` (waits for the background start; None if the store is unreachable)."""
+        self._start()
+        self._connected.wait(timeout=60)
+        return self._store.client if self._store is not None else None
+
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run's id once the run exists (waits for the background start)."""
+        if self._thread is None:
+            return self.resume_run_id
+        self._connected.wait(timeout=60)
+        return self._store.run_id if self._store is not None else None
+
+    @property
+    def journal_path(self) -> Path:
+        return Path(self._save_dir or os.getcwd()) / JOURNAL_NAME
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        values = {k: float(v) for k, v in metrics.items()}
+        step = int(step or 0)
+        for key, value in values.items():
+            if "loss" in key:
+                self.history[key].append([step, value])
+        self._send({"kind": "metrics", "values": values, "step": step, "time": int(time.time() * 1000)})
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        if not isinstance(params, Mapping):
+            params = vars(params)
+        self._send({"kind": "params", "values": flatten(params)})
+
+    @rank_zero_only
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self._send({"kind": "tags", "values": {k: str(v) for k, v in tags.items()}})
+
+    @rank_zero_only
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload a file or folder (sent when the run's queue reaches it: keep it in place)."""
+        self._send({"kind": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
+
+    @rank_zero_only
+    def log_text(self, text: str, name: str) -> None:
+        """Write ``text`` to ``name`` in the run folder and upload it."""
+        path = Path(self._save_dir or ".") / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        self.log_artifact(path)
+
+    @rank_zero_only
+    def log_loss_curve(self) -> None:
+        """Plot every ``*loss`` metric against the step into ``loss_curve.png`` and upload it."""
+        path = Path(self._save_dir or ".") / "loss_curve.png"
+        self._send({"kind": "loss_curve", "path": str(path.resolve()), "local": dict(self.history)})
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        """End the run (FINISHED, FAILED, or KILLED after a stop) and wait for the queue to empty.
+
+        Lightning's ``"finished"`` (SLURM requeue) flushes without ending: the run continues.
+        """
+        if self._thread is None or self._ended:
+            return
+        if status != "finished":
+            end = _END_STATUS.get(self.stop_reason or status, "FAILED")
+            self._send({"kind": "end", "status": end, "time": int(time.time() * 1000)})
+            self._ended = True
+        self.flush()
+
+    def flush(self, timeout: float = 120.0) -> None:
+        """Wait until every record so far is sent or kept in the journal."""
+        if self._thread is None or not self._thread.is_alive():
+            return
+        done = threading.Event()
+        self._queue.put(("flush", done))
+        done.wait(timeout)
+        if self._pending:
+            rank_zero_warn(
+                f"MLflow tracking store {self.tracking_uri} unreachable: {len(self._pending)} records of run "
+                f"{self.run_name!r} are kept in {self.journal_path}; send them with: lmexp runs sync {self.journal_path}"
+            )
+
+    # --------------------------------------------------------------------- the worker
+    def _start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self.tracking_uri = self.tracking_uri or check_tracking_uri(default_tracking_uri())
+        if self._store is None:
+            self._store = TrackingStore(
+                self.tracking_uri, self.experiment_name or "Default", self.run_name, self.resume_run_id,
+                {**self.tags, "mlflow.runName": self.run_name} if self.run_name else self.tags,
+            )
+        self._ended = False
+        self._pending.append({"kind": "connect"})
+        self._thread = threading.Thread(target=self._work, name="lmexp-mlflow", daemon=True)
+        self._thread.start()
+        atexit.register(self._at_exit)
+
+    def _send(self, record: dict[str, Any]) -> None:
+        self._start()
+        self._queue.put(record)
+
+    def _at_exit(self) -> None:
+        # A process that ends without Lightning's finalize (killed in the builder, an error
+        # outside the trainer) must not leave its run "RUNNING".
+        if not self._ended:
+            self.finalize("failed")
+
+    def _work(self) -> None:
+        while True:
+            wait = max(self._next_retry - time.monotonic(), 0.05) if self._offline_since else None
+            try:
+                item = self._queue.get(timeout=wait)
+            except queue.Empty:
+                item = None
+            if isinstance(item, tuple):  # ("flush", event): one last try, then report back
+                self._drain(force=True)
+                item[1].set()
+                continue
+            if item is not None:
+                self._pending.append(item)
+                if self._offline_since:
+                    self._append_journal([item])
+            self._drain()
+
+    def _drain(self, force: bool = False) -> None:
+        if self._offline_since and not force and time.monotonic() < self._next_retry:
+            return
+        sent = 0
+        while self._pending:
+            record = self._pending[0]
+            try:
+                if record["kind"] == "connect":
+                    self._store.connect()
+                else:
+                    if self._store.client is None:
+                        self._store.connect()
+                    self._store.apply(record)
+            except Exception as err:
+                if record["kind"] == "connect":
+                    self._connected.set()  # nobody waits for a run that cannot start now
+                if not is_unreachable(err) and record["kind"] != "connect":
+                    # The store refused this record (a value it rejects): drop it, say so once.
+                    rank_zero_warn(f"MLflow refused a {record['kind']} record of run {self.run_name!r}: {err}")
+                    self._pending.popleft()
+                    continue
+                self._go_offline(err)
+                return
+            if record["kind"] == "connect":
+                self._connected.set()
+            self._pending.popleft()
+            sent += 1
+        if self._offline_since:
+            took = time.monotonic() - self._offline_since
+            self._offline_since = None
+            self.journal_path.unlink(missing_ok=True)
+            log.warning(f"MLflow tracking store reachable again after {took:.0f}s: {sent} kept records sent")
+
+    def _go_offline(self, err: BaseException) -> None:
+        self._next_retry = time.monotonic() + self.retry_seconds
+        self._write_journal()  # what is still unsent, in order (a retry may have sent a part)
+        if self._offline_since:
+            return
+        self._offline_since = time.monotonic()
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        if not self._warned:
+            self._warned = True
+            rank_zero_warn(
+                f"MLflow tracking store {self.tracking_uri} unreachable ({first}); training goes on and its "
+                f"records are kept in {self.journal_path}, sent when the store is back "
+                f"(or later with: lmexp runs sync {self.journal_path})"
+            )
+
+    def _journal_header(self) -> dict[str, Any]:
+        store = self._store
+        return {"kind": "run", "tracking_uri": store.tracking_uri, "experiment": store.experiment_name,
+                "run_name": store.run_name, "run_id": store.run_id, "tags": store.tags}
+
+    def _write_journal(self) -> None:
+        path = self.journal_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        records = [r for r in self._pending if r["kind"] != "connect"]
+        with open(path, "w", encoding="utf-8") as f:
+            for record in [self._journal_header(), *records]:
+                f.write(json.dumps(record) + "\n")
+
+    def _append_journal(self, records: list[dict[str, Any]]) -> None:
+        with open(self.journal_path, "a", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record) + "\n")
