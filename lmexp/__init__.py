@@ -31,6 +31,7 @@ _EXPORTS = {
     "CausalLM": "lmexp.objectives",
     "LanguageModelObjective": "lmexp.objectives",
     "MaskedLM": "lmexp.objectives",
+    "MLflowTracker": "lmexp.tracking",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from lmexp.generation import generate
     from lmexp.models import BERT, GPT, LSTMLM, ModelConfig, build_model, from_name
     from lmexp.objectives import CausalLM, LanguageModelObjective, MaskedLM
+    from lmexp.tracking import MLflowTracker
 
 
 def __getattr__(name: str) -> Any:

@@ -96,7 +96,8 @@ class LmexpCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         verb = self.subcommand
         config = self.config[verb]
-        self.experiment = check_experiment_name(config.experiment or default_experiment(config.get("config")))
+        named = config.experiment if config.experiment is not None else default_experiment(config.get("config"))
+        self.experiment = check_experiment_name(named)
         root = Path(config.trainer.default_root_dir or Path("runs") / self.experiment)
         requested = config.ckpt_path
         config.ckpt_path = resolve_named_checkpoint(

@@ -44,8 +44,8 @@ def check_tracking_uri(uri: str) -> str:
         if path is None:
             raise ConfigError(f"tracking URI {uri!r} names no database file: use sqlite:////abs/path/mlflow.db")
         folder = next((p for p in (path.parent, *path.parents) if p.exists()), None)
-        writable = path if path.exists() else folder
-        if writable is None or not os.access(writable, os.W_OK) or (path.exists() and not path.is_file()):
+        usable = path.is_file() if path.exists() else folder is not None and folder.is_dir()
+        if not usable or not os.access(path if path.exists() else folder, os.W_OK):
             raise ConfigError(
                 f"tracking store {str(path)!r} cannot be written: choose a writable place "
                 "(MLFLOW_TRACKING_URI=sqlite:////abs/path/mlflow.db) or turn tracking off with --trainer.logger false"
@@ -149,6 +149,8 @@ class TrackingStore:
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+            # One warning of ours says the store is unreachable, not one of urllib3's per retry.
+            logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
         _quiet_mlflow()
         from mlflow import MlflowClient
 

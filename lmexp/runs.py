@@ -182,10 +182,11 @@ def _point_latest(root: Path, run_dir: Path) -> None:
 
 
 def run_folders(root: Path) -> list[Path]:
-    """The run folders under ``root`` (not the ``latest`` link)."""
+    """The run folders under ``root``: those holding a run's config or checkpoints (not ``latest``)."""
     if not root.is_dir():
         return []
-    return [p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")]
+    return [p for p in root.iterdir() if p.is_dir() and not p.is_symlink()
+            and ((p / "config.yaml").is_file() or (p / "checkpoints").is_dir())]
 
 
 def latest_run_checkpoint(root: Path) -> Path | None:

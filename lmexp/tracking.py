@@ -91,6 +91,7 @@ class MLflowTracker(Logger):
 
     def use_defaults(self, experiment_name: str, run_name: str, save_dir: str, run_id: str | None = None) -> None:
         """Fill in what the run builder knows and this tracker was not told."""
+        self.tracking_uri = self.tracking_uri or check_tracking_uri(default_tracking_uri())
         self.experiment_name = self.experiment_name or check_experiment_name(experiment_name)
         self.run_name = self.run_name or run_name
         self._save_dir = self._save_dir or save_dir

@@ -97,3 +97,30 @@ class SignalAtStep(pl.Callback):
             import signal
 
             os.kill(os.getpid(), getattr(signal, self.signal_name))
+
+
+class StopProcessAtStep(pl.Callback):
+    """Stop a server process group once ``step`` optimizer steps are done, and wait until
+    ``port`` refuses connections: an outage in the middle of a run."""
+
+    def __init__(self, step: int, pid: int, port: int) -> None:
+        self.step = step
+        self.pid = pid
+        self.port = port
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and trainer.is_global_zero:
+            import os
+            import signal
+            import socket
+            import time
+
+            os.killpg(self.pid, signal.SIGKILL)  # the server and its workers, as a crash would
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                try:
+                    socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                except OSError:
+                    return
+                time.sleep(0.1)
+            raise RuntimeError(f"the server on port {self.port} did not stop")

@@ -39,6 +39,12 @@ def test_ddp_two_cpu_processes(tmp_path: Path):
     assert samples.count("--- sample at step 4 ---") == 1 and samples.count("--- sample at step 8 ---") == 1
     assert "sample after 8 steps" not in samples  # the step-8 sample is the final one: not twice
     assert (tmp_path / "run" / "latest" / "checkpoints" / "best" / "model.safetensors").is_file()
+    # One MLflow run for the job, not one per rank, in the run folder rank 0 chose.
+    from tests.test_tracking import history, runs_in
+
+    (run,) = runs_in(tmp_path / "run")
+    assert run.info.status == "FINISHED" and history(run, "val/loss") == [3, 7]
+    assert [p.name for p in (tmp_path / "run").iterdir() if not p.is_symlink()] == [Path(run.data.tags["run_dir"]).name]
     # Not a terminal: progress comes as plain lines, from rank 0 only.
     assert result.stdout.count("step 2/8 | loss ") == 1 and "validation at step 8: val/bpb" in result.stdout
 

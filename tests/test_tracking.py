@@ -1,0 +1,312 @@
+"""MLflow tracking of every run: what a run records, one run per job (resume, DDP), run folders,
+stop statuses, outages of a tracking server, and one-line errors for bad tracking settings."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmexp.cli import main
+from lmexp.mlflow_store import JOURNAL_NAME, flatten
+from lmexp.runs import run_folders
+from tests.test_cli import ROOT, quickstart_args
+
+
+def client(uri: str | None = None):
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri or os.environ["MLFLOW_TRACKING_URI"])
+
+
+def runs_in(folder: Path, uri: str | None = None) -> list:
+    """The MLflow runs whose run folder lies under ``folder``."""
+    mlflow = client(uri)
+    found = mlflow.search_runs([e.experiment_id for e in mlflow.search_experiments()], max_results=1000)
+    return [r for r in found if r.data.tags.get("run_dir", "").startswith(str(folder.resolve()))]
+
+
+def history(run, key: str, uri: str | None = None) -> list[int]:
+    return sorted(m.step for m in client(uri).get_metric_history(run.info.run_id, key))
+
+
+def artifacts(run, path: str = "", uri: str | None = None) -> set[str]:
+    return {a.path for a in client(uri).list_artifacts(run.info.run_id, path or None)}
+
+
+def tracked_args(root: Path, steps: int = 20) -> list[str]:
+    return quickstart_args(root, steps) + ["--trainer.log_every_n_steps=5", "--trainer.enable_progress_bar=false"]
+
+
+def test_a_fit_records_config_metrics_artifacts_and_tags_and_a_second_run_keeps_the_first(tmp_path: Path):
+    main(tracked_args(tmp_path))
+    (run,) = runs_in(tmp_path)
+    assert run.info.status == "FINISHED" and run.info.run_name == Path(run.data.tags["run_dir"]).name
+    params = run.data.params
+    # The resolved config, flattened as the short flags spell it, and the resolved network.
+    assert params["trainer.max_steps"] == "20" and params["model.lr"] == "0.002" and params["data.source"] == "python-docs"
+    assert params["model.network"] == "gpt-nano" and params["network.n_layer"] == "4" and params["network.block_size"] == "128"
+    assert int(params["n_parameters"]) > 100_000 and int(params["network.vocab_size"]) > 50
+    assert params["system.torch"] == torch.__version__ and params["system.precision"] == "32-true"
+    assert int(params["data_stats.train_tokens"]) > 0 and int(params["data_stats.cleaning.documents_in"]) > 0
+    tags = run.data.tags
+    assert (tags["objective"], tags["preset"], tags["dataset"], tags["tokenizer"]) == ("CausalLM", "gpt-nano", "python-docs", "char")
+    assert tags["checkpoint.best"].endswith("checkpoints/best.ckpt") and Path(tags["checkpoint.best"]).is_file()
+    # Metrics at the logged steps only (every 5th step; Lightning counts from 0), and per validation.
+    assert history(run, "train/loss") == [4, 9, 14, 19]
+    assert history(run, "val/loss") == [9, 19]
+    assert {"train/tokens_per_sec", "val/ppl", "val/bpb", "lr-AdamW/pg1"} <= set(run.data.metrics)
+    assert {"config.yaml", "tokenizer.json", "samples.txt", "loss_curve.png", "export"} <= artifacts(run)
+    assert artifacts(run, "export") == {"export/model.safetensors", "export/config.json", "export/tokenizer.json"}
+    png = Path(tags["run_dir"]) / "loss_curve.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The same config again: a second run folder and MLflow run; the first run's files stay.
+    first_best = Path(tags["checkpoint.best"])
+    first_bytes = first_best.read_bytes()
+    main(tracked_args(tmp_path, steps=10))
+    second = [r for r in runs_in(tmp_path) if r.info.run_id != run.info.run_id]
+    assert len(second) == 1 and second[0].data.tags["run_dir"] != tags["run_dir"]
+    assert first_best.read_bytes() == first_bytes
+    assert (tmp_path / "latest").resolve() == Path(second[0].data.tags["run_dir"])  # the newest training run
+
+
+def test_a_resumed_fit_continues_its_run_folder_and_mlflow_run(tmp_path: Path):
+    main(tracked_args(tmp_path, steps=10))
+    main(tracked_args(tmp_path, steps=20) + ["--ckpt_path", "last"])
+    (run,) = runs_in(tmp_path)  # one run, not two
+    assert history(run, "train/loss") == [4, 9, 14, 19]  # both halves in one curve
+    assert run.info.status == "FINISHED" and run.data.tags["resumed_with.trainer.max_steps"] == "20"
+    assert len(run_folders(tmp_path)) == 1  # one run folder
+
+
+def test_evaluation_runs_are_tracked_and_point_to_the_trained_run(tmp_path: Path):
+    main(tracked_args(tmp_path, steps=10))
+    (trained,) = runs_in(tmp_path)
+    main(["test", "--config", str(ROOT / "configs" / "quickstart.yaml"), f"--trainer.default_root_dir={tmp_path}",
+          "--trainer.limit_test_batches=2", "--ckpt_path", "best"])
+    (tested,) = [r for r in runs_in(tmp_path) if r.info.run_id != trained.info.run_id]
+    assert tested.info.run_name.endswith("-test") and tested.info.status == "FINISHED"
+    assert tested.data.tags["evaluated_run_id"] == trained.info.run_id and "test/loss" in tested.data.metrics
+
+
+def test_a_crash_marks_the_run_failed(tmp_path: Path):
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(tracked_args(tmp_path) + ["--trainer.callbacks+=tests.helpers.FailAtStep", "--trainer.callbacks.step=7"])
+    (run,) = runs_in(tmp_path)
+    assert run.info.status == "FAILED" and history(run, "train/loss") == [4]
+
+
+@pytest.fixture
+def restore_signal_handlers():
+    import signal
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_stopped_run_is_marked_killed(tmp_path: Path, restore_signal_handlers, signal_name: str):
+    with pytest.raises(SystemExit):
+        main(tracked_args(tmp_path) + ["--trainer.callbacks+=tests.helpers.SignalAtStep", "--trainer.callbacks.step=6",
+                                       f"--trainer.callbacks.signal_name={signal_name}"])
+    (run,) = runs_in(tmp_path)
+    assert run.info.status == "KILLED"
+
+
+def test_the_readme_build_example_runs_as_written(tmp_path: Path, monkeypatch):
+    readme = (ROOT / "README.md").read_text()
+    example = next(block.split("```", 1)[0] for block in readme.split("```python\n")[1:] if "build(" in block)
+    short = example.replace('"trainer.max_steps": 200', '"trainer.max_steps": 4, "model.warmup_steps": 1, '
+                            '"trainer.val_check_interval": 4, "trainer.limit_val_batches": 2')
+    assert short != example
+    monkeypatch.chdir(tmp_path)
+    exec(compile(short.replace("configs/quickstart.yaml", str(ROOT / "configs" / "quickstart.yaml")), "README.md", "exec"), {})
+    (run,) = runs_in(tmp_path / "runs" / "quickstart")
+    assert run.info.run_name == "lr-3e-3" and run.data.params["model.lr"] == "0.003"
+
+
+def test_tracking_off_writes_the_run_folder_and_no_mlflow_run(tmp_path: Path):
+    main(tracked_args(tmp_path, steps=6) + ["--trainer.logger=false"])
+    assert runs_in(tmp_path) == []
+    assert (tmp_path / "latest" / "config.yaml").is_file() and (tmp_path / "latest" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_the_runs_verb_lists_runs_with_metrics_and_checkpoints(tmp_path: Path, capsys):
+    main(tracked_args(tmp_path, steps=10) + ["--experiment", "listing-test", "--run_name", "first"])
+    capsys.readouterr()
+    main(["runs", "--experiment", "listing-test"])
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.strip().startswith("first"))
+    assert "listing-test" in line and "FINISHED" in line and str(tmp_path / "first" / "checkpoints" / "best.ckpt") in line
+
+
+def test_flatten_keeps_mlflow_limits_and_drops_init_args():
+    flat = flatten({"model": {"class_path": "x.Y", "init_args": {"lr": 0.1, "betas": [0.9, 0.99], "huge": "a" * 7000}},
+                    "trainer": {"callbacks": [{"class_path": "A", "init_args": {"k": None}}]}, "k" * 300: 1})
+    assert flat["model.class_path"] == "x.Y" and flat["model.lr"] == "0.1" and flat["model.betas"] == "[0.9, 0.99]"
+    assert flat["trainer.callbacks.0.class_path"] == "A" and flat["trainer.callbacks.0.k"] == "null"
+    assert len(flat["model.huge"]) == 6000 and flat["model.huge"].endswith("[truncated]")
+    assert not any(len(key) > 250 for key in flat)
+
+
+def test_git_state_names_commit_and_dirty_flag(tmp_path: Path):
+    from lmexp.runs import git_state
+
+    assert git_state(tmp_path) == {}  # not a checkout
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "f.txt").write_text("a")
+    subprocess.run([*git, "add", "f.txt"], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+    commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert git_state(tmp_path) == {"mlflow.source.git.commit": commit, "git.dirty": "false"}
+    (tmp_path / "f.txt").write_text("b")
+    assert git_state(tmp_path)["git.dirty"] == "true"
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize(("uri", "expected"), [
+    ("not a uri", "is not a store MLflow knows"),
+    ("http://", "names no host"),
+    ("sqlite://", "names no database file"),
+    ("sqlite:///{file}/mlflow.db", "cannot be written"),
+])
+def test_bad_tracking_uris_are_one_line_errors(tmp_path: Path, capsys, monkeypatch, uri: str, expected: str):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    uri = uri.format(file=blocker)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert expected in one_line_error(capsys, tracked_args(tmp_path, steps=2))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the same URI given as a logger setting
+    flags = ["--trainer.logger=lmexp.tracking.MLflowTracker", f"--trainer.logger.tracking_uri={uri}"]
+    assert expected in one_line_error(capsys, tracked_args(tmp_path, steps=2) + flags)
+
+
+@pytest.mark.parametrize(("name", "expected"), [("", "is empty"), ("x" * 501, "more than MLflow's 500")])
+def test_experiment_names_mlflow_rejects_are_one_line_errors(tmp_path: Path, capsys, name: str, expected: str):
+    assert expected in one_line_error(capsys, tracked_args(tmp_path, steps=2) + [f"--experiment={name}"])
+
+
+def test_an_existing_run_name_is_refused_unless_resumed(tmp_path: Path, capsys):
+    main(tracked_args(tmp_path, steps=4) + ["--run_name", "mine"])
+    assert "run folder" in one_line_error(capsys, tracked_args(tmp_path, steps=4) + ["--run_name", "mine"])
+    main(tracked_args(tmp_path, steps=6) + ["--run_name", "mine", "--ckpt_path", "last"])
+    assert torch.load(tmp_path / "mine" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+
+
+def test_records_kept_through_an_outage_are_sent_in_order_when_the_store_returns(tmp_path: Path, monkeypatch):
+    """The tracker's thread journals what it cannot send and replays it, in order, once the store answers."""
+    from lmexp import mlflow_store
+    from lmexp.tracking import MLflowTracker
+
+    down = {"value": True}
+    applied: list[dict] = []
+    monkeypatch.setattr(mlflow_store.TrackingStore, "connect", lambda self: setattr(self, "client", object()))
+
+    def apply(self, record):
+        if down["value"]:
+            raise ConnectionError("Connection refused")
+        applied.append(record)
+
+    monkeypatch.setattr(mlflow_store.TrackingStore, "apply", apply)
+    tracker = MLflowTracker(tracking_uri="http://127.0.0.1:9", experiment_name="e", run_name="r",
+                            save_dir=str(tmp_path), retry_seconds=0.2)
+    with pytest.warns(UserWarning, match="unreachable"):
+        for step in range(5):
+            tracker.log_metrics({"train/loss": float(step)}, step=step)
+        tracker.flush(timeout=10)
+    journal = tmp_path / JOURNAL_NAME
+    assert journal.is_file() and len(journal.read_text().splitlines()) == 1 + 5  # header + records
+    down["value"] = False
+    tracker.log_metrics({"train/loss": 5.0}, step=5)
+    deadline = time.monotonic() + 10
+    while len(applied) < 6 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [r["step"] for r in applied] == [0, 1, 2, 3, 4, 5]
+    tracker.finalize("success")
+    assert applied[-1]["kind"] == "end" and applied[-1]["status"] == "FINISHED"
+    assert not journal.exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(folder: Path, port: int) -> subprocess.Popen:
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+               "--backend-store-uri", f"sqlite:///{folder / 'server.db'}", "--artifacts-destination", str(folder / "artifacts")]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    import urllib.request
+
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as answer:
+                if answer.status == 200:
+                    return server
+        except OSError:
+            time.sleep(0.3)
+    os.killpg(server.pid, 15)
+    raise RuntimeError("mlflow server did not start within 120 s")
+
+
+def _stop_server(server: subprocess.Popen) -> None:
+    try:
+        os.killpg(server.pid, 9)
+    except ProcessLookupError:
+        pass
+    server.wait(timeout=60)
+
+
+def test_a_tracking_server_run_and_an_outage_in_the_middle_of_one(tmp_path: Path, monkeypatch, capsys):
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    server = _start_server(tmp_path, port)
+    try:
+        main(tracked_args(tmp_path / "first"))  # read back over the REST API
+        (run,) = runs_in(tmp_path / "first", uri)
+        assert run.info.status == "FINISHED" and history(run, "train/loss", uri) == [4, 9, 14, 19]
+        assert {"config.yaml", "export", "loss_curve.png"} <= artifacts(run, uri=uri)
+
+        # The server goes away after step 8: training goes on, one warning names the journal.
+        with pytest.warns(UserWarning) as warned:
+            main(tracked_args(tmp_path / "second", steps=30) + [
+                "--trainer.callbacks+=tests.helpers.StopProcessAtStep", "--trainer.callbacks.step=8",
+                f"--trainer.callbacks.pid={server.pid}", f"--trainer.callbacks.port={port}"])
+        server.wait(timeout=60)
+        run_dir = (tmp_path / "second" / "latest").resolve()
+        journal = run_dir / JOURNAL_NAME
+        assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 30
+        outage = [str(w.message) for w in warned if "unreachable" in str(w.message)]
+        assert outage and all(str(journal) in message and "lmexp runs sync" in message for message in outage)
+        assert journal.is_file()
+
+        # The records kept while it was down are sent once it is back.
+        server = _start_server(tmp_path, port)
+        main(["runs", "sync", str(journal)])
+        (second,) = runs_in(tmp_path / "second", uri)
+        assert history(second, "train/loss", uri) == [4, 9, 14, 19, 24, 29]
+        assert second.info.status == "FINISHED" and "loss_curve.png" in artifacts(second, uri=uri)
+        assert not journal.exists()
+    finally:
+        _stop_server(server)
