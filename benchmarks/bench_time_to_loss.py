@@ -9,9 +9,11 @@ tokens, stopping at the first evaluation at or below ``--target``:
 
 - ``plain``: a hand-written fp32 loop with nanoGPT's settings (batch 12, lr 1e-3, 100 warmup
   steps, cosine to 1e-4 over 2000 steps, AdamW betas 0.9/0.99, weight decay 0.1, clip 1.0);
-- ``lmexp``: ``lmexp fit --config configs/shakespeare_char.yaml`` (its batch size, learning rate,
-  schedule and precision; its progress bar runs, though into a pipe, where Rich draws less than
-  in a terminal) with early stopping at the target.
+- ``lmexp``: ``lmexp fit --config configs/shakespeare_char.yaml`` as ``lmexp.runs.build`` makes
+  it (its batch size, learning rate, schedule and precision; its progress display runs, though
+  into a pipe, where it prints plain lines; MLflow tracking on, into a fresh SQLite store in the
+  run's temporary folder, never ``./mlflow.db``), without the config's early stopping and
+  samples, stopping at the target instead.
 
 Each run is a fresh process; the table gives the wall time from process start and from the
 first training step to the evaluation that reached the target, the steps and tokens it took,
@@ -96,7 +98,7 @@ def run_plain(source: str, target: float, val_batches: int, eval_tokens: int) ->
 def run_lmexp(source: str, target: float, val_batches: int, eval_tokens: int, extra: list[str]) -> dict:
     import lightning.pytorch as pl
 
-    from lmexp.lightning_cli import LmexpCLI
+    from lmexp.runs import build
 
     state: dict = {"curve": []}
 
@@ -119,16 +121,18 @@ def run_lmexp(source: str, target: float, val_batches: int, eval_tokens: int, ex
                 trainer.should_stop = True
                 state["done"] = (step, val_loss, time.perf_counter())
 
-    workdir = tempfile.mkdtemp(prefix="lmexp-ttl-")
-    args = ["--config", str(ROOT / "configs" / "shakespeare_char.yaml"), f"--data.source={source}",
-            f"--trainer.default_root_dir={workdir}", "--trainer.limit_val_batches=0", *extra]
-    cli = LmexpCLI(args=args, run=False)
+    workdir = Path(tempfile.mkdtemp(prefix="lmexp-ttl-"))
+    # Tracked as a user's run is, into a fresh store beside the run rather than ./mlflow.db.
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
+    args = [f"--data.source={source}", f"--trainer.default_root_dir={workdir}", "--trainer.limit_val_batches=0",
+            *extra]
+    run = build("fit", configs=[ROOT / "configs" / "shakespeare_char.yaml"], args=args, callbacks=[TargetWatch()])
     # The config's own early stopping and samples would change what is timed: keep the bar,
-    # logger and checkpoints, drop those two, and let TargetWatch decide when to stop.
-    cli.trainer.callbacks[:] = [c for c in cli.trainer.callbacks
-                                if type(c).__name__ not in ("EarlyStopping", "SampleText")] + [TargetWatch()]
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    step, val_loss, ended = state.get("done") or (cli.trainer.global_step, state["curve"][-1][1], time.perf_counter())
+    # tracking and checkpoints, drop those two, and let TargetWatch decide when to stop.
+    run.trainer.callbacks[:] = [c for c in run.trainer.callbacks
+                                if type(c).__name__ not in ("EarlyStopping", "SampleText")]
+    run.execute()
+    step, val_loss, ended = state.get("done") or (run.trainer.global_step, state["curve"][-1][1], time.perf_counter())
     return _result(step, state["tokens_per_step"], val_loss, state["train_start"], state["curve"], target, ended)
 
 

@@ -6,8 +6,12 @@ For every (size, precision, compile) it trains the same GPT on the same batches 
 each in a fresh process inside a pseudo-terminal (so progress bars draw as they do for users):
 
 - ``plain``: a minimal hand-written loop: forward, loss, backward, clip, fused AdamW, schedule;
-- ``lmexp``: ``lmexp fit`` through LmexpCLI with its defaults (Rich progress bar, CSV logger,
-  LR monitor, checkpointing), the way users run it;
+- ``lmexp``: ``lmexp fit`` as ``lmexp.runs.build`` makes it, with its defaults (Rich progress
+  bar, MLflow tracking, LR monitor, checkpointing, a run folder), the way users run it; the
+  tracking store is a fresh SQLite file in the job's temporary folder (never ``./mlflow.db``),
+  so MLflow's one-time start (import, creating the store) falls in the first steps, as in a
+  user's first run, and shows in "first step s"; ``--lmexp-args=--trainer.logger=false`` turns
+  tracking off (``bench_tracking.py`` measures what it costs per step);
 - ``hf``: Hugging Face ``Trainer`` with ``GPT2LMHeadModel`` of the same shape (SDPA, exact GELU,
   fused AdamW), when ``transformers`` is installed.
 
@@ -158,8 +162,8 @@ def _run_plain(job: Job, data, timer: StepTimer) -> int:
 def _run_lmexp(job: Job, data, timer: StepTimer, workdir: Path) -> int:
     import lightning.pytorch as pl
 
-    from lmexp.lightning_cli import LmexpCLI
     from lmexp.models import count_parameters
+    from lmexp.runs import build
 
     class TimerCallback(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -183,11 +187,12 @@ def _run_lmexp(job: Job, data, timer: StepTimer, workdir: Path) -> int:
         f"--trainer.gradient_clip_val={CLIP}", "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
         f"--trainer.default_root_dir={workdir}", "--seed_everything=1337", *job.lmexp_args,
     ]
-    cli = LmexpCLI(args=args, run=False)
-    cli.trainer.callbacks.append(TimerCallback())
+    # Tracked as a user's run is, into a fresh store in this job's temporary folder.
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir.resolve() / 'mlflow.db'}"
+    run = build("fit", args=args, callbacks=[TimerCallback()])
     timer.started = time.perf_counter()
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    return count_parameters(cli.model.model)
+    run.execute()
+    return count_parameters(run.model.model)
 
 
 def _run_hf(job: Job, data, timer: StepTimer, workdir: Path) -> int:
@@ -280,13 +285,17 @@ def matmul_peak(dtype_name: str, device: str) -> float:
     return gflops(512 if emulated else 2048, dtype, 5)
 
 
-def run_in_terminal(job: Job, timeout: float) -> dict:
-    """Run one job in a fresh process attached to a pseudo-terminal; return its result."""
+def run_in_terminal(job, timeout: float, script: str | Path = __file__) -> dict:
+    """Run one job in a fresh process attached to a pseudo-terminal; return its result.
+
+    The process runs ``script --worker JOB_JSON --result FILE`` (``job`` is a dataclass) and
+    writes its result to FILE as JSON.
+    """
     controller, terminal = pty.openpty()
     with tempfile.NamedTemporaryFile(suffix=".json") as result_file:
         env = {**os.environ, "COLUMNS": "120", "LINES": "40", "PYTHONWARNINGS": "ignore"}
         process = subprocess.Popen(
-            [sys.executable, __file__, "--worker", json.dumps(asdict(job)), "--result", result_file.name],
+            [sys.executable, str(script), "--worker", json.dumps(asdict(job)), "--result", result_file.name],
             stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal, env=env, cwd=ROOT,
         )
         os.close(terminal)

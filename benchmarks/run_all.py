@@ -4,10 +4,11 @@
 
 In order: matrix-product peaks, training throughput (plain loop / lmexp / Hugging Face, fp32
 and bf16, compile off and on, two sizes), GPT-2-small memory (AdamW, 8-bit AdamW, activation
-checkpointing), time to val loss 1.90, tokenization and cache building, and generation with
-and without the KV cache. About 20 minutes on 2 CPU cores; ``--quick`` skips compilation and
-the GPT-2-small runs (about 6 minutes). Each script can also be run on its own: the commands
-it runs are printed first.
+checkpointing), time to val loss 1.90, what MLflow tracking costs per training step,
+tokenization and cache building, and generation with and without the KV cache. About 25
+minutes on 2 CPU cores; ``--quick`` skips compilation and the GPT-2-small runs and measures
+tracking on 2 pairs of runs instead of 5 (about 8 minutes). Each script can also be run on its
+own: the commands it runs are printed first.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def main() -> None:
         ])
     commands += [
         [sys.executable, "benchmarks/bench_time_to_loss.py", "--source", args.source, "--output", args.output],
+        [sys.executable, "benchmarks/bench_tracking.py", "--source", args.source, "--device", args.device,
+         "--output", args.output] + (["--repeats", "2"] if args.quick else []),
         [sys.executable, "benchmarks/bench_data.py", "--source", args.source, "--output", args.output],
         [sys.executable, "benchmarks/bench_generate.py", "--output", args.output],
     ]

@@ -18,6 +18,7 @@ from lmexp.checkpoints import load_checkpoint
 from lmexp.data.tokenizer import describe_unknown, encode_prompt, load_tokenizer
 from lmexp.errors import CheckpointError, ConfigError, LmexpError
 from lmexp.generation import generate
+from lmexp.hardware import process_rank
 
 DESCRIPTION = (
     "Train and use language models. Verbs: fit, validate, test (each with --help); "
@@ -245,14 +246,6 @@ def _user_error(err: BaseException) -> LmexpError | None:
     return None
 
 
-def _process_rank() -> int:
-    """This process's rank in a multi-process run (set by Lightning's launcher, torchrun or SLURM)."""
-    for variable in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
-        if os.environ.get(variable, "").isdigit():
-            return int(os.environ[variable])
-    return 0
-
-
 def _one_line(message: str, max_lines: int | None = None) -> str:
     """A multi-line message joined into one line (its first ``max_lines`` non-empty lines)."""
     return " ".join([line.strip() for line in message.splitlines() if line.strip()][:max_lines])
@@ -313,6 +306,6 @@ def _exit_on_user_error(err: Exception) -> None:
 
 def _user_error_exit(message: str) -> NoReturn:
     # Every rank of a multi-process run meets the same bad setting: one report is enough.
-    if _process_rank() == 0:
+    if process_rank() == 0:
         print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2) from None

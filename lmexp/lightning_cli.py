@@ -20,7 +20,8 @@ from lmexp.data import TextDataModule
 from lmexp.mlflow_store import check_experiment_name, default_tracking_uri
 from lmexp.objectives import LanguageModelObjective
 from lmexp.runs import (
-    TRACKING_KEY, Run, RunRecorder, default_experiment, new_run_dir, resolve_named_checkpoint, run_dir_of_checkpoint,
+    TRACKING_KEY, Run, RunRecorder, default_experiment, new_run_dir, point_latest, resolve_named_checkpoint,
+    run_dir_of_checkpoint,
 )
 from lmexp.tracking import MLflowTracker
 
@@ -59,6 +60,16 @@ class LmexpCLI(LightningCLI):
         logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_an_advertisement)
         self.logger_override = logger
         self.built: Run | None = None
+        self.new_run_dir: Path | None = None
+        try:
+            self._build(args, callbacks, exit_on_error)
+        except BaseException:
+            # A run that could not be built leaves no empty folder behind.
+            if self.new_run_dir is not None and self.new_run_dir.is_dir() and not any(self.new_run_dir.iterdir()):
+                self.new_run_dir.rmdir()
+            raise
+
+    def _build(self, args: list[str] | None, callbacks: list[pl.Callback] | None, exit_on_error: bool) -> None:
         super().__init__(
             model_class=LanguageModelObjective,
             datamodule_class=TextDataModule,
@@ -108,7 +119,9 @@ class LmexpCLI(LightningCLI):
         resumed = run_dir_of_checkpoint(config.ckpt_path, root) if verb == "fit" else None
         if resumed is None and verb == "fit" and requested == "last" and config.run_name and (root / config.run_name).is_dir():
             resumed = (root / config.run_name).resolve()
-        self.run_dir = resumed or new_run_dir(root, config.run_name, verb)
+        if resumed is None:
+            self.new_run_dir = new_run_dir(root, config.run_name, verb)
+        self.run_dir = resumed or self.new_run_dir
         config.trainer.default_root_dir = str(self.run_dir)
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(self.run_dir / "checkpoints")
@@ -120,6 +133,7 @@ class LmexpCLI(LightningCLI):
         # The MLflow run a checkpoint belongs to: a resumed fit continues it.
         self.source_run = (read_checkpoint(config.ckpt_path, mmap=True).get(TRACKING_KEY) or {}) if config.ckpt_path else {}
         self.config_yaml = self._parser(verb).dump(config, skip_none=False)
+        self.config_dict = yaml_to_dict(self.config_yaml)
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         config = self._get(self.config_init, "trainer", default={})
@@ -142,8 +156,7 @@ class LmexpCLI(LightningCLI):
             callbacks.append(StepProgressBar() if sys.stdout.isatty() else PlainProgress())
         if logger is not False and not any(isinstance(c, LearningRateMonitor) for c in configured):
             callbacks.append(LearningRateMonitor(logging_interval="step"))
-        recorded = yaml_to_dict(self.config_yaml)
-        callbacks.append(RunRecorder(self.run_dir, self.experiment, recorded, self.config_yaml,
+        callbacks.append(RunRecorder(self.run_dir, self.experiment, self.config_dict, self.config_yaml,
                                      self.config[self.subcommand].ckpt_path, self.source_run.get("run_id")))
         return super().instantiate_trainer(logger=logger, callbacks=callbacks, **kwargs)
 
@@ -159,8 +172,10 @@ class LmexpCLI(LightningCLI):
         verb = self.subcommand
         self.built = Run(
             verb=verb, trainer=self.trainer, model=self.model, datamodule=self.datamodule, run_dir=self.run_dir,
-            experiment=self.experiment, ckpt_path=self.config[verb].ckpt_path, config=yaml_to_dict(self.config_yaml),
+            experiment=self.experiment, ckpt_path=self.config[verb].ckpt_path, config=self.config_dict,
         )
+        if verb == "fit":
+            point_latest(self.run_dir)
         # Built, not run: the caller executes it (LightningCLI runs the verb only when one is set).
         self.subcommand = None
 

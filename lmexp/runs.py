@@ -37,6 +37,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lmexp.checkpoints import latest_checkpoint, read_checkpoint
 from lmexp.errors import CheckpointError, ConfigError
+from lmexp.hardware import process_rank
 from lmexp.mlflow_store import check_experiment_name, flatten
 from lmexp.models import count_parameters
 from lmexp.tracking import MLflowTracker
@@ -138,7 +139,7 @@ def new_run_dir(root: Path, run_name: str | None, verb: str) -> Path:
     Under DDP only rank 0 chooses; the other ranks read its choice from the environment the
     launcher passes on.
     """
-    if _process_rank() != 0 and os.environ.get(RUN_DIR_VARIABLE):
+    if process_rank() != 0 and os.environ.get(RUN_DIR_VARIABLE):
         return Path(os.environ[RUN_DIR_VARIABLE])
     root = root.resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -161,14 +162,15 @@ def new_run_dir(root: Path, run_name: str | None, verb: str) -> Path:
                 continue
     path = path.resolve()
     os.environ[RUN_DIR_VARIABLE] = str(path)
-    if verb == "fit":
-        _point_latest(root, path)
     return path
 
 
-def _point_latest(root: Path, run_dir: Path) -> None:
+def point_latest(run_dir: Path) -> None:
     """``root/latest`` -> the newest training run's folder, so ``runs/quickstart/latest/checkpoints/best.ckpt``
-    names the latest model (evaluation runs do not move it)."""
+    names the latest model (evaluation runs do not move it). Rank 0 only."""
+    if process_rank() != 0:
+        return
+    root = run_dir.parent
     link = root / "latest"
     if link.exists() and not link.is_symlink():
         return  # a run called "latest": leave it
@@ -229,12 +231,6 @@ def run_dir_of_checkpoint(ckpt_path: str | None, root: Path) -> Path | None:
         return path.parent.parent
     return None
 
-
-def _process_rank() -> int:
-    for variable in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
-        if os.environ.get(variable, "").isdigit():
-            return int(os.environ[variable])
-    return 0
 
 
 # ------------------------------------------------------------------- what a run records
@@ -367,7 +363,7 @@ class RunRecorder(pl.Callback):
         tracker = self.tracker(trainer)
         if tracker is not None and trainer.is_global_zero:
             checkpoint[TRACKING_KEY] = {
-                "run_id": tracker.run_id, "tracking_uri": tracker.tracking_uri, "experiment": self.experiment,
+                "run_id": tracker.wait_for_run(), "tracking_uri": tracker.tracking_uri, "experiment": self.experiment,
                 "run_dir": str(self.run_dir.resolve()),
             }
 

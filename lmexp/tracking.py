@@ -88,6 +88,7 @@ class MLflowTracker(Logger):
         self._next_retry = 0.0
         self._warned = False
         self._ended = True
+        self._exit_hook = False
 
     def use_defaults(self, experiment_name: str, run_name: str, save_dir: str, run_id: str | None = None) -> None:
         """Fill in what the run builder knows and this tracker was not told."""
@@ -117,17 +118,26 @@ class MLflowTracker(Logger):
     @property
     def client(self) -> Any:
         """The run's ``MlflowClient`` (waits for the background start; None if the store is unreachable)."""
-        self._start()
+        if self._thread is None:
+            self._start()
         self._connected.wait(timeout=60)
         return self._store.client if self._store is not None else None
 
     @property
     def run_id(self) -> str | None:
-        """The MLflow run's id once the run exists (waits for the background start)."""
-        if self._thread is None:
-            return self.resume_run_id
-        self._connected.wait(timeout=60)
-        return self._store.run_id if self._store is not None else None
+        """The MLflow run's id, None until the background start has created or reopened it.
+
+        Never waits: Lightning reads it (as ``version``) on the first step, which must not stall.
+        """
+        if self._store is not None and self._store.run_id is not None:
+            return self._store.run_id
+        return self.resume_run_id
+
+    def wait_for_run(self, timeout: float = 10.0) -> str | None:
+        """The run id, waiting up to ``timeout`` seconds for the start (checkpoints need it)."""
+        if self._thread is not None:
+            self._connected.wait(timeout)
+        return self.run_id
 
     @property
     def journal_path(self) -> Path:
@@ -179,11 +189,15 @@ class MLflowTracker(Logger):
         """
         if self._thread is None or self._ended:
             return
-        if status != "finished":
-            end = _END_STATUS.get(self.stop_reason or status, "FAILED")
-            self._send({"kind": "end", "status": end, "time": int(time.time() * 1000)})
-            self._ended = True
+        if status == "finished":
+            self.flush()
+            return
+        end = _END_STATUS.get(self.stop_reason or status, "FAILED")
+        self._send({"kind": "end", "status": end, "time": int(time.time() * 1000)})
+        self._ended = True
         self.flush()
+        self._queue.put(_STOP)  # the thread ends; logging again (a test after a fit) reopens the run
+        self._thread.join(timeout=10)
 
     def flush(self, timeout: float = 120.0) -> None:
         """Wait until every record so far is sent or kept in the journal."""
@@ -209,10 +223,12 @@ class MLflowTracker(Logger):
                 {**self.tags, "mlflow.runName": self.run_name} if self.run_name else self.tags,
             )
         self._ended = False
-        self._pending.append({"kind": "connect"})
+        self._pending.appendleft({"kind": "connect"})  # (re)open the run before anything else
         self._thread = threading.Thread(target=self._work, name="lmexp-mlflow", daemon=True)
         self._thread.start()
-        atexit.register(self._at_exit)
+        if not self._exit_hook:
+            atexit.register(self._at_exit)
+            self._exit_hook = True
 
     def _send(self, record: dict[str, Any]) -> None:
         self._start()
@@ -231,6 +247,8 @@ class MLflowTracker(Logger):
                 item = self._queue.get(timeout=wait)
             except queue.Empty:
                 item = None
+            if item is _STOP:
+                return
             if isinstance(item, tuple):  # ("flush", event): one last try, then report back
                 self._drain(force=True)
                 item[1].set()

@@ -31,7 +31,7 @@ def test_models_import_only_torch_stdlib_and_themselves():
 
 def test_inference_path_loads_without_the_training_stack():
     code = (
-        "import sys, lmexp.models, lmexp.checkpoints, lmexp.generation, lmexp.cli, lmexp.data.cache;"
+        "import sys, lmexp.models, lmexp.checkpoints, lmexp.generation, lmexp.cli, lmexp.data.cache, lmexp.mlflow_store;"
         f"print([m for m in sys.modules if m.split('.')[0] in {TRAINING_STACK!r}])"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)

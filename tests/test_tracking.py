@@ -245,6 +245,41 @@ def test_records_kept_through_an_outage_are_sent_in_order_when_the_store_returns
     assert not journal.exists()
 
 
+def test_the_tracker_never_makes_training_wait_for_the_store(tmp_path: Path, monkeypatch):
+    """Lightning reads the logger's version on the first step: it answers at once while the
+    store is still starting (here: held until the test lets it go)."""
+    import threading
+
+    from lmexp import mlflow_store
+    from lmexp.tracking import MLflowTracker
+
+    release = threading.Event()
+
+    def slow_connect(self):
+        release.wait(30)
+        self.client, self.run_id = object(), "the-run"
+
+    monkeypatch.setattr(mlflow_store.TrackingStore, "connect", slow_connect)
+    monkeypatch.setattr(mlflow_store.TrackingStore, "apply", lambda self, record: None)
+    tracker = MLflowTracker(tracking_uri="http://127.0.0.1:9", experiment_name="e", run_name="r", save_dir=str(tmp_path))
+    tracker.log_metrics({"train/loss": 1.0}, step=0)
+    assert tracker.version is None and tracker.run_id is None  # not started yet, and nobody waited
+    release.set()
+    assert tracker.wait_for_run(timeout=30) == "the-run" == tracker.version
+    tracker.finalize("success")
+
+
+def test_a_finished_runs_client_does_not_reopen_it(tmp_path: Path):
+    from lmexp.runs import build
+
+    run = build("fit", configs=[ROOT / "configs" / "quickstart.yaml"], args=tracked_args(tmp_path, steps=4)[3:])
+    run.execute()
+    tracker = run.tracker
+    assert tracker.client.get_run(tracker.run_id).info.status == "FINISHED"
+    tracker.finalize("failed")  # Lightning's or the exit hook's late call: the run stays as it ended
+    assert client().get_run(tracker.run_id).info.status == "FINISHED"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
