@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -241,6 +242,10 @@ class MLflowTracker(Logger):
             self.finalize("failed")
 
     def _work(self) -> None:
+        # Lowest CPU priority for this thread (Linux sets it per thread): MLflow's import and the
+        # store's set-up then run in the gaps the training threads leave, not in their place.
+        with contextlib.suppress(AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         while True:
             wait = max(self._next_retry - time.monotonic(), 0.05) if self._offline_since else None
             try:
