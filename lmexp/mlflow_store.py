@@ -174,7 +174,11 @@ class TrackingStore:
                     path = sqlite_path(self.tracking_uri)
                     # Artifacts beside the database, wherever the process was started.
                     location = str(path.parent / "mlartifacts" / self.experiment_name) if path else None
-                    experiment_id = client.create_experiment(self.experiment_name, artifact_location=location)
+                    # The UI then opens it on its training-runs views rather than the GenAI ones.
+                    experiment_id = client.create_experiment(
+                        self.experiment_name, artifact_location=location,
+                        tags={"mlflow.experimentKind": "custom_model_development"},
+                    )
                 elif experiment.lifecycle_stage == "deleted":
                     client.restore_experiment(experiment.experiment_id)
                     experiment_id = experiment.experiment_id
