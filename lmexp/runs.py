@@ -32,7 +32,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import Logger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lmexp.checkpoints import latest_checkpoint, read_checkpoint
@@ -213,8 +213,6 @@ def resolve_named_checkpoint(ckpt_path: str | None, root: Path, run_name: str | 
         read_checkpoint(found, mmap=True)
     if found is None:
         if verb == "fit" and ckpt_path == "last":
-            from lightning.pytorch.utilities import rank_zero_info
-
             rank_zero_info(f"--ckpt_path last: no checkpoint under {where} yet, training from the start")
             return None
         raise CheckpointError(f"--ckpt_path {ckpt_path}: no run under {where} has a readable checkpoint; "
@@ -273,6 +271,14 @@ def system_info(trainer: pl.Trainer) -> dict[str, str]:
     }
 
 
+def _shown(path: Path) -> str:
+    """A path as the user would type it: relative to the working directory when inside it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def _version(package: str) -> str:
     try:
         return importlib.metadata.version(package)
@@ -309,6 +315,8 @@ class RunRecorder(pl.Callback):
         for logger in trainer.loggers:
             logger.log_hyperparams(self.config)
         tracker = self.tracker(trainer)
+        where = f"; tracked in {tracker.tracking_uri}, experiment {self.experiment!r}" if tracker else ""
+        rank_zero_info(f"run folder: {_shown(self.run_dir)}{where}")
         if tracker is None:
             return
         datamodule = trainer.datamodule
@@ -402,3 +410,6 @@ class RunRecorder(pl.Callback):
             if 0 < size_mb <= tracker.export_max_mb:
                 tracker.log_artifact(export, "export")
         tracker.log_loss_curve()
+        store = tracker.tracking_uri
+        compare = f"tracked at {store}" if store.startswith("http") else f"mlflow ui --backend-store-uri {store}"
+        rank_zero_info(f"run {self.run_dir.name} saved in {_shown(self.run_dir)}; compare runs: lmexp runs, {compare}")
