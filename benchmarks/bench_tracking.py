@@ -168,13 +168,13 @@ def main() -> None:
     if args.repeats < 1 or args.steps < 1 or args.warmup < 1:
         parser.error("--repeats, --steps and --warmup must be at least 1")
 
-    from benchmarks.report import BENCHMARKS_FILE, append_entry, cpu_name, markdown_table
+    from benchmarks.report import BENCHMARKS_FILE, append_entry, cpu_model, markdown_table
 
     if "LMEXP_CACHE_DIR" not in os.environ:  # a token cache of our own, removed at the end
         cache = tempfile.TemporaryDirectory(prefix="lmexp-bench-cache-")
         os.environ["LMEXP_CACHE_DIR"] = cache.name
     source = str(Path(args.source).resolve())
-    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores", flush=True)
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores", flush=True)
 
     results: list[dict] = []
     pairs: list[dict[str, dict]] = []
@@ -247,7 +247,7 @@ def main() -> None:
     loads = [r["load"] for r in results]
     table += (
         f"\n{args.steps} timed steps after {args.warmup} warm-up steps, {args.repeats} pairs on "
-        f"{', '.join(devices) or args.device}; CPU: {cpu_name()}, {os.cpu_count()} cores; 1-minute load average "
+        f"{', '.join(devices) or args.device}; CPU: {cpu_model()}, {os.cpu_count()} cores; 1-minute load average "
         f"before each run: {min(loads):.1f} to {max(loads):.1f}."
     )
     command = "python benchmarks/bench_tracking.py " + " ".join(sys.argv[1:])

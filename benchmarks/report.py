@@ -4,25 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import platform
 from pathlib import Path
 
 import torch
 
-from lmexp.hardware import cpu_has_bf16_units
+from lmexp.hardware import cpu_has_bf16_units, cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS_FILE = ROOT / "BENCHMARKS.md"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -34,7 +23,7 @@ def append_entry(title: str, command: str, table: str, output: Path = BENCHMARKS
     """Print the table and append it to BENCHMARKS.md with the machine and the exact command."""
     print(table)
     machine = (
-        f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__} "
+        f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__} "
         f"(CPU capability {torch.backends.cpu.get_cpu_capability()}, bf16 units: "
         f"{'yes' if cpu_has_bf16_units() else 'no'})"
     )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import platform
+from pathlib import Path
 
 import torch
 
@@ -23,3 +25,14 @@ def process_rank() -> int:
         if os.environ.get(variable, "").isdigit():
             return int(os.environ[variable])
     return 0
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), for run records and benchmark tables."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"

@@ -37,7 +37,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lmexp.checkpoints import latest_checkpoint, read_checkpoint
 from lmexp.errors import CheckpointError, ConfigError
-from lmexp.hardware import process_rank
+from lmexp.hardware import cpu_model, process_rank
 from lmexp.mlflow_store import check_experiment_name, flatten
 from lmexp.models import count_parameters
 from lmexp.tracking import MLflowTracker
@@ -243,16 +243,6 @@ def git_state(folder: Path) -> dict[str, str]:
     except (OSError, subprocess.TimeoutExpired):
         return {}
     return {"mlflow.source.git.commit": commit.stdout.strip(), "git.dirty": str(bool(status.stdout.strip())).lower()}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def system_info(trainer: pl.Trainer) -> dict[str, str]:
