@@ -130,7 +130,7 @@ class TrackingStore:
     """Applies journal records to one MLflow run; used by the tracker's thread and by ``sync``."""
 
     def __init__(self, tracking_uri: str, experiment_name: str, run_name: str | None, run_id: str | None = None,
-                 tags: Mapping[str, str] | None = None) -> None:
+                 tags: Mapping[str, str] | None = None, start_time: int | None = None) -> None:
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
         self.run_name = run_name
@@ -139,7 +139,7 @@ class TrackingStore:
         self.client: Any = None
         self.logged_params: dict[str, str] = {}
         self.resumed = False
-        self.start_time = int(time.time() * 1000)  # when the run began, not when the store answered
+        self.start_time = start_time or int(time.time() * 1000)  # when the run began, not when the store answered
 
     def connect(self) -> None:
         """Create the experiment and the run, or reopen the run this one continues."""
@@ -240,11 +240,26 @@ def http_store(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
+# MLflow error codes that mean "not now" rather than "never": a store down, locked or rate
+# limited, or credentials to renew. Records are kept and sent later.
+_RETRY_LATER_CODES = ("TEMPORARILY_UNAVAILABLE", "RESOURCE_EXHAUSTED", "PERMISSION_DENIED", "UNAUTHENTICATED")
+
+
 def is_unreachable(err: BaseException) -> bool:
     """A store that could not be reached (retry later), as opposed to one that refused a record."""
-    text = f"{type(err).__name__} {err}"
-    return any(word in text for word in ("Connection", "Max retries", "Timeout", "TEMPORARILY_UNAVAILABLE",
-                                         "database is locked", "503", "502", "504"))
+    if getattr(err, "error_code", None) in _RETRY_LATER_CODES:
+        return True
+    if isinstance(err, (ConnectionError, TimeoutError)):
+        return True
+    try:
+        import requests
+
+        if isinstance(err, requests.exceptions.RequestException):
+            return True
+    except ImportError:
+        pass
+    text = str(err)
+    return any(words in text for words in ("Max retries exceeded", "timed out", "database is locked"))
 
 
 def write_loss_curve(history: Mapping[str, list[tuple[int, float]]], path: Path, title: str = "") -> bool:
@@ -273,29 +288,67 @@ def write_loss_curve(history: Mapping[str, list[tuple[int, float]]], path: Path,
     return True
 
 
-def sync_journal(path: str | Path) -> str:
-    """Send a journal left by a run whose tracking store was unreachable; returns the run id.
-
-    The run it names is continued when the store has it, else created. The journal is removed
-    once every record is sent.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"journal {str(path)!r} does not exist: pass the file named in the run's warning")
+def read_journal(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A journal's header (the run it belongs to) and its records, in order."""
     try:
-        lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     except json.JSONDecodeError as err:
         raise ConfigError(f"journal {str(path)!r} is not a tracking journal ({err})") from None
     if not lines or lines[0].get("kind") != "run":
         raise ConfigError(f"journal {str(path)!r} is not a tracking journal: its first line names no run")
-    header, records = lines[0], lines[1:]
+    return lines[0], lines[1:]
+
+
+def write_journal(path: Path, header: dict[str, Any], records: list[dict[str, Any]]) -> None:
+    """Replace a journal atomically: a process killed while writing leaves the old one whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    temporary.write_text("".join(json.dumps(record) + "\n" for record in [header, *records]), encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def append_journal(path: Path, records: list[dict[str, Any]]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.writelines(json.dumps(record) + "\n" for record in records)
+
+
+def sync_journal(path: str | Path) -> str:
+    """Send a journal left by a run whose tracking store was unreachable; returns the run id.
+
+    The run it names is continued when the store has it, else created (once: the journal then
+    names it). Records the store refuses are skipped with a warning. If the store fails part of
+    the way, the journal keeps exactly what is still unsent, so running sync again neither loses
+    nor repeats a record. The journal is removed once every record is sent.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"journal {str(path)!r} does not exist: pass the file named in the run's warning")
+    header, records = read_journal(path)
     store = TrackingStore(header["tracking_uri"], header["experiment"], header["run_name"], header["run_id"],
-                          header.get("tags"))
-    store.connect()
-    for record in records:
-        store.apply(record)
+                          header.get("tags"), header.get("start_time"))
+    try:
+        store.connect()
+    except Exception as err:
+        raise ConfigError(f"tracking store {store.tracking_uri} still unreachable ({_first_line(err)}): "
+                          f"nothing sent; try again later") from None
+    header = {**header, "run_id": store.run_id}
+    for sent, record in enumerate(records):
+        try:
+            store.apply(record)
+        except Exception as err:
+            if not is_unreachable(err):
+                log.warning(f"MLflow refused a {record['kind']} record of run {store.run_name!r}: {_first_line(err)}")
+                continue
+            write_journal(path, header, records[sent:])
+            raise ConfigError(f"tracking store {store.tracking_uri} unreachable after {sent} of {len(records)} "
+                              f"records ({_first_line(err)}): the rest stay in {path}; run sync again later") from None
     path.unlink()
     return store.run_id
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
 
 
 def list_runs(tracking_uri: str | None = None, experiment: str | None = None, limit: int = 20) -> list[dict[str, Any]]:

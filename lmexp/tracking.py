@@ -14,7 +14,6 @@ from __future__ import annotations
 import atexit
 import collections
 import contextlib
-import json
 import logging
 import os
 import queue
@@ -25,11 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers.logger import Logger
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
+from lmexp.errors import ConfigError
 from lmexp.mlflow_store import (
-    JOURNAL_NAME, TrackingStore, check_experiment_name, check_tracking_uri, default_tracking_uri, flatten,
-    is_unreachable,
+    JOURNAL_NAME, TrackingStore, append_journal, check_experiment_name, check_tracking_uri, default_tracking_uri,
+    flatten, is_unreachable, read_journal, write_journal,
 )
 
 _END_STATUS = {"success": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
@@ -90,6 +90,7 @@ class MLflowTracker(Logger):
         self._warned = False
         self._ended = True
         self._exit_hook = False
+        self._abandoned = False
 
     def use_defaults(self, experiment_name: str, run_name: str, save_dir: str, run_id: str | None = None) -> None:
         """Fill in what the run builder knows and this tracker was not told."""
@@ -118,7 +119,10 @@ class MLflowTracker(Logger):
 
     @property
     def client(self) -> Any:
-        """The run's ``MlflowClient`` (waits for the background start; None if the store is unreachable)."""
+        """The run's ``MlflowClient`` (waits for the background start; None if the store is
+        unreachable, and on every rank but 0, which never tracks)."""
+        if rank_zero_only.rank != 0:
+            return None
         if self._thread is None:
             self._start()
         self._connected.wait(timeout=60)
@@ -193,25 +197,58 @@ class MLflowTracker(Logger):
         if status == "finished":
             self.flush()
             return
-        end = _END_STATUS.get(self.stop_reason or status, "FAILED")
-        self._send({"kind": "end", "status": end, "time": int(time.time() * 1000)})
+        end = {"kind": "end", "status": _END_STATUS.get(self.stop_reason or status, "FAILED"),
+               "time": int(time.time() * 1000)}
         self._ended = True
+        if self._abandoned:  # an earlier flush gave up on the store: the end joins the journal
+            self._pending.append(end)
+            self._write_journal()
+            return
+        self._send(end)
         self.flush()
         self._queue.put(_STOP)  # the thread ends; logging again (a test after a fit) reopens the run
         self._thread.join(timeout=10)
 
     def flush(self, timeout: float = 120.0) -> None:
-        """Wait until every record so far is sent or kept in the journal."""
+        """Wait until every record so far is sent or kept in the journal.
+
+        A store too slow to take them all within ``timeout`` seconds is treated as unreachable:
+        what is left goes to the journal, so a process that ends now loses nothing.
+        """
         if self._thread is None or not self._thread.is_alive():
             return
         done = threading.Event()
         self._queue.put(("flush", done))
-        done.wait(timeout)
-        if self._pending:
-            rank_zero_warn(
-                f"MLflow tracking store {self.tracking_uri} unreachable: {len(self._pending)} records of run "
-                f"{self.run_name!r} are kept in {self.journal_path}; send them with: lmexp runs sync {self.journal_path}"
-            )
+        if not done.wait(timeout):
+            self._abandoned = True  # the thread stops sending; the journal takes the rest
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, dict):
+                    self._pending.append(item)
+            self._write_journal()
+        unsent = sum(1 for record in self._pending if record["kind"] != "connect")
+        if unsent:
+            message = (f"MLflow tracking store {self.tracking_uri} unreachable: {unsent} records of run "
+                       f"{self.run_name!r} are kept in {self.journal_path}; send them with: "
+                       f"lmexp runs sync {self.journal_path}")
+            # One warning per outage: the first one already named the journal.
+            (rank_zero_info if self._warned else rank_zero_warn)(message)
+            self._warned = True
+
+    def __getstate__(self) -> dict[str, Any]:
+        # ddp_spawn pickles the trainer's loggers: the thread, queue and event stay behind.
+        state = self.__dict__.copy()
+        for name in ("_thread", "_queue", "_connected", "_pending", "_store"):
+            state.pop(name)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._thread, self._store = None, None
+        self._queue, self._connected, self._pending = queue.Queue(), threading.Event(), collections.deque()
 
     # --------------------------------------------------------------------- the worker
     def _start(self) -> None:
@@ -223,13 +260,27 @@ class MLflowTracker(Logger):
                 self.tracking_uri, self.experiment_name or "Default", self.run_name, self.resume_run_id,
                 {**self.tags, "mlflow.runName": self.run_name} if self.run_name else self.tags,
             )
+            self._adopt_journal()
         self._ended = False
+        self._abandoned = False
         self._pending.appendleft({"kind": "connect"})  # (re)open the run before anything else
         self._thread = threading.Thread(target=self._work, name="lmexp-mlflow", daemon=True)
         self._thread.start()
         if not self._exit_hook:
             atexit.register(self._at_exit)
             self._exit_hook = True
+
+    def _adopt_journal(self) -> None:
+        """Records an earlier process of this run folder could not send (a resumed fit after an
+        outage) go first, into the run they belong to; its journal is rewritten, never lost."""
+        try:
+            header, records = read_journal(self.journal_path)
+        except (OSError, ConfigError):
+            return
+        if header.get("run_id") and not self._store.run_id:
+            self._store.run_id = header["run_id"]
+        self._store.start_time = header.get("start_time") or self._store.start_time
+        self._pending.extend(records)
 
     def _send(self, record: dict[str, Any]) -> None:
         self._start()
@@ -246,7 +297,7 @@ class MLflowTracker(Logger):
         # store's set-up then run in the gaps the training threads leave, not in their place.
         with contextlib.suppress(AttributeError, OSError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        while True:
+        while not self._abandoned:
             wait = max(self._next_retry - time.monotonic(), 0.05) if self._offline_since else None
             try:
                 item = self._queue.get(timeout=wait)
@@ -261,45 +312,47 @@ class MLflowTracker(Logger):
             if item is not None:
                 self._pending.append(item)
                 if self._offline_since:
-                    self._append_journal([item])
+                    append_journal(self.journal_path, [item])
             self._drain()
 
     def _drain(self, force: bool = False) -> None:
         if self._offline_since and not force and time.monotonic() < self._next_retry:
             return
         sent = 0
-        while self._pending:
+        while self._pending and not self._abandoned:
             record = self._pending[0]
             try:
                 if record["kind"] == "connect":
                     self._store.connect()
                 else:
-                    if self._store.client is None:
-                        self._store.connect()
                     self._store.apply(record)
             except Exception as err:
                 if record["kind"] == "connect":
                     self._connected.set()  # nobody waits for a run that cannot start now
-                if not is_unreachable(err) and record["kind"] != "connect":
-                    # The store refused this record (a value it rejects): drop it, say so once.
-                    rank_zero_warn(f"MLflow refused a {record['kind']} record of run {self.run_name!r}: {err}")
+                elif not is_unreachable(err):
+                    # The store refused this record (a value it rejects): drop it, say so.
+                    log.warning(f"MLflow refused a {record['kind']} record of run {self.run_name!r}: {err}")
                     self._pending.popleft()
                     continue
-                self._go_offline(err)
+                self._go_offline(err, rewrite=sent > 0 or not self._offline_since)
                 return
             if record["kind"] == "connect":
                 self._connected.set()
             self._pending.popleft()
             sent += 1
-        if self._offline_since:
-            took = time.monotonic() - self._offline_since
-            self._offline_since = None
+        if self._abandoned:  # flush gave up on this store: the journal it wrote stays
+            return
+        if self._offline_since or self.journal_path.exists():
             self.journal_path.unlink(missing_ok=True)
-            log.warning(f"MLflow tracking store reachable again after {took:.0f}s: {sent} kept records sent")
+            if self._offline_since:
+                took = time.monotonic() - self._offline_since
+                self._offline_since = None
+                log.warning(f"MLflow tracking store reachable again after {took:.0f}s: {sent} kept records sent")
 
-    def _go_offline(self, err: BaseException) -> None:
+    def _go_offline(self, err: BaseException, rewrite: bool) -> None:
         self._next_retry = time.monotonic() + self.retry_seconds
-        self._write_journal()  # what is still unsent, in order (a retry may have sent a part)
+        if rewrite:  # what is still unsent, in order (a retry may have sent a part)
+            self._write_journal()
         if self._offline_since:
             return
         self._offline_since = time.monotonic()
@@ -312,20 +365,9 @@ class MLflowTracker(Logger):
                 f"(or later with: lmexp runs sync {self.journal_path})"
             )
 
-    def _journal_header(self) -> dict[str, Any]:
-        store = self._store
-        return {"kind": "run", "tracking_uri": store.tracking_uri, "experiment": store.experiment_name,
-                "run_name": store.run_name, "run_id": store.run_id, "tags": store.tags}
-
     def _write_journal(self) -> None:
-        path = self.journal_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        records = [r for r in self._pending if r["kind"] != "connect"]
-        with open(path, "w", encoding="utf-8") as f:
-            for record in [self._journal_header(), *records]:
-                f.write(json.dumps(record) + "\n")
-
-    def _append_journal(self, records: list[dict[str, Any]]) -> None:
-        with open(self.journal_path, "a", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
+        store = self._store
+        header = {"kind": "run", "tracking_uri": store.tracking_uri, "experiment": store.experiment_name,
+                  "run_name": store.run_name, "run_id": store.run_id, "tags": store.tags,
+                  "start_time": store.start_time}
+        write_journal(self.journal_path, header, [r for r in list(self._pending) if r["kind"] != "connect"])

@@ -280,6 +280,92 @@ def test_a_finished_runs_client_does_not_reopen_it(tmp_path: Path):
     assert client().get_run(tracker.run_id).info.status == "FINISHED"
 
 
+class FakeStore:
+    """Stands in for the tracking store: records what it is sent, fails while ``down``."""
+
+    def __init__(self, monkeypatch, down: bool = False, delay: float = 0.0, fail_after: int | None = None) -> None:
+        from lmexp import mlflow_store
+
+        self.down, self.delay, self.fail_after, self.applied = down, delay, fail_after, []
+        fake = self
+
+        def connect(store):
+            if fake.down:
+                raise ConnectionError("Connection refused")
+            store.client, store.run_id = object(), store.run_id or "new-run"
+
+        def apply(store, record):
+            time.sleep(fake.delay)
+            if fake.down or len(fake.applied) == fake.fail_after:
+                raise ConnectionError("Connection refused")
+            fake.applied.append((store.run_id, record))
+
+        monkeypatch.setattr(mlflow_store.TrackingStore, "connect", connect)
+        monkeypatch.setattr(mlflow_store.TrackingStore, "apply", apply)
+
+    def steps(self) -> list[int]:
+        return [record["step"] for _, record in self.applied if record["kind"] == "metrics"]
+
+
+def _tracker(folder: Path, **kwargs):
+    from lmexp.tracking import MLflowTracker
+
+    return MLflowTracker(tracking_uri="http://127.0.0.1:9", experiment_name="e", run_name="r", save_dir=str(folder),
+                         retry_seconds=0.2, **kwargs)
+
+
+def test_a_resumed_fit_sends_the_journal_an_earlier_process_left_into_its_run(tmp_path: Path, monkeypatch):
+    store = FakeStore(monkeypatch, down=True)
+    first = _tracker(tmp_path)
+    with pytest.warns(UserWarning, match="unreachable"):
+        for step in range(3):
+            first.log_metrics({"train/loss": 1.0}, step=step)
+        first.finalize("failed")  # the process ends with the store still down
+    assert (tmp_path / JOURNAL_NAME).is_file()
+    store.down = False
+    second = _tracker(tmp_path)  # the resumed fit, in the same run folder
+    second.log_metrics({"train/loss": 1.0}, step=3)
+    second.finalize("success")
+    assert store.steps() == [0, 1, 2, 3] and {run for run, _ in store.applied} == {"new-run"}
+    assert not (tmp_path / JOURNAL_NAME).exists()
+
+
+def test_sync_that_fails_part_way_keeps_exactly_the_unsent_records(tmp_path: Path, monkeypatch):
+    from lmexp.errors import ConfigError
+    from lmexp.mlflow_store import read_journal, sync_journal, write_journal
+
+    journal = tmp_path / JOURNAL_NAME
+    records = [{"kind": "metrics", "values": {"train/loss": 1.0}, "step": i, "time": 0} for i in range(4)]
+    write_journal(journal, {"kind": "run", "tracking_uri": "http://127.0.0.1:9", "experiment": "e", "run_name": "r",
+                            "run_id": None, "tags": {}}, records)
+    store = FakeStore(monkeypatch, fail_after=2)
+    with pytest.raises(ConfigError, match="unreachable after 2 of 4 records"):
+        sync_journal(journal)
+    header, left = read_journal(journal)
+    assert header["run_id"] == "new-run" and [r["step"] for r in left] == [2, 3]
+    store.fail_after = None
+    assert sync_journal(journal) == "new-run"  # the same run, not a second one
+    assert store.steps() == [0, 1, 2, 3] and not journal.exists()
+
+
+def test_a_store_too_slow_to_drain_in_time_leaves_the_rest_in_the_journal(tmp_path: Path, monkeypatch):
+    from lmexp.mlflow_store import read_journal
+
+    store = FakeStore(monkeypatch, delay=0.05)
+    tracker = _tracker(tmp_path)
+    for step in range(100):
+        tracker.log_metrics({"train/loss": 1.0}, step=step)
+    with pytest.warns(UserWarning, match="kept in"):
+        tracker.flush(timeout=0.5)
+    time.sleep(0.2)  # a record the thread had in hand may still land
+    _, kept = read_journal(tmp_path / JOURNAL_NAME)
+    sent, journaled = store.steps(), [r["step"] for r in kept]
+    assert sent and journaled and sorted(set(sent) | set(journaled)) == list(range(100))
+    assert len(set(sent) & set(journaled)) <= 1
+    tracker.finalize("success")  # after giving up, the end is journaled too
+    assert read_journal(tmp_path / JOURNAL_NAME)[1][-1]["kind"] == "end"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
