@@ -20,8 +20,7 @@ from lmexp.data import TextDataModule
 from lmexp.mlflow_store import check_experiment_name, default_tracking_uri
 from lmexp.objectives import LanguageModelObjective
 from lmexp.runs import (
-    TRACKING_KEY, Run, RunRecorder, default_experiment, new_run_dir, point_latest, resolve_named_checkpoint,
-    run_dir_of_checkpoint,
+    TRACKING_KEY, Run, RunRecorder, continued_run_dir, default_experiment, new_run_dir, resolve_named_checkpoint,
 )
 from lmexp.tracking import MLflowTracker
 
@@ -61,6 +60,7 @@ class LmexpCLI(LightningCLI):
         self.logger_override = logger
         self.built: Run | None = None
         self.new_run_dir: Path | None = None
+        self.continues_run = False
         try:
             self._build(args, callbacks, exit_on_error)
         except BaseException:
@@ -97,31 +97,41 @@ class LmexpCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         super().parse_arguments(parser, args)
-        # LightningCLI reads the hyperparameters of a --ckpt_path file right after parsing, with a
-        # bare torch.load: check the file first, so a bad one is a one-line error.
         verb = self.config.get("subcommand")
-        ckpt_path = self.config[verb].get("ckpt_path") if verb else None
-        if ckpt_path is not None and ckpt_path not in NAMED_CHECKPOINTS and not str(ckpt_path).startswith("registry"):
-            read_checkpoint(ckpt_path, mmap=True)
+        if verb is None:
+            return
+        config = self.config[verb]
+        named = config.experiment if config.experiment is not None else default_experiment(config.get("config"))
+        self.experiment = check_experiment_name(named)
+        config.experiment = self.experiment  # so a run's saved config.yaml reproduces it as it ran
+        self.root = Path(config.trainer.default_root_dir or Path("runs") / self.experiment)
+        self.requested_ckpt = config.ckpt_path
+        # The file --ckpt_path last/best names, found here: LightningCLI reads the checkpoint's
+        # hyperparameters right after parsing, from real files only.
+        config.ckpt_path = resolve_named_checkpoint(
+            config.ckpt_path, self.root, config.run_name, verb, config.checkpoint.filename
+        )
+        # It reads them with a bare torch.load: check the file first, so a bad one is a one-line error.
+        if config.ckpt_path is not None and config.ckpt_path not in NAMED_CHECKPOINTS and not str(
+            config.ckpt_path
+        ).startswith("registry"):
+            self.source_run = read_checkpoint(config.ckpt_path, mmap=True).get(TRACKING_KEY) or {}
+        else:
+            self.source_run = {}
+        # The config as given (experiment resolved), before the run's folders are filled in:
+        # fed back with --config, it starts a new run of the same experiment.
+        self.config_yaml = self._parser(verb).dump(config, skip_none=False)
+        self.config_dict = yaml_to_dict(self.config_yaml)
 
     def before_instantiate_classes(self) -> None:
         verb = self.subcommand
         config = self.config[verb]
-        named = config.experiment if config.experiment is not None else default_experiment(config.get("config"))
-        self.experiment = check_experiment_name(named)
-        root = Path(config.trainer.default_root_dir or Path("runs") / self.experiment)
-        requested = config.ckpt_path
-        config.ckpt_path = resolve_named_checkpoint(
-            config.ckpt_path, root, config.run_name, verb, config.checkpoint.filename
-        )
-        # A fit resumed from one of this experiment's runs continues that run's folder (also a
-        # named run that stopped before its first checkpoint, with --ckpt_path last).
-        resumed = run_dir_of_checkpoint(config.ckpt_path, root) if verb == "fit" else None
-        if resumed is None and verb == "fit" and requested == "last" and config.run_name and (root / config.run_name).is_dir():
-            resumed = (root / config.run_name).resolve()
-        if resumed is None:
-            self.new_run_dir = new_run_dir(root, config.run_name, verb)
-        self.run_dir = resumed or self.new_run_dir
+        continued = continued_run_dir(config.ckpt_path, self.requested_ckpt, self.root, config.run_name) \
+            if verb == "fit" else None
+        if continued is None:
+            self.new_run_dir = new_run_dir(self.root, config.run_name, verb)
+        self.continues_run = continued is not None
+        self.run_dir = continued or self.new_run_dir
         config.trainer.default_root_dir = str(self.run_dir)
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(self.run_dir / "checkpoints")
@@ -130,10 +140,6 @@ class LmexpCLI(LightningCLI):
             # saved when training (or its epoch) ends rather than after a validation.
             config.checkpoint.monitor = None
             config.checkpoint.save_on_train_epoch_end = True
-        # The MLflow run a checkpoint belongs to: a resumed fit continues it.
-        self.source_run = (read_checkpoint(config.ckpt_path, mmap=True).get(TRACKING_KEY) or {}) if config.ckpt_path else {}
-        self.config_yaml = self._parser(verb).dump(config, skip_none=False)
-        self.config_dict = yaml_to_dict(self.config_yaml)
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         config = self._get(self.config_init, "trainer", default={})
@@ -164,7 +170,9 @@ class LmexpCLI(LightningCLI):
         """Fill in what the run knows and the tracker was not told: experiment, run name, folder,
         and the MLflow run a resumed fit continues (when it was tracked in the same store)."""
         same_store = self.source_run.get("tracking_uri") in (None, tracker.tracking_uri or default_tracking_uri())
-        continues = self.source_run.get("run_id") if self.subcommand == "fit" and same_store else None
+        # Only a fit that continues a run's folder continues its MLflow run; a branch or an
+        # evaluation is a run of its own that names the one it came from.
+        continues = self.source_run.get("run_id") if self.continues_run and same_store else None
         tracker.use_defaults(experiment_name=self.experiment, run_name=self.run_dir.name, save_dir=str(self.run_dir),
                              run_id=continues)
 
@@ -173,9 +181,8 @@ class LmexpCLI(LightningCLI):
         self.built = Run(
             verb=verb, trainer=self.trainer, model=self.model, datamodule=self.datamodule, run_dir=self.run_dir,
             experiment=self.experiment, ckpt_path=self.config[verb].ckpt_path, config=self.config_dict,
+            new_folder=not self.continues_run, weights_only=self.config[verb].get("weights_only"),
         )
-        if verb == "fit":
-            point_latest(self.run_dir)
         # Built, not run: the caller executes it (LightningCLI runs the verb only when one is set).
         self.subcommand = None
 

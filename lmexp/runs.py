@@ -59,15 +59,32 @@ class Run:
     experiment: str
     ckpt_path: str | None
     config: dict[str, Any]
+    new_folder: bool = True  # False when a fit continues an earlier run's folder
+    weights_only: bool | None = None
 
     @property
     def tracker(self) -> MLflowTracker | None:
         return next((lg for lg in self.trainer.loggers if isinstance(lg, MLflowTracker)), None)
 
     def execute(self) -> Any:
-        """Run the verb: ``trainer.fit/validate/test(model, datamodule, ckpt_path)``."""
+        """Run the verb: ``trainer.fit/validate/test(model, datamodule, ckpt_path)``.
+
+        The config's seed is set here, where the weights are made (the model is built from the
+        data's vocabulary as the verb starts), so a run gives the same result whatever was built
+        or run before it in the same process.
+        """
+        seed = self.config.get("seed_everything")
+        if isinstance(seed, int) and not isinstance(seed, bool):
+            pl.seed_everything(seed, workers=True, verbose=False)
         method = getattr(self.trainer, self.verb)
-        return method(self.model, datamodule=self.datamodule, ckpt_path=self.ckpt_path)
+        try:
+            return method(self.model, datamodule=self.datamodule, ckpt_path=self.ckpt_path,
+                          weights_only=self.weights_only)
+        except BaseException:
+            # Stopped before it wrote anything (bad data, say): no empty run folder stays behind.
+            if self.new_folder and self.run_dir.is_dir() and not any(self.run_dir.iterdir()):
+                self.run_dir.rmdir()
+            raise
 
 
 def build(
@@ -133,36 +150,53 @@ def default_experiment(config_files: Sequence[Any]) -> str:
 
 
 def new_run_dir(root: Path, run_name: str | None, verb: str) -> Path:
-    """Create ``root/<run name>``: the given name, or the start time (``20261203-101500``,
-    with ``-validate``/``-test`` for evaluations, and ``-2``, ``-3``... when taken).
+    """Create ``root/<run name>``: the given name, or the start time (``20261203-101500``).
 
-    Under DDP only rank 0 chooses; the other ranks read its choice from the environment the
-    launcher passes on.
+    Evaluations add ``-validate``/``-test`` (``--run_name X`` then names the run whose
+    checkpoint is evaluated, and the folder is ``X-test``), and a taken name gets ``-2``,
+    ``-3``... except a fit's explicit ``--run_name``, which is refused. Under DDP only rank 0
+    creates the folder: the other ranks take its path from the environment Lightning's launcher
+    passes on, or (torchrun, SLURM) a path they never write to, since checkpoints, config and
+    tracking are rank 0's and Lightning broadcasts rank 0's folders to the others.
     """
-    if process_rank() != 0 and os.environ.get(RUN_DIR_VARIABLE):
-        return Path(os.environ[RUN_DIR_VARIABLE])
-    root = root.resolve()
+    if run_name is not None and (not run_name.strip() or Path(run_name).name != run_name or run_name in (".", "..")):
+        raise ConfigError(f"--run_name {run_name!r} is not a folder name: use letters, digits, '-', '_' or '.'")
+    root = Path(os.path.expanduser(root)).resolve()
+    suffix = "" if verb == "fit" else f"-{verb}"
+    base = (run_name or time.strftime("%Y%m%d-%H%M%S")) + suffix
+    if process_rank() != 0:
+        return Path(os.environ.get(RUN_DIR_VARIABLE) or root / base)
     root.mkdir(parents=True, exist_ok=True)
-    if run_name is not None:
-        path = root / run_name
+    for attempt in range(1, 1000):
+        path = root / (base if attempt == 1 else f"{base}-{attempt}")
         try:
-            path.mkdir()
+            path.mkdir()  # atomic: two runs started in the same second get different folders
+            break
         except FileExistsError:
-            raise ConfigError(
-                f"run folder {str(path)!r} exists: pick another --run_name, or continue that run with --ckpt_path last"
-            ) from None
-    else:
-        base = time.strftime("%Y%m%d-%H%M%S") + ("" if verb == "fit" else f"-{verb}")
-        for attempt in range(1, 1000):
-            path = root / (base if attempt == 1 else f"{base}-{attempt}")
-            try:
-                path.mkdir()  # atomic: two runs started in the same second get different folders
-                break
-            except FileExistsError:
-                continue
-    path = path.resolve()
+            if run_name is not None and verb == "fit":
+                raise ConfigError(f"run folder {str(path)!r} exists: pick another --run_name, or continue that "
+                                  "run with --ckpt_path last") from None
     os.environ[RUN_DIR_VARIABLE] = str(path)
     return path
+
+
+def continued_run_dir(ckpt_path: str | None, requested: str | None, root: Path, run_name: str | None) -> Path | None:
+    """The run folder a fit continues, or None for a new one.
+
+    A fit continues a run when it resumes that run's newest checkpoint (``--ckpt_path last``,
+    or the path of its ``last.ckpt``/``interrupted.ckpt``), under the run's own name if one is
+    given. Starting from an older or a best checkpoint branches into a new run, so the run it
+    came from keeps its files and its MLflow record.
+    """
+    root = Path(os.path.expanduser(root)).resolve()
+    if ckpt_path is None:
+        named = root / run_name if run_name else None
+        return named if requested == "last" and named is not None and named.is_dir() else None
+    path = Path(ckpt_path).resolve()
+    folder = path.parent.parent
+    if path.parent.name != "checkpoints" or folder.parent != root or (run_name and folder.name != run_name):
+        return None
+    return folder if latest_checkpoint(path.parent) == path else None
 
 
 def point_latest(run_dir: Path) -> None:
@@ -218,16 +252,6 @@ def resolve_named_checkpoint(ckpt_path: str | None, root: Path, run_name: str | 
         raise CheckpointError(f"--ckpt_path {ckpt_path}: no run under {where} has a readable checkpoint; "
                               "train first or pass a path")
     return str(found)
-
-
-def run_dir_of_checkpoint(ckpt_path: str | None, root: Path) -> Path | None:
-    """The run folder a checkpoint lies in (``<root>/<run>/checkpoints/x.ckpt``), if it is one of ``root``'s."""
-    if ckpt_path is None:
-        return None
-    path = Path(ckpt_path).resolve()
-    if path.parent.name == "checkpoints" and path.parent.parent.parent == root.resolve():
-        return path.parent.parent
-    return None
 
 
 
@@ -293,6 +317,7 @@ class RunRecorder(pl.Callback):
         self.ckpt_path = ckpt_path
         self.source_run_id = source_run_id
         self._model_recorded = False
+        self._recording = False
 
     @staticmethod
     def tracker(trainer: pl.Trainer) -> MLflowTracker | None:
@@ -300,8 +325,13 @@ class RunRecorder(pl.Callback):
 
     @rank_zero_only
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Reached once the data is ready (the data module's setup comes first): from here on
+        # the run exists, so it gets its folder's files, its tracking and, if it trains, `latest`.
+        self._recording = True
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(self.config_yaml, encoding="utf-8")
+        if stage == "fit":
+            point_latest(self.run_dir)
         for logger in trainer.loggers:
             logger.log_hyperparams(self.config)
         tracker = self.tracker(trainer)
@@ -322,8 +352,8 @@ class RunRecorder(pl.Callback):
         }
         if self.ckpt_path:
             tags["checkpoint_loaded"] = str(Path(self.ckpt_path).resolve())
-        if self.source_run_id and stage != "fit":
-            tags["evaluated_run_id"] = self.source_run_id
+        if self.source_run_id and self.source_run_id != tracker.resume_run_id:
+            tags["evaluated_run_id" if stage != "fit" else "started_from_run_id"] = self.source_run_id
         tracker.set_tags(tags)
         params = system_info(trainer)
         cache = getattr(datamodule, "cache", None)
@@ -367,8 +397,8 @@ class RunRecorder(pl.Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         tracker = self.tracker(trainer)
-        if tracker is None or not trainer.is_global_zero:
-            return
+        if tracker is None or not trainer.is_global_zero or not self._recording:
+            return  # failed before the run began (bad data): nothing to record
         if isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
             tracker.stop_reason = "killed"
         self._upload_results(trainer, tracker)

@@ -77,7 +77,7 @@ def test_checkpoint_with_another_tokenizer(tmp_path, capsys):
     other = tmp_path / "other.txt"
     other.write_text("completely different alphabet: XYZ 0123456789 @#$%\n\n" * 5 + make_corpus(300, seed=3).upper())
     message = one_line_error(capsys, fit(str(other), tmp_path, "--ckpt_path=last"))
-    assert "checkpoint's tokenizer" in message and "use the data settings the checkpoint was trained with" in message
+    assert "use the data settings the checkpoint was trained with" in message
 
     wrong = tmp_path / "wrong.json"
     from lmexp.data import train_tokenizer

@@ -140,6 +140,53 @@ def test_tracking_off_writes_the_run_folder_and_no_mlflow_run(tmp_path: Path):
     assert (tmp_path / "latest" / "config.yaml").is_file() and (tmp_path / "latest" / "checkpoints" / "last.ckpt").is_file()
 
 
+def test_a_saved_config_reruns_as_a_new_run_and_a_best_checkpoint_branches(tmp_path: Path):
+    main(tracked_args(tmp_path, steps=10) + ["--run_name", "A"])
+    (a,) = runs_in(tmp_path)
+    saved = tmp_path / "A" / "config.yaml"
+    a_files = {p.name: p.read_bytes() for p in (tmp_path / "A" / "checkpoints").glob("*.ckpt")}
+
+    # The run's own config.yaml, fed back: a new run of the same experiment beside A.
+    main(["fit", "--config", str(saved), f"--trainer.default_root_dir={tmp_path}", "--run_name", "again"])
+    again = (tmp_path / "again").resolve()
+    assert (again / "checkpoints" / "last.ckpt").is_file() and not (tmp_path / "A" / "again").exists()
+    assert {r.data.tags["run_dir"] for r in runs_in(tmp_path)} == {str((tmp_path / "A").resolve()), str(again)}
+
+    # Training on from A's best checkpoint is a new run that names A; A keeps its files and record.
+    main(tracked_args(tmp_path, steps=14) + ["--ckpt_path", str(tmp_path / "A" / "checkpoints" / "best.ckpt")])
+    branch = max(runs_in(tmp_path), key=lambda r: r.info.start_time)
+    assert branch.info.run_id != a.info.run_id and branch.data.tags["started_from_run_id"] == a.info.run_id
+    assert {p.name: p.read_bytes() for p in (tmp_path / "A" / "checkpoints").glob("*.ckpt")} == a_files
+    assert history(a, "train/loss") == [4, 9]  # A's curve is untouched
+
+
+def test_evaluating_a_named_runs_best_checkpoint_gets_its_own_folder(tmp_path: Path):
+    main(tracked_args(tmp_path, steps=10) + ["--run_name", "A"])
+    (a,) = runs_in(tmp_path)
+    main(["validate", "--config", str(ROOT / "configs" / "quickstart.yaml"), f"--trainer.default_root_dir={tmp_path}",
+          "--trainer.limit_val_batches=2", "--ckpt_path", "best", "--run_name", "A"])
+    (evaluation,) = [r for r in runs_in(tmp_path) if r.info.run_id != a.info.run_id]
+    assert evaluation.info.run_name == "A-validate" and evaluation.data.tags["evaluated_run_id"] == a.info.run_id
+
+
+def test_a_run_that_fails_on_its_data_leaves_no_folder_and_no_mlflow_run(tmp_path: Path, capsys):
+    main(tracked_args(tmp_path, steps=4) + ["--run_name", "good"])
+    assert "does not exist" in one_line_error(capsys, tracked_args(tmp_path, steps=4) + ["--data.source=/nonexistent"])
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "lmexp-cache") == ["good", "latest"]
+    assert (tmp_path / "latest").resolve().name == "good" and len(runs_in(tmp_path)) == 1
+
+
+def test_runs_built_together_train_as_if_built_alone(tmp_path: Path):
+    from lmexp.runs import build
+
+    args = tracked_args(tmp_path, steps=10)[3:] + ["--trainer.logger=false"]
+    config = [ROOT / "configs" / "quickstart.yaml"]
+    first, second = build("fit", configs=config, args=args), build("fit", configs=config, args=args)
+    first.execute()
+    second.execute()
+    assert first.trainer.callback_metrics["val/loss"] == second.trainer.callback_metrics["val/loss"]
+
+
 def test_the_runs_verb_lists_runs_with_metrics_and_checkpoints(tmp_path: Path, capsys):
     main(tracked_args(tmp_path, steps=10) + ["--experiment", "listing-test", "--run_name", "first"])
     capsys.readouterr()

@@ -228,8 +228,9 @@ class LanguageModelObjective(pl.LightningModule):
             if vocab_size is not None and vocab_size > self.network_config.vocab_size:
                 raise ConfigError(
                     f"the model's vocab_size={self.network_config.vocab_size} is smaller than the tokenizer's "
-                    f"{vocab_size}: leave vocab_size out of the model config (it comes from the tokenizer) "
-                    "or set it to at least the tokenizer's"
+                    f"{vocab_size} that the data settings produce: when resuming, use the data settings the "
+                    "checkpoint was trained with (source, tokenizer, vocab_size, split); otherwise leave vocab_size "
+                    "out of the model config (it comes from the tokenizer) or set it to at least the tokenizer's"
                 )
             return
         if vocab_size is None:
