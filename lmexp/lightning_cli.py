@@ -104,7 +104,7 @@ class LmexpCLI(LightningCLI):
         named = config.experiment if config.experiment is not None else default_experiment(config.get("config"))
         self.experiment = check_experiment_name(named)
         config.experiment = self.experiment  # so a run's saved config.yaml reproduces it as it ran
-        self.root = Path(config.trainer.default_root_dir or Path("runs") / self.experiment)
+        self.root = Path(config.trainer.default_root_dir or Path("runs") / self.experiment).expanduser()
         self.requested_ckpt = config.ckpt_path
         # The file --ckpt_path last/best names, found here: LightningCLI reads the checkpoint's
         # hyperparameters right after parsing, from real files only.

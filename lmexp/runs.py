@@ -254,7 +254,6 @@ def resolve_named_checkpoint(ckpt_path: str | None, root: Path, run_name: str | 
     return str(found)
 
 
-
 # ------------------------------------------------------------------- what a run records
 def git_state(folder: Path) -> dict[str, str]:
     """Commit and dirty flag of the git checkout ``folder`` is in (empty outside one)."""
