@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, TextIO
@@ -82,6 +84,50 @@ class CheckpointOnException(pl.Callback):
         # Reached only when fit ends without an exception.
         if trainer.is_global_zero and self.path.is_file():
             self.path.unlink()
+
+
+class StopTogether(pl.Callback):
+    """SIGTERM under DDP: every rank stops after the same batch, and the stop checkpoint is saved.
+
+    Lightning 2.6's SIGTERM handler calls a collective broadcast from inside the signal handler,
+    wherever the rank happens to be (in the middle of backward's all-reduce, say), and each rank
+    then raises at its own step: the ranks can deadlock (Lightning issue #20806; here about one
+    stop in four hung). With several processes this handler only notes the signal and passes it
+    on to the other local ranks, as Lightning's does; after each training batch the ranks agree,
+    with one all-reduce of a flag, whether any of them got it, and all raise ``SIGTERMException``
+    together. A single process keeps Lightning's handler.
+    """
+
+    def __init__(self) -> None:
+        self._received = False
+        self._installed = False
+        self._launcher: Any = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning installs its handler right before training starts: replace it here.
+        environment = getattr(trainer.strategy, "cluster_environment", None)
+        requeues = getattr(environment, "auto_requeue", False)  # SLURM requeue keeps Lightning's handling
+        if trainer.world_size < 2 or requeues or threading.current_thread() is not threading.main_thread():
+            return
+        self._received = False
+        self._launcher = trainer.strategy.launcher  # Lightning's own launcher; None under torchrun or SLURM
+        signal.signal(signal.SIGTERM, self._note)
+        self._installed = True
+
+    def _note(self, signum: int, frame: Any) -> None:
+        if not self._received and self._launcher is not None:
+            self._launcher.kill(signum)  # the other local ranks, as Lightning's handler does
+        self._received = True
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if not self._installed:
+            return
+        flag = torch.tensor([1.0 if self._received else 0.0], device=pl_module.device)
+        if trainer.strategy.reduce(flag, reduce_op="max").item() > 0:
+            raise SIGTERMException
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._installed = False  # Lightning restores the handlers it found
 
 
 class SampleText(pl.Callback):

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import Logger
 
-from lmexp.callbacks import CheckpointOnException, LmexpCheckpoint, PlainProgress, StepProgressBar
+from lmexp.callbacks import CheckpointOnException, LmexpCheckpoint, PlainProgress, StepProgressBar, StopTogether
 from lmexp.checkpoints import read_checkpoint
 from lmexp.cli import DESCRIPTION, OneLineErrors
 from lmexp.data import TextDataModule
@@ -75,7 +75,10 @@ class LmexpCLI(LightningCLI):
             datamodule_class=TextDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
-            trainer_defaults={"use_distributed_sampler": False, "callbacks": list(callbacks or [])},
+            # enable_autolog_hparams off: RunRecorder logs the whole resolved config (model, data and
+            # trainer) to every logger; Lightning's copy of the module's would repeat it under short names.
+            trainer_defaults={"use_distributed_sampler": False, "enable_autolog_hparams": False,
+                              "callbacks": list(callbacks or [])},
             save_config_callback=None,  # RunRecorder writes config.yaml into the run folder
             parser_class=LmexpArgumentParser,
             # jsonargparse's subcommand parsers defer errors to the main parser unless told otherwise.
@@ -155,6 +158,7 @@ class LmexpCLI(LightningCLI):
         if checkpoint is not None and checkpoint.dirpath:
             # A crash or Ctrl-C between validations keeps its progress: resume with --ckpt_path last.
             callbacks.append(CheckpointOnException(checkpoint.dirpath))
+        callbacks.append(StopTogether())  # SIGTERM under DDP: all ranks stop at the same batch
         if config.get("enable_progress_bar", True) is not False and not any(
             isinstance(c, ProgressBar) for c in configured
         ):

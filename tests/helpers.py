@@ -85,18 +85,30 @@ class FailAtEpochStart(pl.Callback):
 
 class SignalAtStep(pl.Callback):
     """Send this process a signal once ``step`` optimizer steps are done, as a scheduler or a
-    user's Ctrl-C would (on rank 0 only: under DDP Lightning passes SIGTERM on to the others)."""
+    user's Ctrl-C would (on rank 0 only: under DDP the handler passes SIGTERM on to the others).
+    ``during="backward"`` sends it in the middle of the next step instead, just before its
+    backward pass, where the other ranks are about to all-reduce gradients."""
 
-    def __init__(self, step: int, signal_name: str = "SIGTERM") -> None:
+    def __init__(self, step: int, signal_name: str = "SIGTERM", during: str = "batch_end") -> None:
         self.step = step
         self.signal_name = signal_name
+        self.during = during
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def _send(self, trainer) -> None:
         if trainer.global_step == self.step and trainer.is_global_zero:
             import os
             import signal
 
+            self.step = -1  # once
             os.kill(os.getpid(), getattr(signal, self.signal_name))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.during == "batch_end":
+            self._send(trainer)
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        if self.during == "backward":
+            self._send(trainer)
 
 
 class StopProcessAtStep(pl.Callback):

@@ -58,3 +58,28 @@ def test_ddp_two_cpu_processes(tmp_path: Path):
     for name in weights[0]:
         torch.testing.assert_close(weights[0][name], weights[1][name], rtol=0, atol=0, msg=name)
     assert any(not torch.equal(initial[name], weights[0][name]) for name in initial)  # it did train
+
+
+@pytest.mark.distributed
+def test_sigterm_stops_both_ddp_ranks_at_the_same_batch_with_a_checkpoint(tmp_path: Path):
+    """Lightning's own SIGTERM handling under DDP could deadlock (a collective called from the
+    signal handler); every rank must stop together, save, and exit 143."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(make_corpus(400))
+    command = [
+        sys.executable, "-m", "lmexp", "fit", "--config", str(ROOT / "configs" / "ddp_cpu.yaml"),
+        f"--data.source={corpus}", "--trainer.max_steps=200", "--trainer.val_check_interval=100",
+        "--trainer.limit_val_batches=2", "--model.warmup_steps=2", "--model.network_overrides={block_size: 32}",
+        f"--trainer.default_root_dir={tmp_path / 'run'}", "--trainer.callbacks+=tests.helpers.SignalAtStep",
+        "--trainer.callbacks.step=5", "--trainer.callbacks.during=backward",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 143, result.stderr[-3000:]
+    interrupted = tmp_path / "run" / "latest" / "checkpoints" / "interrupted.ckpt"
+    assert torch.load(interrupted, weights_only=True)["global_step"] >= 5
+
+    from tests.test_tracking import runs_in
+
+    (run,) = runs_in(tmp_path / "run")
+    assert run.info.status == "KILLED"

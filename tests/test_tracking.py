@@ -52,6 +52,7 @@ def test_a_fit_records_config_metrics_artifacts_and_tags_and_a_second_run_keeps_
     # The resolved config, flattened as the short flags spell it, and the resolved network.
     assert params["trainer.max_steps"] == "20" and params["model.lr"] == "0.002" and params["data.source"] == "python-docs"
     assert params["model.network"] == "gpt-nano" and params["network.n_layer"] == "4" and params["network.block_size"] == "128"
+    assert "lr" not in params and "batch_size" not in params  # not repeated under Lightning's short names
     assert int(params["n_parameters"]) > 100_000 and int(params["network.vocab_size"]) > 50
     assert params["system.torch"] == torch.__version__ and params["system.precision"] == "32-true"
     assert int(params["data_stats.train_tokens"]) > 0 and int(params["data_stats.cleaning.documents_in"]) > 0

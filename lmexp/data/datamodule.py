@@ -90,9 +90,7 @@ class TextDataModule(pl.LightningDataModule):
             raise ConfigError(f"data.num_workers={num_workers} is negative: use 0 (no worker processes) or more")
         if not 0.0 < mlm_probability < 1.0:
             raise ConfigError(f"data.mlm_probability={mlm_probability} must be in (0, 1), typically 0.15")
-        # Not sent to loggers by Lightning: the run builder logs the whole resolved config (model,
-        # data and trainer) to every logger, which this copy would repeat under shorter names.
-        self.save_hyperparameters(logger=False)
+        self.save_hyperparameters()
         self.source = source
         self.text_column = text_column
         self.tokenizer_kind = tokenizer

@@ -172,9 +172,7 @@ class LanguageModelObjective(pl.LightningModule):
             raise ConfigError(f"betas={list(betas)} must be two values in [0, 1), e.g. [0.9, 0.99]")
         if max_steps is not None:
             check_positive("max_steps", max_steps)
-        # Not sent to loggers by Lightning: the run builder logs the whole resolved config (model,
-        # data and trainer) to every logger, which this copy would repeat under shorter names.
-        self.save_hyperparameters(logger=False)
+        self.save_hyperparameters()
         self.network_config = resolve_network(network, network_overrides)
         self.model: nn.Module | None = None
         self.bytes_per_token: dict[str, float] = {}  # per evaluation split, from the data
