@@ -43,7 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_train import StepTimer, _threads, run_in_terminal
+from benchmarks.bench_train import StepTimer, _threads, add_worker_arguments, answer_worker, run_in_terminal
 
 CONFIG = ROOT / "configs" / "shakespeare_char.yaml"
 MODES = ("untracked", "tracked")
@@ -155,13 +155,9 @@ def main() -> None:
     parser.add_argument("--title", default="MLflow tracking cost per training step, Tiny Shakespeare recipe")
     parser.add_argument("--output", default=None, help="markdown file to append to (default BENCHMARKS.md)")
     parser.add_argument("--json", default=None, help="also write all results here")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
+    add_worker_arguments(parser)
     args = parser.parse_args()
-
-    if args.worker:
-        result = worker(Job(**json.loads(args.worker)))
-        Path(args.result).write_text(json.dumps(result))
+    if answer_worker(args, worker, Job):
         return
     if not args.source:
         parser.error("--source is required")

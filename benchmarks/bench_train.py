@@ -285,6 +285,20 @@ def matmul_peak(dtype_name: str, device: str) -> float:
     return gflops(512 if emulated else 2048, dtype, 5)
 
 
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """The child side of ``run_in_terminal``: ``--worker JOB_JSON --result FILE``."""
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+
+
+def answer_worker(args: argparse.Namespace, worker, job_type) -> bool:
+    """In a child started by ``run_in_terminal``: run the job, write its result; True if it was one."""
+    if not args.worker:
+        return False
+    Path(args.result).write_text(json.dumps(worker(job_type(**json.loads(args.worker)))))
+    return True
+
+
 def run_in_terminal(job, timeout: float, script: str | Path = __file__) -> dict:
     """Run one job in a fresh process attached to a pseudo-terminal; return its result.
 
@@ -348,13 +362,9 @@ def main() -> None:
     parser.add_argument("--title", default="Training throughput")
     parser.add_argument("--output", default=None, help="markdown file to append to (default BENCHMARKS.md)")
     parser.add_argument("--json", default=None, help="also write all results here")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
+    add_worker_arguments(parser)
     args = parser.parse_args()
-
-    if args.worker:
-        result = worker(Job(**json.loads(args.worker)))
-        Path(args.result).write_text(json.dumps(result))
+    if answer_worker(args, worker, Job):
         return
 
     import torch

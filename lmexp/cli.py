@@ -6,7 +6,6 @@ imported only for the trainer verbs, so ``lmexp generate`` starts without it.
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import sys

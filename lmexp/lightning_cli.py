@@ -17,7 +17,7 @@ from lmexp.callbacks import CheckpointOnException, LmexpCheckpoint, PlainProgres
 from lmexp.checkpoints import read_checkpoint
 from lmexp.cli import DESCRIPTION, OneLineErrors
 from lmexp.data import TextDataModule
-from lmexp.mlflow_store import check_experiment_name, default_tracking_uri
+from lmexp.mlflow_store import check_experiment_name
 from lmexp.objectives import LanguageModelObjective
 from lmexp.runs import (
     TRACKING_KEY, Run, RunRecorder, continued_run_dir, default_experiment, new_run_dir, resolve_named_checkpoint,
@@ -173,7 +173,7 @@ class LmexpCLI(LightningCLI):
     def _bind_tracker(self, tracker: MLflowTracker) -> None:
         """Fill in what the run knows and the tracker was not told: experiment, run name, folder,
         and the MLflow run a resumed fit continues (when it was tracked in the same store)."""
-        same_store = self.source_run.get("tracking_uri") in (None, tracker.tracking_uri or default_tracking_uri())
+        same_store = self.source_run.get("tracking_uri") in (None, tracker.tracking_uri)
         # Only a fit that continues a run's folder continues its MLflow run; a branch or an
         # evaluation is a run of its own that names the one it came from.
         continues = self.source_run.get("run_id") if self.continues_run and same_store else None

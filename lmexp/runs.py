@@ -38,9 +38,9 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lmexp.checkpoints import latest_checkpoint, read_checkpoint
 from lmexp.errors import CheckpointError, ConfigError
 from lmexp.hardware import cpu_model, process_rank
-from lmexp.mlflow_store import check_experiment_name, flatten
+from lmexp.mlflow_store import flatten
 from lmexp.models import count_parameters
-from lmexp.tracking import MLflowTracker
+from lmexp.tracking import MLflowTracker, tracker_of
 
 VERBS = ("fit", "validate", "test")
 RUN_DIR_VARIABLE = "LMEXP_RUN_DIR"  # tells the other ranks of a DDP run which folder rank 0 chose
@@ -64,7 +64,7 @@ class Run:
 
     @property
     def tracker(self) -> MLflowTracker | None:
-        return next((lg for lg in self.trainer.loggers if isinstance(lg, MLflowTracker)), None)
+        return tracker_of(self.trainer)
 
     def execute(self) -> Any:
         """Run the verb: ``trainer.fit/validate/test(model, datamodule, ckpt_path)``.
@@ -238,10 +238,7 @@ def resolve_named_checkpoint(ckpt_path: str | None, root: Path, run_name: str | 
     if ckpt_path not in ("last", "best"):
         return ckpt_path
     where = root / run_name if run_name else root
-    if run_name:
-        found = latest_checkpoint(where / "checkpoints")
-    else:
-        found = latest_run_checkpoint(root)
+    found = latest_checkpoint(where / "checkpoints") if run_name else latest_run_checkpoint(root)
     if ckpt_path == "best" and found is not None:
         found = found.parent / f"{best_name}.ckpt"
         read_checkpoint(found, mmap=True)
@@ -318,10 +315,6 @@ class RunRecorder(pl.Callback):
         self._model_recorded = False
         self._recording = False
 
-    @staticmethod
-    def tracker(trainer: pl.Trainer) -> MLflowTracker | None:
-        return next((lg for lg in trainer.loggers if isinstance(lg, MLflowTracker)), None)
-
     @rank_zero_only
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Reached once the data is ready (the data module's setup comes first): from here on
@@ -333,7 +326,7 @@ class RunRecorder(pl.Callback):
             point_latest(self.run_dir)
         for logger in trainer.loggers:
             logger.log_hyperparams(self.config)
-        tracker = self.tracker(trainer)
+        tracker = tracker_of(trainer)
         where = f"; tracked in {tracker.tracking_uri}, experiment {self.experiment!r}" if tracker else ""
         rank_zero_info(f"run folder: {_shown(self.run_dir)}{where}")
         if tracker is None:
@@ -367,7 +360,7 @@ class RunRecorder(pl.Callback):
         tracker.log_artifact(self.run_dir / "config.yaml")
 
     def _record_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        tracker = self.tracker(trainer)
+        tracker = tracker_of(trainer)
         if self._model_recorded or tracker is None or not trainer.is_global_zero:
             return
         self._model_recorded = True
@@ -387,7 +380,7 @@ class RunRecorder(pl.Callback):
         self._record_model(trainer, pl_module)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        tracker = self.tracker(trainer)
+        tracker = tracker_of(trainer)
         if tracker is not None and trainer.is_global_zero:
             checkpoint[TRACKING_KEY] = {
                 "run_id": tracker.wait_for_run(), "tracking_uri": tracker.tracking_uri, "experiment": self.experiment,
@@ -395,7 +388,7 @@ class RunRecorder(pl.Callback):
             }
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        tracker = self.tracker(trainer)
+        tracker = tracker_of(trainer)
         if tracker is None or not trainer.is_global_zero or not self._recording:
             return  # failed before the run began (bad data): nothing to record
         if isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
@@ -404,7 +397,7 @@ class RunRecorder(pl.Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Called before Lightning finalizes the loggers (only when the verb succeeded).
-        tracker = self.tracker(trainer)
+        tracker = tracker_of(trainer)
         if tracker is not None and trainer.is_global_zero:
             self._upload_results(trainer, tracker)
 

@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 _STOP = object()
 
 
+def tracker_of(trainer: Any) -> MLflowTracker | None:
+    """The trainer's MLflow tracker, if it has one among its loggers."""
+    return next((logger for logger in trainer.loggers if isinstance(logger, MLflowTracker)), None)
+
+
 class MLflowTracker(Logger):
     """Log a run to MLflow from a background thread, keeping records through outages.
 
@@ -68,7 +73,7 @@ class MLflowTracker(Logger):
         retry_seconds: float = 30.0,
     ) -> None:
         super().__init__()
-        self.tracking_uri = check_tracking_uri(tracking_uri) if tracking_uri else None
+        self.tracking_uri = check_tracking_uri(tracking_uri or default_tracking_uri())
         if experiment_name is not None:
             check_experiment_name(experiment_name)
         self.experiment_name = experiment_name
@@ -94,7 +99,6 @@ class MLflowTracker(Logger):
 
     def use_defaults(self, experiment_name: str, run_name: str, save_dir: str, run_id: str | None = None) -> None:
         """Fill in what the run builder knows and this tracker was not told."""
-        self.tracking_uri = self.tracking_uri or check_tracking_uri(default_tracking_uri())
         self.experiment_name = self.experiment_name or check_experiment_name(experiment_name)
         self.run_name = self.run_name or run_name
         self._save_dir = self._save_dir or save_dir
@@ -254,7 +258,6 @@ class MLflowTracker(Logger):
     def _start(self) -> None:
         if self._thread is not None and self._thread.is_alive():
             return
-        self.tracking_uri = self.tracking_uri or check_tracking_uri(default_tracking_uri())
         if self._store is None:
             self._store = TrackingStore(
                 self.tracking_uri, self.experiment_name or "Default", self.run_name, self.resume_run_id,

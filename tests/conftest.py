@@ -60,6 +60,17 @@ def restore_torch_state():
 
 
 @pytest.fixture
+def restore_signal_handlers():
+    """Lightning leaves SIGINT ignored after a Ctrl-C (for its shutdown): tests that signal put the handlers back."""
+    import signal
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+@pytest.fixture
 def tiny_corpus(tmp_path: Path) -> Path:
     path = tmp_path / "corpus.txt"
     path.write_text(make_corpus())

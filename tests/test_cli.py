@@ -109,16 +109,6 @@ def test_without_validation_the_latest_checkpoint_is_the_best_and_is_exported(tm
     assert (checkpoints / "best.ckpt").is_file() and (checkpoints / "best" / "model.safetensors").is_file()
 
 
-@pytest.fixture
-def restore_signal_handlers():
-    import signal
-
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)  # Lightning ignores SIGINT after a Ctrl-C, for its shutdown
-
-
 @pytest.mark.parametrize(("signal_name", "status"), [("SIGTERM", 143), ("SIGINT", 130)])
 def test_a_signal_saves_exits_non_zero_and_last_resumes_from_it(
     tmp_path: Path, restore_signal_handlers, caplog, signal_name: str, status: int

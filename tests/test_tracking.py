@@ -104,16 +104,6 @@ def test_a_crash_marks_the_run_failed(tmp_path: Path):
     assert run.info.status == "FAILED" and history(run, "train/loss") == [4]
 
 
-@pytest.fixture
-def restore_signal_handlers():
-    import signal
-
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
-
-
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
 def test_a_stopped_run_is_marked_killed(tmp_path: Path, restore_signal_handlers, signal_name: str):
     with pytest.raises(SystemExit):
@@ -261,35 +251,23 @@ def test_an_existing_run_name_is_refused_unless_resumed(tmp_path: Path, capsys):
 
 def test_records_kept_through_an_outage_are_sent_in_order_when_the_store_returns(tmp_path: Path, monkeypatch):
     """The tracker's thread journals what it cannot send and replays it, in order, once the store answers."""
-    from lmexp import mlflow_store
-    from lmexp.tracking import MLflowTracker
-
-    down = {"value": True}
-    applied: list[dict] = []
-    monkeypatch.setattr(mlflow_store.TrackingStore, "connect", lambda self: setattr(self, "client", object()))
-
-    def apply(self, record):
-        if down["value"]:
-            raise ConnectionError("Connection refused")
-        applied.append(record)
-
-    monkeypatch.setattr(mlflow_store.TrackingStore, "apply", apply)
-    tracker = MLflowTracker(tracking_uri="http://127.0.0.1:9", experiment_name="e", run_name="r",
-                            save_dir=str(tmp_path), retry_seconds=0.2)
+    store = FakeStore(monkeypatch, down=True)
+    tracker = _tracker(tmp_path)
     with pytest.warns(UserWarning, match="unreachable"):
         for step in range(5):
             tracker.log_metrics({"train/loss": float(step)}, step=step)
         tracker.flush(timeout=10)
     journal = tmp_path / JOURNAL_NAME
     assert journal.is_file() and len(journal.read_text().splitlines()) == 1 + 5  # header + records
-    down["value"] = False
+    store.down = False
     tracker.log_metrics({"train/loss": 5.0}, step=5)
     deadline = time.monotonic() + 10
-    while len(applied) < 6 and time.monotonic() < deadline:
+    while len(store.applied) < 6 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert [r["step"] for r in applied] == [0, 1, 2, 3, 4, 5]
+    assert store.steps() == [0, 1, 2, 3, 4, 5]
     tracker.finalize("success")
-    assert applied[-1]["kind"] == "end" and applied[-1]["status"] == "FINISHED"
+    last = store.applied[-1][1]
+    assert last["kind"] == "end" and last["status"] == "FINISHED"
     assert not journal.exists()
 
 
