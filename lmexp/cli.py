@@ -15,7 +15,7 @@ import torch
 
 from lmexp.checkpoints import load_checkpoint
 from lmexp.data.tokenizer import describe_unknown, encode_prompt, load_tokenizer
-from lmexp.errors import CheckpointError, ConfigError, LmexpError
+from lmexp.errors import CheckpointError, ConfigError, find_user_error
 from lmexp.generation import generate
 from lmexp.hardware import process_rank
 
@@ -233,18 +233,6 @@ def _cell(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _user_error(err: BaseException) -> LmexpError | None:
-    """The LmexpError behind ``err``, if any: jsonargparse and Lightning wrap what they catch."""
-    seen: set[int] = set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        if isinstance(current, LmexpError):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
-
-
 def _one_line(message: str, max_lines: int | None = None) -> str:
     """A multi-line message joined into one line (its first ``max_lines`` non-empty lines)."""
     return " ".join([line.strip() for line in message.splitlines() if line.strip()][:max_lines])
@@ -274,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             (run_generate if words[0] == "generate" else run_runs)(words[1:])
         except Exception as err:
-            _exit_on_user_error(err)
+            _exit_onfind_user_error(err)
         return
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
@@ -293,11 +281,11 @@ def main(argv: list[str] | None = None) -> None:
     except MisconfigurationException as err:  # Lightning's own check of a trainer setting
         _user_error_exit(_one_line(str(err)))
     except Exception as err:
-        _exit_on_user_error(err)
+        _exit_onfind_user_error(err)
 
 
 def _exit_on_user_error(err: Exception) -> None:
-    user_error = _user_error(err)
+    user_error = find_user_error(err)
     if user_error is None:
         raise err
     _user_error_exit(str(user_error))

@@ -34,3 +34,15 @@ def check_positive(name: str, value: int) -> None:
     """Refuse anything but an integer of at least 1."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{name}={value!r} must be a positive integer: set it to 1 or more")
+
+
+def find_user_error(err: BaseException) -> LmexpError | None:
+    """The LmexpError behind ``err``, if any: jsonargparse and Lightning wrap what they catch."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, LmexpError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None

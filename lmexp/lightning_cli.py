@@ -50,6 +50,7 @@ class LmexpCLI(LightningCLI):
         callbacks: list[pl.Callback] | None = None,
         logger: Logger | bool | None = None,
         exit_on_error: bool = True,
+        check_only: bool = False,
     ) -> None:
         # TokenBatches shards batches across workers itself, so its __len__ is exact.
         warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
@@ -58,6 +59,7 @@ class LmexpCLI(LightningCLI):
         warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
         logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_an_advertisement)
         self.logger_override = logger
+        self.check_only = check_only  # parse and validate every class's arguments; make no run
         self.built: Run | None = None
         self.new_run_dir: Path | None = None
         self.continues_run = False
@@ -127,6 +129,8 @@ class LmexpCLI(LightningCLI):
         self.config_dict = yaml_to_dict(self.config_yaml)
 
     def before_instantiate_classes(self) -> None:
+        if self.check_only:
+            return
         verb = self.subcommand
         config = self.config[verb]
         continued = continued_run_dir(config.ckpt_path, self.requested_ckpt, self.root, config.run_name) \
@@ -143,6 +147,14 @@ class LmexpCLI(LightningCLI):
             # saved when training (or its epoch) ends rather than after a validation.
             config.checkpoint.monitor = None
             config.checkpoint.save_on_train_epoch_end = True
+
+    def instantiate_classes(self) -> None:
+        if self.check_only:
+            # Model, data and callbacks are made (their __init__ checks what the schema cannot, such
+            # as network_overrides' field names); no trainer, run folder or tracking.
+            self.parser.instantiate_classes(self.config)
+            return
+        super().instantiate_classes()
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         config = self._get(self.config_init, "trainer", default={})
@@ -182,6 +194,9 @@ class LmexpCLI(LightningCLI):
 
     def after_instantiate_classes(self) -> None:
         verb = self.subcommand
+        if self.check_only:
+            self.subcommand = None
+            return
         self.built = Run(
             verb=verb, trainer=self.trainer, model=self.model, datamodule=self.datamodule, run_dir=self.run_dir,
             experiment=self.experiment, ckpt_path=self.config[verb].ckpt_path, config=self.config_dict,

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import os
 import platform
 import subprocess
 import time
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +38,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lmexp.checkpoints import latest_checkpoint, read_checkpoint
-from lmexp.errors import CheckpointError, ConfigError
+from lmexp.errors import CheckpointError, ConfigError, find_user_error
 from lmexp.hardware import cpu_model, process_rank
 from lmexp.mlflow_store import flatten
 from lmexp.models import count_parameters
@@ -117,22 +119,67 @@ def build(
     """
     from lmexp.lightning_cli import LmexpCLI
 
+    named = [f"--{flag}={value}" for flag, value in
+             (("experiment", experiment), ("run_name", run_name), ("ckpt_path", ckpt_path)) if value is not None]
+    cli = _parse(LmexpCLI, verb, configs, overrides, [*named, *args], callbacks=list(callbacks), logger=logger)
+    return cli.built
+
+
+def check(
+    verb: str = "fit",
+    configs: Sequence[str | Path] = (),
+    overrides: Mapping[str, Any] | None = None,
+    args: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Validate a run's settings as ``build`` would, without making the run; return its config.
+
+    Every key and value is checked against the schema and the model, data and callbacks are
+    constructed (cheap: weights and data come when a run starts), so a sweep can check its whole
+    search space before its first trial. Nothing is written.
+
+    Raises:
+        ConfigError: a bad key or value, with the one line the command line would print.
+    """
+    from lmexp.lightning_cli import LmexpCLI
+
+    seed_log = logging.getLogger("lightning.fabric.utilities.seed")  # "Seed set to": no run is started
+    level = seed_log.level
+    seed_log.setLevel(logging.WARNING)
+    try:
+        cli = _parse(LmexpCLI, verb, configs, overrides, args, check_only=True)
+    except ConfigError:
+        raise
+    except Exception as err:  # a class's own check, wrapped by jsonargparse
+        user_error = find_user_error(err)
+        if user_error is None:
+            raise
+        raise ConfigError(str(user_error)) from None
+    finally:
+        seed_log.setLevel(level)
+    return cli.config_dict
+
+
+def _command_line(verb: str, configs: Sequence[str | Path], overrides: Mapping[str, Any] | None) -> list[str]:
     if verb not in VERBS:
         raise ConfigError(f"verb {verb!r} is not one of {', '.join(VERBS)}")
     argv = [verb] + [f"--config={path}" for path in configs]
-    argv += [f"--{key}={_flag_value(value)}" for key, value in (overrides or {}).items()]
-    for flag, value in (("experiment", experiment), ("run_name", run_name), ("ckpt_path", ckpt_path)):
-        if value is not None:
-            argv.append(f"--{flag}={value}")
+    return argv + [f"--{key}={_flag_value(value)}" for key, value in (overrides or {}).items()]
+
+
+def _parse(cli_class: type, verb: str, configs: Sequence[str | Path], overrides: Mapping[str, Any] | None,
+           args: Sequence[str], **kwargs: Any) -> Any:
     from jsonargparse import ArgumentError
 
     from lmexp.cli import summarize_parse_error
 
+    argv = _command_line(verb, configs, overrides) + list(args)
     try:
-        cli = LmexpCLI([*argv, *args], callbacks=list(callbacks), logger=logger, exit_on_error=False)
+        with warnings.catch_warnings():
+            # Building from Python inside another program (a sweep, a benchmark) is what `args` is for.
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            return cli_class(argv, exit_on_error=False, **kwargs)
     except ArgumentError as err:  # a bad key or value: the one line the command line would print
         raise ConfigError(f"{summarize_parse_error(str(err))} (see lmexp {verb} --help)") from None
-    return cli.built
 
 
 def _flag_value(value: Any) -> str:

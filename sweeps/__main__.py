@@ -1,0 +1,209 @@
+"""``python -m sweeps run|worker|report``: Optuna studies over lmexp fit configs.
+
+    python -m sweeps run --config configs/sweeps/shakespeare-lr-size.yaml     # start (or --resume) a study
+    python -m sweeps worker --study NAME --storage URL                        # join it from another shell or host
+    python -m sweeps report --study NAME                                      # table and plots
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+from lmexp.errors import LmexpError, find_user_error
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see python -m sweeps {self.prog.split()[-1]} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def parser() -> argparse.ArgumentParser:
+    main = OneLineParser(prog="python -m sweeps", description=__doc__.split("\n")[0],
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbs = main.add_subparsers(dest="verb", required=True, parser_class=OneLineParser)
+    run = verbs.add_parser("run", help="start a study from a sweep file (or continue it with --resume)")
+    run.add_argument("--config", required=True, help="sweep YAML file")
+    run.add_argument("--resume", action="store_true", help="continue the study of this name")
+    run.add_argument("--study", help="study name (default: the file's 'study', else its name)")
+    _common(run)
+    run.add_argument("--n_trials", type=int, help="trials in all, over every worker (default: the file's)")
+    run.add_argument("--timeout", type=float, help="start no trial after this many seconds (default: the file's)")
+    run.add_argument("--workers", type=int, help="worker processes on this machine (default: the file's, else 1)")
+    worker = verbs.add_parser("worker", help="join a running study (another shell, or another machine)")
+    worker.add_argument("--study", required=True)
+    _common(worker)
+    worker.add_argument("--index", type=int, default=None,
+                        help="this worker's number: its sampler seed is the study's seed + index (default: from its pid)")
+    report = verbs.add_parser("report", help="print a study's trials and write its plots")
+    report.add_argument("--study", required=True)
+    report.add_argument("--storage", help="Optuna storage URL (default: sqlite:///optuna.db here)")
+    report.add_argument("--out", help="folder for the plots (default: runs/<study>/report)")
+    return main
+
+
+def _common(verb: argparse.ArgumentParser) -> None:
+    verb.add_argument("--storage", help="Optuna storage: sqlite:///optuna.db (default), journal:PATH, postgresql://...")
+    verb.add_argument("--threads", type=int, help="CPU threads per trial (default: cores / workers)")
+    verb.add_argument("--heartbeat", type=int, default=None,
+                      help="seconds between heartbeats of a running trial (database storages; default 30)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        {"run": run_command, "worker": worker_command, "report": report_command}[args.verb](args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as err:
+        user_error = err if isinstance(err, LmexpError) else find_user_error(err)
+        if user_error is None:
+            raise
+        print(f"error: {user_error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+# ---------------------------------------------------------------------------------- verbs
+def run_command(args: argparse.Namespace) -> None:
+    from sweeps.spec import load_spec
+    from sweeps.study import PARENT_RUN_ATTR, check_space, create_or_resume, default_storage, open_storage, shown_url
+    from sweeps.tracking import StudyRun
+
+    spec = load_spec(args.config)
+    for name in ("study", "n_trials", "timeout", "workers", "threads", "storage"):
+        if getattr(args, name, None) is not None:
+            setattr(spec, name, getattr(args, name))
+    started = time.perf_counter()
+    config = check_space(spec)
+    print(f"sweep {spec.study}: search space checked against {', '.join(spec.configs)} "
+          f"({len(spec.params)} options, {len(spec.groups)} groups)", flush=True)
+    storage_url = spec.storage or default_storage()
+    storage = open_storage(storage_url, heartbeat_seconds=args.heartbeat or 30)
+    study = create_or_resume(spec, storage, storage_url, args.resume)
+    parent = StudyRun.start(spec, shown_url(storage_url), run_id=study.user_attrs.get(PARENT_RUN_ATTR))
+    if parent.run_id and study.user_attrs.get(PARENT_RUN_ATTR) != parent.run_id:
+        study.set_user_attr(PARENT_RUN_ATTR, parent.run_id)
+    root = study_root(config, spec.study)
+    threads = spec.threads or max(1, (os.cpu_count() or 1) // spec.workers)
+    print(f"study {spec.study} in {shown_url(storage_url)}: {spec.workers} worker(s), {threads} thread(s) per trial; "
+          f"trials in {root}, progress in {root / 'sweep.log'}", flush=True)
+    status = "FINISHED"
+    try:
+        if spec.workers == 1:
+            _work(spec, study, storage, storage_url, root, threads, config, index=0, heartbeat=args.heartbeat)
+        else:
+            _spawn_workers(spec, storage_url, threads, args.heartbeat)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if status == "KILLED":
+            parent.end("KILLED")
+    elapsed = time.perf_counter() - started
+    out = root / "report"
+    from sweeps.report import report
+
+    report(study, spec, out)
+    parent.log_artifacts(out)
+    parent.end(status)
+    print(f"study {spec.study}: {len(study.trials)} trials in {elapsed:.0f} s; report in {out}; "
+          f"dashboard: optuna-dashboard {shown_url(storage_url)}", flush=True)
+
+
+def worker_command(args: argparse.Namespace) -> None:
+    from sweeps.study import check_space, load, open_storage, stored_spec
+
+    storage_url = args.storage
+    if storage_url is None:
+        from sweeps.study import default_storage
+
+        storage_url = default_storage()
+    storage = open_storage(storage_url, heartbeat_seconds=args.heartbeat or 30)
+    import optuna
+
+    if args.study not in optuna.get_all_study_names(storage):
+        load(args.study, storage)  # raises the one-line error naming the studies there
+    probe = optuna.load_study(study_name=args.study, storage=storage)
+    spec = stored_spec(probe)
+    config = check_space(spec)
+    index = args.index if args.index is not None else os.getpid() % 10_000
+    study = load(args.study, storage, spec, worker_index=index)
+    threads = args.threads or spec.threads or (os.cpu_count() or 1)
+    root = study_root(config, spec.study)
+    _work(spec, study, storage, storage_url, root, threads, config, index=index, heartbeat=args.heartbeat)
+
+
+def report_command(args: argparse.Namespace) -> None:
+    from sweeps.report import report
+    from sweeps.study import default_storage, load, open_storage, stored_spec
+
+    storage_url = args.storage or default_storage()
+    storage = open_storage(storage_url, heartbeat_seconds=None)
+    import optuna
+
+    if args.study not in optuna.get_all_study_names(storage):
+        load(args.study, storage)
+    study = optuna.load_study(study_name=args.study, storage=storage)
+    spec = stored_spec(study)
+    out = Path(args.out) if args.out else Path("runs") / spec.study / "report"
+    _, files = report(study, spec, out)
+    print(f"wrote {len(files)} files to {out}")
+
+
+# ------------------------------------------------------------------------------- helpers
+def study_root(config: dict[str, Any], study: str) -> Path:
+    """Where a study's trial folders go: the fit config's default_root_dir, else runs/<study>."""
+    root = (config.get("trainer") or {}).get("default_root_dir") or Path("runs") / study
+    path = Path(os.path.expanduser(str(root))).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _devices(config: dict[str, Any]) -> int:
+    devices = (config.get("trainer") or {}).get("devices")
+    return devices if isinstance(devices, int) and devices > 0 else 1
+
+
+def _work(spec: Any, study: Any, storage: Any, storage_url: str, root: Path, threads: int, config: dict[str, Any],
+          index: int, heartbeat: int | None) -> None:
+    from sweeps.worker import Worker
+
+    name = f"worker {index}"
+    with open(root / "sweep.log", "a", encoding="utf-8") as log:
+        worker = Worker(study, spec, storage, storage_url, root, threads, devices=_devices(config), name=name, log=log,
+                        heartbeat_seconds=heartbeat)
+        worker.say(f"{name}: joined study {spec.study} (pid {os.getpid()}, {threads} thread(s) per trial)")
+        outcomes = worker.run()
+        worker.say(f"{name}: done after {len(outcomes)} trial(s)")
+
+
+def _spawn_workers(spec: Any, storage_url: str, threads: int, heartbeat: int | None) -> None:
+    command = [sys.executable, "-m", "sweeps", "worker", "--study", spec.study, "--storage", storage_url,
+               "--threads", str(threads)]
+    if heartbeat:
+        command += ["--heartbeat", str(heartbeat)]
+    workers = [subprocess.Popen([*command, "--index", str(i)]) for i in range(spec.workers)]
+    try:
+        codes = [w.wait() for w in workers]
+    except KeyboardInterrupt:
+        for w in workers:
+            if w.poll() is None:
+                w.send_signal(signal.SIGTERM)
+        for w in workers:
+            w.wait()
+        raise
+    failed = [c for c in codes if c != 0]
+    if failed:
+        print(f"warning: {len(failed)} worker(s) ended with status {failed}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""The study's MLflow run: every trial's run is nested under it, and it holds the best so far.
+
+Tracking never stops a study: a store that fails is reported once and the trials go on (each
+trial's own tracker keeps its records through outages).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lmexp.mlflow_store import TrackingStore, check_tracking_uri, default_tracking_uri, flatten
+
+if TYPE_CHECKING:
+    import optuna
+
+    from sweeps.spec import SweepSpec
+    from sweeps.worker import Outcome
+
+log = logging.getLogger(__name__)
+
+
+class StudyRun:
+    """The parent MLflow run of a study (in the experiment named after the study)."""
+
+    def __init__(self, tracking_uri: str | None, experiment: str, run_id: str | None) -> None:
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.run_id = run_id
+        self._client: Any = None
+        self._warned = False
+
+    @classmethod
+    def start(cls, spec: SweepSpec, storage_url: str, run_id: str | None = None) -> StudyRun:
+        """Create the study's run (or reopen it, when a study is resumed). ``tracking_uri: false`` in
+        the sweep file turns tracking off."""
+        if spec.tracking_uri is False:
+            return cls(None, spec.study, None)
+        uri = check_tracking_uri(spec.tracking_uri or default_tracking_uri())
+        store = TrackingStore(uri, spec.study, f"study {spec.study}", run_id=run_id,
+                              tags={"optuna.study": spec.study, "optuna.storage": storage_url, "sweep.kind": "study"})
+        store.connect()
+        if not store.resumed:
+            settings = {"sampler": spec.sampler, "pruner": spec.pruner, "n_trials": spec.n_trials,
+                        "timeout": spec.timeout, "objectives": [o.metric for o in spec.objectives],
+                        "directions": spec.directions, "configs": spec.configs, "overrides": spec.overrides}
+            settings.update({f"space.{p.name}": _describe(p) for p in spec.params})
+            settings.update({f"space.{g.name}": sorted(g.choices) for g in spec.groups})
+            store.apply({"kind": "params", "values": flatten({"sweep": settings})})
+            if spec.source and Path(spec.source).is_file():
+                store.client.log_artifact(store.run_id, spec.source)
+        run = cls(uri, spec.study, store.run_id)
+        run._client = store.client
+        return run
+
+    @classmethod
+    def attach(cls, spec: SweepSpec, run_id: str | None) -> StudyRun:
+        """The run a study made, for a worker that joins it (nothing is created)."""
+        if spec.tracking_uri is False or run_id is None:
+            return cls(None if spec.tracking_uri is False else _uri(spec), spec.study, None)
+        return cls(_uri(spec), spec.study, run_id)
+
+    @property
+    def client(self) -> Any:
+        if self._client is None and self.tracking_uri:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(self.tracking_uri)
+        return self._client
+
+    def _safely(self, action: str, *calls: tuple[Any, ...]) -> None:
+        if self.run_id is None or self.client is None:
+            return
+        try:
+            for method, *args in calls:
+                method(*args)
+        except Exception as err:  # tracking is a record, not a reason to stop the study
+            if not self._warned:
+                self._warned = True
+                log.warning(f"MLflow: could not {action} in {self.tracking_uri}: {str(err).splitlines()[0]}")
+
+    def trial_finished(self, study: optuna.Study, outcome: Outcome) -> None:
+        """Tag the trial's run with its state and value; put the study's best so far on the parent."""
+        from optuna.trial import TrialState
+
+        trial_run = outcome.result.get("run_id")
+        if trial_run and self.client is not None:
+            tags = {"optuna.state": outcome.state.name}
+            if outcome.values:
+                tags["optuna.values"] = ", ".join(f"{v:.6g}" for v in outcome.values)
+            if outcome.reason:
+                tags["optuna.reason"] = outcome.reason[:500]
+            self._safely("tag the trial's run", *[(self.client.set_tag, trial_run, k, v) for k, v in tags.items()])
+        trials = study.get_trials(deepcopy=False)
+        counts = {state: sum(1 for t in trials if t.state == state)
+                  for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+        step = sum(counts.values())
+        import time
+
+        now = int(time.time() * 1000)
+        calls: list[tuple[Any, ...]] = [
+            (self.client.log_metric, self.run_id, f"trials_{state.name.lower()}", count, now, step)
+            for state, count in counts.items()] if self.client is not None else []
+        if len(study.directions) == 1:
+            try:
+                best = study.best_trial
+            except ValueError:
+                best = None
+            if best is not None:
+                calls.append((self.client.log_metric, self.run_id, "best_value", best.value, now, step))
+                calls.append((self.client.set_tag, self.run_id, "best_trial", str(best.number)))
+                calls += [(self.client.set_tag, self.run_id, f"best.{k}", str(v)) for k, v in best.params.items()]
+        else:
+            front = ", ".join(str(t.number) for t in study.best_trials)
+            calls.append((self.client.set_tag, self.run_id, "pareto_front_trials", front))
+        self._safely("update the study's run", *calls)
+
+    def log_artifacts(self, folder: Path, artifact_path: str = "report") -> None:
+        if self.client is not None:
+            self._safely("upload the report", (self.client.log_artifacts, self.run_id, str(folder), artifact_path))
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.client is not None:
+            self._safely("end the study's run", (self.client.set_terminated, self.run_id, status))
+
+
+def _uri(spec: SweepSpec) -> str:
+    return check_tracking_uri(spec.tracking_uri or default_tracking_uri())
+
+
+def _describe(param: Any) -> str:
+    if param.kind == "categorical":
+        return str(list(param.choices))
+    scale = ", log" if param.log else (f", step {param.step}" if param.step else "")
+    return f"{param.kind} [{param.low}, {param.high}{scale}]"

@@ -1,0 +1,165 @@
+"""One trial: an ``lmexp fit`` process that reports each validation to the study.
+
+A worker starts ``python -m sweeps.trial JOB.json`` for every trial. The trial trains through
+``lmexp.runs.build`` (the run ``lmexp fit`` would make, nested in the study's MLflow run), reports
+its validation metric to the study's storage, stops when the pruner says so, and writes what it
+measured to the job's result file. Training with DDP works as it does from the command line:
+Lightning starts the other ranks by re-running this same command, and only rank 0 talks to the
+study, then broadcasts the pruning decision, so every rank stops after the same validation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+
+from lmexp.errors import find_user_error
+from lmexp.models import count_parameters
+from lmexp.runs import build
+from lmexp.tracking import MLflowTracker, tracker_of
+
+
+class ReportToStudy(pl.Callback):
+    """Reports the monitored metric after every validation and stops the run when Optuna prunes it.
+
+    Optuna's Lightning integration callback asks the study on every rank under DDP (optuna#1417,
+    #6043); here only rank 0 does, and the others follow its broadcast decision.
+    """
+
+    def __init__(self, job: dict[str, Any]) -> None:
+        self.job = job
+        self.objectives: list[dict[str, Any]] = job["objectives"]
+        self.monitor = self.objectives[0]["metric"]
+        self.pruning = bool(job.get("pruning"))
+        self.best: dict[str, float] = {}
+        self.last: dict[str, float] = {}
+        self.state = "complete"
+        self.reason = ""
+        self.pruned_at: int | None = None
+        self.train_seconds = 0.0
+        self._train_start: float | None = None
+        self._trial: Any = None
+        self.n_parameters: int | None = None
+
+    # ------------------------------------------------------------------- study access (rank 0)
+    def _optuna_trial(self) -> Any:
+        if self._trial is None:
+            import optuna
+
+            from sweeps.spec import SweepSpec
+            from sweeps.study import make_pruner, open_storage
+
+            storage = open_storage(self.job["storage"], heartbeat_seconds=None)
+            spec = SweepSpec.from_dict(self.job["spec"])
+            study = optuna.load_study(study_name=self.job["study"], storage=storage, pruner=make_pruner(spec))
+            self._trial = optuna.trial.Trial(study, self.job["trial_id"])
+        return self._trial
+
+    # ---------------------------------------------------------------------------- hooks
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._train_start = time.perf_counter()
+        self.n_parameters = count_parameters(getattr(pl_module, "model", None) or pl_module)
+        if trainer.is_global_zero:
+            tracker = tracker_of(trainer)
+            write_result(self.job, {"state": "running", "run_id": tracker.wait_for_run() if tracker else None,
+                                    "n_parameters": self.n_parameters})
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._train_start is not None:
+            self.train_seconds = time.perf_counter() - self._train_start
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self._collect(trainer)
+        prune = False
+        diverged = False
+        if trainer.is_global_zero and self.monitor in self.last:
+            value = self.last[self.monitor]
+            if not math.isfinite(value):
+                diverged = True
+            elif self.pruning:
+                trial = self._optuna_trial()
+                trial.report(value, step=trainer.global_step)
+                prune = trial.should_prune()
+        prune, diverged = trainer.strategy.broadcast((prune, diverged), src=0)
+        if diverged:
+            self.state, self.reason = "failed", f"{self.monitor} is not finite at step {trainer.global_step}"
+            trainer.should_stop = True
+        elif prune:
+            self.state, self.pruned_at = "pruned", trainer.global_step
+            self.reason = f"pruned at step {trainer.global_step}"
+            trainer.should_stop = True
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._collect(trainer, validation=False)
+
+    def _collect(self, trainer: pl.Trainer, validation: bool = True) -> None:
+        for objective in self.objectives:
+            name = objective["metric"]
+            value = trainer.callback_metrics.get(name)
+            if value is None:
+                continue
+            value = float(value)
+            self.last[name] = value
+            if not validation or not math.isfinite(value):
+                continue
+            better = min if objective["direction"] == "minimize" else max
+            self.best[name] = better(self.best.get(name, value), value)
+
+    def measured(self) -> dict[str, Any]:
+        return {
+            "state": self.state, "reason": self.reason, "best": self.best, "last": self.last,
+            "n_parameters": self.n_parameters, "train_seconds": self.train_seconds, "pruned_at": self.pruned_at,
+        }
+
+
+def write_result(job: dict[str, Any], values: dict[str, Any]) -> None:
+    """Update the job's result file atomically (the worker may read it at any moment)."""
+    path = Path(job["result"])
+    current = json.loads(path.read_text()) if path.is_file() else {}
+    current.update(values)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(current))
+    temporary.replace(path)
+
+
+def run_trial(job: dict[str, Any]) -> int:
+    """Train the job's trial; return the process exit status (0 also for pruned or diverged trials)."""
+    reporter = ReportToStudy(job)
+    logger: Any = False
+    if job.get("tracking_uri"):
+        logger = MLflowTracker(tracking_uri=job["tracking_uri"], tags=job.get("tags") or {})
+    rank_zero = True
+    try:
+        run = build("fit", job["configs"], job["overrides"], callbacks=[reporter], logger=logger,
+                    experiment=job["study"], run_name=job["run_name"])
+        rank_zero = run.trainer.is_global_zero
+        run.execute()
+    except Exception as err:
+        user_error = find_user_error(err)
+        message = str(user_error) if user_error is not None else f"{type(err).__name__}: {err}"
+        if rank_zero:
+            write_result(job, {**reporter.measured(), "state": "failed", "reason": message.splitlines()[0]})
+        raise
+    if rank_zero:
+        write_result(job, {**reporter.measured(), "run_dir": str(run.run_dir)})
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        raise SystemExit("usage: python -m sweeps.trial JOB.json (started by a sweep worker)")
+    job = json.loads(Path(args[0]).read_text())
+    raise SystemExit(run_trial(job))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,282 @@
+"""A sweep worker: asks the study for trials and runs each as its own ``lmexp fit`` process.
+
+Running a trial in its own process (or process group, under DDP) means a crash, a NaN or an
+out-of-memory kill is one failed trial, never a dead study, and DDP inside a trial is exactly
+DDP from the command line. Several workers, on one host or many, share a study through its
+storage; each worker's trials get ``threads`` CPU threads, so N workers on one machine do not
+oversubscribe its cores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import optuna
+from optuna.trial import TrialState
+
+from sweeps.spec import MEASURES, SweepSpec
+from sweeps.study import FAIL_REASON_ATTR, INTERRUPTED, PARENT_RUN_ATTR, counted_trials, param_name, shown_url, suggest
+from sweeps.tracking import StudyRun
+
+
+@dataclass
+class Outcome:
+    number: int
+    state: TrialState
+    values: list[float] | None
+    reason: str
+    seconds: float
+    result: dict[str, Any]
+
+
+class Worker:
+    """Runs trials of one study until ``n_trials`` are done, the timeout passes, or it is stopped."""
+
+    def __init__(self, study: optuna.Study, spec: SweepSpec, storage: optuna.storages.BaseStorage, storage_url: str,
+                 root: Path, threads: int, devices: int = 1, name: str = "worker", log: TextIO | None = None,
+                 heartbeat_seconds: int | None = None) -> None:
+        self.study = study
+        self.spec = spec
+        self.storage = storage
+        self.storage_url = storage_url
+        self.root = root
+        self.threads = threads
+        self.devices = max(1, devices)
+        self.name = name
+        self.log = log
+        self.heartbeat_seconds = heartbeat_seconds
+        self.study_id = storage.get_study_id_from_name(study.study_name)
+        self.tracking = StudyRun.attach(spec, study.user_attrs.get(PARENT_RUN_ATTR))
+        self._child: subprocess.Popen | None = None
+        self._stopping = False
+
+    # ------------------------------------------------------------------------------ the loop
+    def run(self) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        deadline = time.monotonic() + self.spec.timeout if self.spec.timeout else None
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        for sig in previous:
+            signal.signal(sig, self._stop)
+        try:
+            while not self._stopping:
+                if deadline is not None and time.monotonic() >= deadline:
+                    self.say(f"{self.name}: timeout of {self.spec.timeout:g} s reached")
+                    break
+                trial = self._ask()
+                if trial is None:
+                    break
+                outcomes.append(self._run(trial))
+                if self._hopeless(outcomes):
+                    break
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return outcomes
+
+    def _hopeless(self, outcomes: list[Outcome], limit: int = 3) -> bool:
+        """Stop after ``limit`` failures in a row while no trial of the study has completed: a
+        setting every trial shares is wrong, and each further trial would fail the same way."""
+        recent = outcomes[-limit:]
+        if len(recent) < limit or any(o.state != TrialState.FAIL or o.reason == INTERRUPTED for o in recent):
+            return False
+        if any(t.state == TrialState.COMPLETE for t in self.study.get_trials(deepcopy=False)):
+            return False
+        self.say(f"{self.name}: stopping: the first {limit} trials failed ({recent[-1].reason}); fix the sweep or "
+                 f"fit config, then continue with python -m sweeps run --config FILE --resume")
+        return True
+
+    def _stop(self, signum: int, frame: Any) -> None:
+        self._stopping = True
+        if self._child is not None and self._child.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._child.pid, signal.SIGTERM)  # the trial checkpoints and stops
+
+    def _ask(self) -> optuna.Trial | None:
+        # Counting and asking under one lock: workers on this host never start more than n_trials.
+        with self._trial_slot():
+            optuna.storages.fail_stale_trials(self.study)  # a dead worker's trials: failed, queued again
+            if self.spec.n_trials is not None:
+                trials = self.study.get_trials(deepcopy=False)
+                if counted_trials(trials) >= self.spec.n_trials:
+                    return None
+            return self.study.ask()
+
+    @contextlib.contextmanager
+    def _trial_slot(self) -> Iterator[None]:
+        lock_path = self.root / ".trial-slot.lock"
+        with open(lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    # ----------------------------------------------------------------------------- one trial
+    def _run(self, trial: optuna.Trial) -> Outcome:
+        started = time.perf_counter()
+        overrides = suggest(trial, self.spec)
+        trial.set_user_attr("overrides", overrides)
+        trial.set_user_attr("worker", self.name)
+        trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, trial.number)
+        run_name = self._run_name(trial.number)
+        log_path = self.root / "logs" / f"{run_name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="lmexp-trial-") as scratch:
+            job = self._job(trial, trial_id, overrides, run_name, Path(scratch))
+            job_path = Path(scratch) / "job.json"
+            job_path.write_text(json.dumps(job, default=str))
+            code = self._launch(job_path, log_path, trial_id)
+            result_path = Path(job["result"])
+            result = json.loads(result_path.read_text()) if result_path.is_file() else {}
+        outcome = self._finish(trial, code, result, log_path, time.perf_counter() - started)
+        return outcome
+
+    def _run_name(self, number: int) -> str:
+        base = f"trial-{number:04d}"
+        name, attempt = base, 1
+        while (self.root / name).exists():  # a study of the same name made before, then deleted
+            attempt += 1
+            name = f"{base}-{attempt}"
+        return name
+
+    def _job(self, trial: optuna.Trial, trial_id: int, overrides: dict[str, Any], run_name: str,
+             scratch: Path) -> dict[str, Any]:
+        tags = {"optuna.study": self.study.study_name, "optuna.trial": str(trial.number),
+                "optuna.storage": shown_url(self.storage_url), "sweep.worker": self.name}
+        tags.update({f"optuna.param.{k}": str(v) for k, v in trial.params.items()})
+        if self.tracking.run_id:
+            tags["mlflow.parentRunId"] = self.tracking.run_id
+        return {
+            "study": self.study.study_name, "storage": self.storage_url, "trial_id": trial_id, "number": trial.number,
+            "configs": self.spec.configs, "overrides": overrides, "run_name": run_name,
+            "objectives": [{"metric": o.metric, "direction": o.direction} for o in self.spec.objectives],
+            "pruning": self.spec.pruning, "spec": self.spec.to_dict(), "tracking_uri": self.tracking.tracking_uri,
+            "tags": tags, "result": str(scratch / "result.json"),
+        }
+
+    def _launch(self, job_path: Path, log_path: Path, trial_id: int) -> int:
+        env = dict(os.environ)
+        per_rank = str(max(1, self.threads // self.devices))
+        env.update({"OMP_NUM_THREADS": per_rank, "MKL_NUM_THREADS": per_rank, "PYTHONUNBUFFERED": "1"})
+        env.pop("LMEXP_RUN_DIR", None)
+        # Optuna beats only inside Study.optimize; a worker that runs trials as processes beats itself.
+        interval = self.storage.get_heartbeat_interval() if isinstance(self.storage, optuna.storages.RDBStorage) else None
+        stop_beat = threading.Event()
+        if interval:
+            self.storage.record_heartbeat(trial_id)
+
+            def beat() -> None:
+                while not stop_beat.wait(interval):
+                    with contextlib.suppress(Exception):
+                        self.storage.record_heartbeat(trial_id)
+
+            threading.Thread(target=beat, daemon=True, name="trial-heartbeat").start()
+        try:
+            with open(log_path, "ab") as log:
+                # Its own session: Ctrl-C in the terminal reaches the worker, which stops the trial cleanly.
+                self._child = subprocess.Popen([sys.executable, "-m", "sweeps.trial", str(job_path)], env=env,
+                                               stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                               start_new_session=True)
+                return self._child.wait()
+        finally:
+            stop_beat.set()
+            self._child = None
+
+    def _finish(self, trial: optuna.Trial, code: int, result: dict[str, Any], log_path: Path, seconds: float) -> Outcome:
+        state_name = result.get("state", "failed")
+        reason = result.get("reason") or ""
+        values: list[float] | None = None
+        if self._stopping:
+            state_name, reason = "failed", INTERRUPTED
+        elif code != 0 and state_name in ("running", "complete"):
+            state_name = "failed"
+            reason = reason or _exit_reason(code)
+        elif code != 0:
+            reason = reason or _exit_reason(code)
+        if state_name == "complete":
+            values, missing = objective_values(self.spec, result)
+            if missing:
+                state_name, reason = "failed", missing
+        for key in MEASURES:
+            if result.get(key) is not None:
+                trial.set_user_attr(key, result[key])
+        if result.get("run_id"):
+            trial.set_user_attr("mlflow_run_id", result["run_id"])
+        trial.set_user_attr("log", str(log_path))
+        if state_name == "failed":
+            trial.set_user_attr(FAIL_REASON_ATTR, reason)
+        state = {"complete": TrialState.COMPLETE, "pruned": TrialState.PRUNED}.get(state_name, TrialState.FAIL)
+        self.study.tell(trial, values if state == TrialState.COMPLETE else None, state=state)
+        outcome = Outcome(trial.number, state, values, reason, seconds, result)
+        self.tracking.trial_finished(self.study, outcome)
+        self.say(self._line(trial, outcome, log_path))
+        return outcome
+
+    # ---------------------------------------------------------------------------- progress
+    def _line(self, trial: optuna.Trial, outcome: Outcome, log_path: Path) -> str:
+        params = ", ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
+        if outcome.state == TrialState.COMPLETE:
+            shown = ", ".join(f"{o.metric}={v:.4g}" for o, v in zip(self.spec.objectives, outcome.values or []))
+            what = f"complete {shown}"
+        elif outcome.state == TrialState.PRUNED:
+            what = f"pruned at step {outcome.result.get('pruned_at')}"
+        else:
+            what = f"failed: {outcome.reason} (log: {log_path})"
+        line = f"{self.name}: trial {trial.number} [{params}] {what} ({outcome.seconds:.0f} s)"
+        if not self.spec.multi_objective:
+            with contextlib.suppress(ValueError):
+                best = self.study.best_trial
+                line += f" | best {best.value:.4g} (trial {best.number})"
+        return line
+
+    def say(self, line: str) -> None:
+        print(line, flush=True)
+        if self.log is not None:
+            self.log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+            self.log.flush()
+
+
+def objective_values(spec: SweepSpec, result: dict[str, Any]) -> tuple[list[float], str]:
+    """The trial's objective values from what it measured; or a reason it has none."""
+    values = []
+    for objective in spec.objectives:
+        if objective.metric in MEASURES:
+            value = result.get(objective.metric)
+        else:
+            value = result.get(objective.reduce, {}).get(objective.metric)
+        if value is None:
+            logged = sorted(set(result.get("last", {})) | set(MEASURES))
+            return [], f"metric {objective.metric!r} was never logged (objectives can use: {', '.join(logged)})"
+        if not math.isfinite(float(value)):
+            return [], f"{objective.metric} is {value}"
+        values.append(float(value))
+    return values, ""
+
+
+def _exit_reason(code: int) -> str:
+    if code < 0:
+        name = signal.Signals(-code).name
+        hint = " (out of memory?)" if -code == signal.SIGKILL else ""
+        return f"trial process killed by {name}{hint}"
+    return f"trial process exited with status {code}"
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+__all__ = ["Worker", "Outcome", "objective_values", "param_name"]
