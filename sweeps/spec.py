@@ -35,7 +35,7 @@ import yaml
 from lmexp.errors import ConfigError
 
 SAMPLERS = ("tpe", "random", "grid", "gp", "cmaes", "nsga2")
-PRUNERS = ("none", "median", "successive_halving", "hyperband")
+PRUNERS = ("none", "median", "successive_halving", "hyperband", "threshold")
 DIRECTIONS = ("minimize", "maximize")
 # Measures every trial reports besides its logged metrics: the cost side of a Pareto front.
 MEASURES = ("n_parameters", "train_seconds")

@@ -98,13 +98,28 @@ def make_sampler(spec: SweepSpec, worker_index: int = 0) -> optuna.samplers.Base
     if name == "grid":
         grid = {param_name(p.name): p.grid() for p in spec.params}
         grid.update({g.name: list(g.choices) for g in spec.groups})
-        return _construct("sampler", name, optuna.samplers.GridSampler, {"search_space": grid, "seed": seed, **options})
+        return _construct("sampler", name, GridSampler, {"search_space": grid, "seed": seed, **options})
     if name == "cmaes":
         try:
             import cmaes  # noqa: F401
         except ImportError:
             raise ConfigError("sampler cmaes needs the cmaes package: pip install cmaes") from None
     return _construct("sampler", name, samplers[name], {"seed": seed, **options})
+
+
+class GridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler, for workers that ask and tell. After a trial Optuna's only calls
+    ``Study.stop`` when the grid is done, which works only inside ``Study.optimize``; a worker
+    asks ``exhausted`` before each trial instead."""
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
+                    values: Sequence[float] | None) -> None:
+        pass
+
+
+def exhausted(study: optuna.Study) -> bool:
+    """True when the study's sampler has nothing left to propose (a finished grid)."""
+    return isinstance(study.sampler, optuna.samplers.GridSampler) and study.sampler.is_exhausted(study)
 
 
 def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
@@ -116,6 +131,7 @@ def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
         "median": optuna.pruners.MedianPruner,
         "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
         "hyperband": optuna.pruners.HyperbandPruner,
+        "threshold": optuna.pruners.ThresholdPruner,  # stop a trial whose metric leaves [lower, upper]
     }
     return _construct("pruner", name, pruners[name], options)
 

@@ -29,7 +29,9 @@ import optuna
 from optuna.trial import TrialState
 
 from sweeps.spec import MEASURES, SweepSpec
-from sweeps.study import FAIL_REASON_ATTR, INTERRUPTED, PARENT_RUN_ATTR, counted_trials, param_name, shown_url, suggest
+from sweeps.study import (
+    FAIL_REASON_ATTR, INTERRUPTED, PARENT_RUN_ATTR, counted_trials, exhausted, param_name, shown_url, suggest,
+)
 from sweeps.tracking import StudyRun
 
 
@@ -113,6 +115,9 @@ class Worker:
                 trials = self.study.get_trials(deepcopy=False)
                 if counted_trials(trials) >= self.spec.n_trials:
                     return None
+            if exhausted(self.study):
+                self.say(f"{self.name}: every point of the grid has been tried")
+                return None
             return self.study.ask()
 
     @contextlib.contextmanager

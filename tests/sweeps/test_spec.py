@@ -1,0 +1,159 @@
+"""Sweep files and search spaces: parsing, checks against the fit schema, one-line errors."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState, create_trial
+
+from lmexp.errors import ConfigError
+from sweeps.spec import load_spec, parse_spec
+from sweeps.study import (
+    FAIL_REASON_ATTR, INTERRUPTED, check_space, counted_trials, create_or_resume, exhausted, make_pruner, make_sampler,
+    open_storage, param_name, suggest,
+)
+from sweeps.worker import objective_values
+from tests.sweeps.conftest import SIZES, write_sweep
+
+BASE = {"fit": {"config": ["fit.yaml"]}}
+
+
+def spec_with(space=None, **settings):
+    return parse_spec({**BASE, "space": space or {"model.init_args.lr": {"low": 1e-3, "high": 1e-2}}, **settings})
+
+
+@pytest.mark.parametrize("space, settings, expected", [
+    ({"model.init_args.lr": {"choices": []}}, {}, "choice list is empty"),
+    ({"size": {"type": "group", "choices": {}}}, {}, "choice list is empty"),
+    ({"model.init_args.lr": {"low": 0.1, "high": 0.01}}, {}, "low=0.1 is greater than high=0.01"),
+    ({"model.init_args.lr": {"low": 0.0, "high": 0.01, "log": True}}, {}, "log scale needs low > 0"),
+    ({"model.init_args.lr": {"low": "1e-3", "high": 0.01}}, {}, "is not a number"),
+    ({"model.init_args.lr": {"low": 1e-3}}, {}, "give 'low' and 'high'"),
+    ({"model.init_args.lr": {"low": 1e-3, "high": 1e-2, "step": 1e-3, "log": True}}, {}, "cannot be combined"),
+    (None, {"pruner": {"name": "median"}, "objectives": ["val/loss", "n_parameters"]}, "pruning needs a single objective"),
+    (None, {"sampler": {"name": "annealing"}}, "sampler 'annealing' unknown"),
+    (None, {"n_trials": 0}, "n_trials=0 must be a positive integer"),
+    (None, {"trials": 3}, "sweep setting(s) trials unknown"),
+    (None, {"objectives": [{"metric": "val/loss", "direction": "down"}]}, "direction='down' must be minimize or maximize"),
+])
+def test_bad_sweep_files_are_one_line_errors(space, settings, expected):
+    with pytest.raises(ConfigError) as caught:
+        spec_with(space, **settings)
+    assert expected in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_missing_sweep_file_names_itself(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+def test_ranges_choices_and_groups_become_fit_overrides():
+    spec = parse_spec({"fit": {"config": ["fit.yaml"], "overrides": {"trainer.max_steps": 7}}, "space": {
+        "model.init_args.lr": {"low": 1e-4, "high": 1e-2, "log": True},
+        "model.init_args.warmup_steps": {"low": 0, "high": 20, "step": 5},
+        "model.init_args.betas": {"choices": [[0.9, 0.95], [0.9, 0.99]]},
+        "size": {"choices": SIZES},
+    }})
+    assert [p.kind for p in spec.params] == ["float", "int", "categorical"]
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    for _ in range(8):
+        trial = study.ask()
+        overrides = suggest(trial, spec)
+        assert overrides["trainer.max_steps"] == 7
+        assert 1e-4 <= overrides["model.init_args.lr"] <= 1e-2
+        assert overrides["model.init_args.warmup_steps"] in (0, 5, 10, 15, 20)
+        assert overrides["model.init_args.betas"] in ([0.9, 0.95], [0.9, 0.99])
+        size = SIZES[trial.params["size"]]
+        assert {k: overrides[k] for k in size} == size  # a group's fields are chosen together
+        assert set(trial.params) == {"model.lr", "model.warmup_steps", "model.betas", "size"}
+        study.tell(trial, 1.0)
+    assert param_name("model.init_args.network_overrides.n_layer") == "model.n_layer"
+
+
+def test_grid_sampler_walks_choices_steps_and_groups():
+    spec = parse_spec({**BASE, "sampler": {"name": "grid"}, "space": {
+        "model.init_args.warmup_steps": {"low": 0, "high": 10, "step": 5}, "size": {"choices": SIZES}}})
+    study = optuna.create_study(sampler=make_sampler(spec))
+    seen = set()
+    while not exhausted(study):
+        trial = study.ask()
+        suggest(trial, spec)
+        seen.add((trial.params["model.warmup_steps"], trial.params["size"]))
+        study.tell(trial, 0.0)
+    assert len(study.trials) == 6
+    assert seen == {(w, s) for w in (0, 5, 10) for s in SIZES}
+    with pytest.raises(ConfigError, match="grid sampler needs"):
+        make_sampler(spec_with(sampler={"name": "grid"}))
+
+
+def test_sampler_and_pruner_options_are_checked():
+    assert isinstance(make_pruner(spec_with(pruner={"name": "hyperband", "min_resource": 10})),
+                      optuna.pruners.HyperbandPruner)
+    with pytest.raises(ConfigError, match="pruner median: .*patience"):
+        make_pruner(spec_with(pruner={"name": "median", "patience": 3}))
+    assert make_sampler(spec_with(sampler={"name": "tpe", "seed": 4}), worker_index=1)._rng.rng.randint(10**9) == \
+        make_sampler(spec_with(sampler={"name": "tpe", "seed": 5}))._rng.rng.randint(10**9)
+
+
+def test_every_key_and_group_is_checked_against_the_fit_schema(workdir):
+    assert check_space(load_spec(write_sweep(workdir)))["model"]["init_args"]["network"] == "gpt-tiny"
+    bad_key = write_sweep(workdir, "bad-key", space={"model.init_args.learning_rate": {"low": 1e-3, "high": 1e-2}})
+    with pytest.raises(ConfigError) as caught:
+        check_space(load_spec(bad_key))
+    assert "no option 'learning_rate'" in str(caught.value) and "\n" not in str(caught.value)
+    bad_size = write_sweep(workdir, "bad-size", space={"size": {"choices": {
+        "fine": SIZES["small"], "odd": {**SIZES["small"], "model.init_args.network_overrides.n_head": 3}}}})
+    with pytest.raises(ConfigError, match=r"n_embd=16 is not divisible by n_head=3.*size=odd"):
+        check_space(load_spec(bad_size))
+    bad_value = write_sweep(workdir, "bad-value", space={"data.init_args.batch_size": {"choices": [4, "many"]}})
+    with pytest.raises(ConfigError, match="batch_size"):
+        check_space(load_spec(bad_value))
+
+
+def test_unreachable_storage_is_one_line_without_the_password():
+    with pytest.raises(ConfigError) as caught:
+        open_storage("postgresql://lmexp:secret@127.0.0.1:9/nowhere", heartbeat_seconds=None)
+    message = str(caught.value)
+    assert "cannot be reached" in message and "secret" not in message and "\n" not in message
+    with pytest.raises(ConfigError, match="is not a URL"):
+        open_storage("optuna.db")
+
+
+def test_a_study_name_taken_by_another_space_is_refused(tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    storage = open_storage(url)
+    first = spec_with(study="s")
+    create_or_resume(first, storage, url, resume=False)
+    with pytest.raises(ConfigError, match="exists .* with 0 trials: continue it with --resume"):
+        create_or_resume(first, storage, url, resume=False)
+    assert create_or_resume(first, storage, url, resume=True).study_name == "s"
+    other = spec_with({"model.init_args.lr": {"low": 1e-4, "high": 1e-2}}, study="s")
+    with pytest.raises(ConfigError, match="with another search space: resume it .* or give this one another name"):
+        create_or_resume(other, storage, url, resume=True)
+    with pytest.raises(ConfigError, match="no study 'new'"):
+        create_or_resume(spec_with(study="new"), storage, url, resume=True)
+
+
+def test_retried_and_interrupted_trials_do_not_count_towards_n_trials():
+    done = create_trial(state=TrialState.COMPLETE, value=1.0)
+    stale = create_trial(state=TrialState.FAIL)
+    retry = create_trial(state=TrialState.WAITING, system_attrs={"failed_trial": 1})
+    interrupted = create_trial(state=TrialState.FAIL, user_attrs={FAIL_REASON_ATTR: INTERRUPTED})
+    crashed = create_trial(state=TrialState.FAIL, user_attrs={FAIL_REASON_ATTR: "exit status 1"})
+    assert RetryHeartbeatStaleTrialCallback.retried_trial_number(retry) == 1
+    # The waiting retry must still be run: the stale trial it repeats leaves its place free.
+    assert counted_trials([done, stale, retry, interrupted, crashed]) == 2
+    running = create_trial(state=TrialState.RUNNING, system_attrs={"failed_trial": 1})
+    assert counted_trials([done, stale, running, interrupted, crashed]) == 3
+
+
+def test_objective_values_come_from_metrics_or_measures():
+    spec = spec_with(objectives=[{"metric": "val/loss"}, {"metric": "n_parameters"}])
+    result = {"best": {"val/loss": 1.5}, "last": {"val/loss": 1.6}, "n_parameters": 1000}
+    assert objective_values(spec, result) == ([1.5, 1000.0], "")
+    last = spec_with(objectives=[{"metric": "val/loss", "reduce": "last"}])
+    assert objective_values(last, result) == ([1.6], "")
+    values, reason = objective_values(spec_with(objectives=["val/acc"]), result)
+    assert values == [] and "'val/acc' was never logged" in reason

@@ -1,0 +1,172 @@
+"""Whole studies through ``python -m sweeps``: trials as processes, storages, workers, tracking."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from sweeps.study import open_storage
+from tests.sweeps.conftest import sweeps_command, write_sweep
+
+
+def trials_of(name: str, storage: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=open_storage(storage, heartbeat_seconds=None)).trials
+
+
+def test_a_study_runs_tracks_reports_and_resumes(workdir, isolated_tracking):
+    sweep = write_sweep(workdir, "lr-size", pruner={"name": "median", "n_startup_trials": 1})
+    result = sweeps_command("run", "--config", str(sweep))
+    storage = f"sqlite:///{workdir / 'optuna.db'}"
+    trials = trials_of("lr-size", storage)
+    assert len(trials) == 3 and {t.number for t in trials} == {0, 1, 2}
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    first = trials[0]  # never pruned: nothing to compare it with yet
+    assert first.state == TrialState.COMPLETE and set(first.intermediate_values) == {10, 20}
+    assert first.value == min(first.intermediate_values.values())  # the best validation
+    for trial in trials:
+        assert (workdir / "runs" / "lr-size" / f"trial-{trial.number:04d}" / "config.yaml").is_file()
+        assert trial.user_attrs["n_parameters"] > 0
+        overrides = trial.user_attrs["overrides"]
+        assert overrides["model.init_args.lr"] == trial.params["model.lr"]
+    assert "trial 2 [" in result.stdout and "report in" in result.stdout
+    log = (workdir / "runs" / "lr-size" / "sweep.log").read_text()
+    assert log.count("] complete") + log.count("] pruned") == 3  # progress also in the log file
+    report = workdir / "runs" / "lr-size" / "report"
+    for name in ("trials.csv", "optimization_history.png", "optimization_history.html", "val_loss_vs_size.png",
+                 "slice.png", "intermediate_values.png"):
+        assert (report / name).is_file(), name
+
+    client = MlflowClient(isolated_tracking)
+    experiment = client.get_experiment_by_name("lr-size")
+    runs = client.search_runs([experiment.experiment_id])
+    parent = [r for r in runs if r.data.tags.get("sweep.kind") == "study"]
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    parent = parent[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(int(r.data.tags["optuna.trial"]) for r in children) == [0, 1, 2]
+    assert {r.data.tags["optuna.state"] for r in children} <= {"COMPLETE", "PRUNED"}
+    best = min((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)
+    assert parent.data.metrics["best_value"] == pytest.approx(best.value)
+    assert parent.data.tags["best_trial"] == str(best.number)
+    assert "optimization_history.png" in {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "report")}
+
+    # The same name again is refused with the way out; --resume continues to a larger budget.
+    again = sweeps_command("run", "--config", str(sweep), check=False)
+    assert again.returncode == 2 and "continue it with --resume" in again.stderr
+    assert again.stderr.count("\n") == 1
+    sweeps_command("run", "--config", str(sweep), "--resume", "--n_trials", "4")
+    assert len(trials_of("lr-size", storage)) == 4
+    shown = sweeps_command("report", "--study", "lr-size")
+    assert "study lr-size" in shown.stdout and "complete" in shown.stdout
+
+
+def test_a_failing_trial_is_one_failed_trial_not_a_dead_study(workdir):
+    # The first source does not exist: its trials fail at data setup; the others train.
+    sweep = write_sweep(workdir, "some-fail", n_trials=4, sampler={"name": "grid"},
+                        space={"data.init_args.source": {"choices": ["missing.txt", "corpus.txt"]},
+                               "model.init_args.lr": {"choices": [1e-3, 3e-3]}})
+    sweeps_command("run", "--config", str(sweep))
+    trials = trials_of("some-fail", f"sqlite:///{workdir / 'optuna.db'}")
+    states = {t.params["data.source"]: set() for t in trials}
+    for trial in trials:
+        states[trial.params["data.source"]].add(trial.state)
+    assert states == {"missing.txt": {TrialState.FAIL}, "corpus.txt": {TrialState.COMPLETE}}
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert all("missing.txt" in t.user_attrs["fail_reason"] for t in failed)
+    assert all(Path(t.user_attrs["log"]).is_file() for t in failed)
+
+
+def test_several_objectives_give_a_pareto_front(workdir):
+    sweep = write_sweep(workdir, "front", n_trials=3, objectives=["val/loss", {"metric": "n_parameters"}])
+    sweeps_command("run", "--config", str(sweep))
+    trials = trials_of("front", f"sqlite:///{workdir / 'optuna.db'}")
+    assert all(len(t.values) == 2 and t.values[1] == t.user_attrs["n_parameters"] for t in trials)
+    assert (workdir / "runs" / "front" / "report" / "pareto_front.png").is_file()
+
+
+@pytest.mark.distributed
+def test_pruning_stops_every_rank_of_a_ddp_trial(workdir):
+    fit = (workdir / "fit.yaml").read_text().replace("devices: 1", "devices: 2\n  strategy: ddp")
+    (workdir / "fit.yaml").write_text(fit)
+    # No loss of this model goes below 0.5: the threshold pruner stops the trial at its first validation.
+    sweep = write_sweep(workdir, "ddp", n_trials=1, pruner={"name": "threshold", "upper": 0.5})
+    sweeps_command("run", "--config", str(sweep))
+    (trial,) = trials_of("ddp", f"sqlite:///{workdir / 'optuna.db'}")
+    assert trial.state == TrialState.PRUNED
+    assert list(trial.intermediate_values) == [10]
+    log = Path(trial.user_attrs["log"]).read_text()
+    assert "GLOBAL_RANK: 1" in log  # the trial really trained with two processes
+    checkpoints = workdir / "runs" / "ddp" / "trial-0000" / "checkpoints"
+    assert (checkpoints / "last.ckpt").is_file()
+
+
+def _two_workers(workdir: Path, storage: str, name: str) -> None:
+    sweep = write_sweep(workdir, name, n_trials=5, workers=2, storage=storage)
+    result = sweeps_command("run", "--config", str(sweep))
+    trials = trials_of(name, storage)
+    numbers = [t.number for t in trials]
+    assert len(trials) == 5 and sorted(numbers) == list(range(5))  # the count, and no number twice
+    assert {t.state for t in trials} == {TrialState.COMPLETE}
+    assert {t.user_attrs["worker"] for t in trials} == {"worker 0", "worker 1"}
+    assert result.stdout.count("joined study") == 2
+
+
+def test_two_workers_share_a_journal_study(workdir):
+    _two_workers(workdir, f"journal:{workdir / 'optuna.journal'}", "journal")
+
+
+def test_two_workers_share_a_postgresql_study(workdir, postgres_url):
+    _two_workers(workdir, postgres_url, "postgres")
+
+
+def test_a_dead_workers_trial_is_found_by_heartbeat_and_run_again(workdir):
+    storage = f"sqlite:///{workdir / 'optuna.db'}"
+    sweep = write_sweep(workdir, "heartbeat", n_trials=2, storage=storage)
+    env = dict(os.environ)
+    first = subprocess.Popen([sys.executable, "-m", "sweeps", "run", "--config", str(sweep), "--heartbeat", "1"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                             start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # kill the worker while its first trial runs
+        running = [t for t in trials_of_safely("heartbeat", storage) if t.state == TrialState.RUNNING]
+        if running:
+            break
+        time.sleep(0.5)
+    assert running, "the first trial never started"
+    os.killpg(first.pid, signal.SIGKILL)  # the worker and its trial die without a word
+    first.wait()
+    time.sleep(5)  # past the grace period (4 heartbeats)
+    sweeps_command("worker", "--study", "heartbeat", "--storage", storage, "--heartbeat", "1")
+    trials = trials_of("heartbeat", storage)
+    states = [t.state for t in trials]
+    assert states.count(TrialState.FAIL) == 1 and states.count(TrialState.COMPLETE) == 2
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == 0]
+    assert len(retried) == 1 and retried[0].params == trials[0].params  # the dead trial, run again
+
+
+def trials_of_safely(name: str, storage: str) -> list:
+    try:
+        return trials_of(name, storage)
+    except (KeyError, ValueError):
+        return []  # the study is not created yet
+
+
+def test_sweep_bad_input_is_one_line(workdir):
+    bad = write_sweep(workdir, "bad", space={"model.init_args.no_such_option": {"choices": [1, 2]}})
+    result = sweeps_command("run", "--config", str(bad), check=False)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: sweep bad:") and "no_such_option" in result.stderr
+    assert result.stderr.count("\n") == 1
+    unknown = sweeps_command("worker", "--study", "nothing", check=False)
+    assert unknown.returncode == 2 and "no study 'nothing'" in unknown.stderr
+    flag = sweeps_command("run", "--confg", "x.yaml", check=False)
+    assert flag.returncode == 2 and flag.stderr.count("\n") == 1
