@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             (run_generate if words[0] == "generate" else run_runs)(words[1:])
         except Exception as err:
-            _exit_onfind_user_error(err)
+            _exit_on_user_error(err)
         return
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     except MisconfigurationException as err:  # Lightning's own check of a trainer setting
         _user_error_exit(_one_line(str(err)))
     except Exception as err:
-        _exit_onfind_user_error(err)
+        _exit_on_user_error(err)
 
 
 def _exit_on_user_error(err: Exception) -> None:

@@ -288,3 +288,19 @@ def test_unknown_prompt_characters_are_named(tmp_path, capsys):
     main(["generate", "--ckpt", str(tmp_path / "export"), "--prompt", "ab\u00e9c\u2014", "--max_new_tokens", "3"])
     err = capsys.readouterr().err
     assert "warning: prompt 'ab\u00e9c\u2014'" in err and "'\u00e9', '\u2014'" in err and "not in the tokenizer's vocabulary" in err
+
+
+def test_check_validates_a_run_without_making_it(tmp_path, monkeypatch):
+    from lmexp.errors import ConfigError
+    from lmexp.runs import check
+
+    monkeypatch.chdir(tmp_path)
+    config = check("fit", [ROOT / "configs" / "quickstart.yaml"], {"model.init_args.lr": 1e-3})
+    assert config["model"]["init_args"]["lr"] == 1e-3 and config["data"]["init_args"]["source"] == "python-docs"
+    with pytest.raises(ConfigError, match="has no option 'lrx'"):
+        check("fit", [ROOT / "configs" / "quickstart.yaml"], {"model.init_args.lrx": 1e-3})
+    # What only the classes check (the network's fields) is checked too, as one line.
+    with pytest.raises(ConfigError) as caught:
+        check("fit", [ROOT / "configs" / "quickstart.yaml"], {"model.init_args.network_overrides.n_head": 3})
+    assert str(caught.value) == "n_embd=128 is not divisible by n_head=3: choose n_embd as a multiple of n_head"
+    assert list(tmp_path.iterdir()) == []  # no run folder, no tracking store
