@@ -52,8 +52,8 @@ def parser() -> argparse.ArgumentParser:
 def _common(verb: argparse.ArgumentParser) -> None:
     verb.add_argument("--storage", help="Optuna storage: sqlite:///optuna.db (default), journal:PATH, postgresql://...")
     verb.add_argument("--threads", type=int, help="CPU threads per trial (default: cores / workers)")
-    verb.add_argument("--heartbeat", type=int, default=None,
-                      help="seconds between heartbeats of a running trial (database storages; default 30)")
+    verb.add_argument("--heartbeat", type=int, default=30,
+                      help="seconds between heartbeats of a running trial; after 4 missed ones it is run again (0: off)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> None:
 # ---------------------------------------------------------------------------------- verbs
 def run_command(args: argparse.Namespace) -> None:
     from sweeps.spec import load_spec
-    from sweeps.study import PARENT_RUN_ATTR, check_space, create_or_resume, default_storage, open_storage, shown_url
+    from sweeps.study import (
+        PARENT_RUN_ATTR, ROOT_ATTR, check_space, create_or_resume, default_storage, open_storage, shown_url,
+    )
     from sweeps.tracking import StudyRun
 
     spec = load_spec(args.config)
@@ -86,36 +88,32 @@ def run_command(args: argparse.Namespace) -> None:
     print(f"sweep {spec.study}: search space checked against {', '.join(spec.configs)} "
           f"({len(spec.params)} options, {len(spec.groups)} groups)", flush=True)
     storage_url = spec.storage or default_storage()
-    storage = open_storage(storage_url, heartbeat_seconds=args.heartbeat or 30)
+    storage = open_storage(storage_url, heartbeat_seconds=args.heartbeat)
     study = create_or_resume(spec, storage, storage_url, args.resume)
     parent = StudyRun.start(spec, shown_url(storage_url), run_id=study.user_attrs.get(PARENT_RUN_ATTR))
     if parent.run_id and study.user_attrs.get(PARENT_RUN_ATTR) != parent.run_id:
         study.set_user_attr(PARENT_RUN_ATTR, parent.run_id)
     root = study_root(config, spec.study)
+    study.set_user_attr(ROOT_ATTR, str(root))
     threads = spec.threads or max(1, (os.cpu_count() or 1) // spec.workers)
     print(f"study {spec.study} in {shown_url(storage_url)}: {spec.workers} worker(s), {threads} thread(s) per trial; "
           f"trials in {root}, progress in {root / 'sweep.log'}", flush=True)
-    status = "FINISHED"
-    try:
-        if spec.workers == 1:
-            _work(spec, study, storage, storage_url, root, threads, config, index=0, heartbeat=args.heartbeat)
-        else:
-            _spawn_workers(spec, storage_url, threads, args.heartbeat)
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        if status == "KILLED":
-            parent.end("KILLED")
+    if spec.workers == 1:
+        stopped = _work(spec, study, storage, storage_url, root, threads, config, index=0, heartbeat=args.heartbeat)
+    else:
+        stopped = _spawn_workers(spec, storage_url, threads, args.heartbeat)
     elapsed = time.perf_counter() - started
     out = root / "report"
     from sweeps.report import report
 
     report(study, spec, out)
     parent.log_artifacts(out)
-    parent.end(status)
+    parent.end("KILLED" if stopped else "FINISHED")
     print(f"study {spec.study}: {len(study.trials)} trials in {elapsed:.0f} s; report in {out}; "
           f"dashboard: optuna-dashboard {shown_url(storage_url)}", flush=True)
+    if stopped:
+        print(f"interrupted: continue with python -m sweeps run --config {args.config} --resume", file=sys.stderr)
+        raise SystemExit(130)
 
 
 def worker_command(args: argparse.Namespace) -> None:
@@ -126,7 +124,7 @@ def worker_command(args: argparse.Namespace) -> None:
         from sweeps.study import default_storage
 
         storage_url = default_storage()
-    storage = open_storage(storage_url, heartbeat_seconds=args.heartbeat or 30)
+    storage = open_storage(storage_url, heartbeat_seconds=args.heartbeat)
     import optuna
 
     if args.study not in optuna.get_all_study_names(storage):
@@ -138,12 +136,13 @@ def worker_command(args: argparse.Namespace) -> None:
     study = load(args.study, storage, spec, worker_index=index)
     threads = args.threads or spec.threads or (os.cpu_count() or 1)
     root = study_root(config, spec.study)
-    _work(spec, study, storage, storage_url, root, threads, config, index=index, heartbeat=args.heartbeat)
+    if _work(spec, study, storage, storage_url, root, threads, config, index=index, heartbeat=args.heartbeat):
+        raise SystemExit(130)
 
 
 def report_command(args: argparse.Namespace) -> None:
     from sweeps.report import report
-    from sweeps.study import default_storage, load, open_storage, stored_spec
+    from sweeps.study import ROOT_ATTR, default_storage, load, open_storage, stored_spec
 
     storage_url = args.storage or default_storage()
     storage = open_storage(storage_url, heartbeat_seconds=None)
@@ -153,7 +152,7 @@ def report_command(args: argparse.Namespace) -> None:
         load(args.study, storage)
     study = optuna.load_study(study_name=args.study, storage=storage)
     spec = stored_spec(study)
-    out = Path(args.out) if args.out else Path("runs") / spec.study / "report"
+    out = Path(args.out) if args.out else Path(study.user_attrs.get(ROOT_ATTR, Path("runs") / spec.study)) / "report"
     _, files = report(study, spec, out)
     print(f"wrote {len(files)} files to {out}")
 
@@ -173,7 +172,8 @@ def _devices(config: dict[str, Any]) -> int:
 
 
 def _work(spec: Any, study: Any, storage: Any, storage_url: str, root: Path, threads: int, config: dict[str, Any],
-          index: int, heartbeat: int | None) -> None:
+          index: int, heartbeat: int | None) -> bool:
+    """Run trials in this process until the study is done; True if stopped by Ctrl-C or SIGTERM."""
     from sweeps.worker import Worker
 
     name = f"worker {index}"
@@ -182,27 +182,34 @@ def _work(spec: Any, study: Any, storage: Any, storage_url: str, root: Path, thr
                         heartbeat_seconds=heartbeat)
         worker.say(f"{name}: joined study {spec.study} (pid {os.getpid()}, {threads} thread(s) per trial)")
         outcomes = worker.run()
-        worker.say(f"{name}: done after {len(outcomes)} trial(s)")
+        worker.say(f"{name}: {'stopped' if worker.stopped else 'done'} after {len(outcomes)} trial(s)")
+    return worker.stopped
 
 
-def _spawn_workers(spec: Any, storage_url: str, threads: int, heartbeat: int | None) -> None:
+def _spawn_workers(spec: Any, storage_url: str, threads: int, heartbeat: int) -> bool:
+    """Run ``spec.workers`` worker processes until they end; True if stopped by Ctrl-C or SIGTERM."""
     command = [sys.executable, "-m", "sweeps", "worker", "--study", spec.study, "--storage", storage_url,
                "--threads", str(threads)]
-    if heartbeat:
-        command += ["--heartbeat", str(heartbeat)]
+    command += ["--heartbeat", str(heartbeat)]
     workers = [subprocess.Popen([*command, "--index", str(i)]) for i in range(spec.workers)]
+    stopped = []
+
+    def stop(signum: int, frame: Any) -> None:
+        stopped.append(signum)
+        for worker in workers:
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGTERM)  # each stops its trial cleanly
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        codes = [w.wait() for w in workers]
-    except KeyboardInterrupt:
-        for w in workers:
-            if w.poll() is None:
-                w.send_signal(signal.SIGTERM)
-        for w in workers:
-            w.wait()
-        raise
-    failed = [c for c in codes if c != 0]
+        codes = [worker.wait() for worker in workers]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    failed = [code for code in codes if code not in (0, 130)]
     if failed:
         print(f"warning: {len(failed)} worker(s) ended with status {failed}", file=sys.stderr)
+    return bool(stopped) or 130 in codes
 
 
 if __name__ == "__main__":

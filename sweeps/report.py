@@ -137,9 +137,12 @@ def write_plots(study: optuna.Study, spec: SweepSpec, out: Path) -> list[Path]:
 
 def _save(plt: Any, axes: Any, path: Path) -> None:
     figure = axes.flat[0].figure if hasattr(axes, "flat") else axes.figure
-    figure.set_size_inches(max(figure.get_size_inches()[0], 8), max(figure.get_size_inches()[1], 5))
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    panels = sum(1 for axis in figure.axes if axis.get_label() != "<colorbar>")
+    width, height = figure.get_size_inches()
+    # Room for every panel (a slice plot has one per parameter) and its colour bar; no tight_layout,
+    # which would push Optuna's colour bar over the last panel.
+    figure.set_size_inches(max(width, 8, 5 * panels + 2), max(height, 5))
+    figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
 
 

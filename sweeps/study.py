@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,14 +22,18 @@ from optuna.trial import FrozenTrial, TrialState
 
 from lmexp.errors import ConfigError
 from lmexp.runs import check
-from sweeps.spec import Group, Param, SweepSpec
+from sweeps.spec import SweepSpec
 
 SPEC_ATTR = "sweep.spec"
 SIGNATURE_ATTR = "sweep.signature"
 PARENT_RUN_ATTR = "mlflow.parent_run_id"
+ROOT_ATTR = "sweep.root"  # the folder of the trials' run folders, logs and report
 FAIL_REASON_ATTR = "fail_reason"
 INTERRUPTED = "interrupted"  # a trial stopped by Ctrl-C or SIGTERM: run again, not counted
 HEARTBEAT_SECONDS = 30
+HEARTBEAT_ATTR = "heartbeat"  # journal storages: when the trial's worker last showed life (Unix time)
+RETRY_OF_ATTR = "retry_of"  # journal storages: the dead trial a queued trial runs again
+STALE_AFTER_BEATS = 4
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 # A worker records its trials' heartbeats itself (sweeps.worker), outside Study.optimize.
@@ -66,7 +71,7 @@ def open_storage(url: str | None = None, heartbeat_seconds: int | None = HEARTBE
         raise ConfigError(f"storage {url!r} is not a URL: use sqlite:///optuna.db, journal:sweep.log or "
                           "postgresql://user:password@host/db")
     heartbeat = {} if not heartbeat_seconds else {
-        "heartbeat_interval": heartbeat_seconds, "grace_period": 4 * heartbeat_seconds,
+        "heartbeat_interval": heartbeat_seconds, "grace_period": STALE_AFTER_BEATS * heartbeat_seconds,
         "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=2),
     }
     engine = {"pool_pre_ping": True}
@@ -264,10 +269,53 @@ def stored_spec(study: optuna.Study) -> SweepSpec:
     return SweepSpec.from_dict(data)
 
 
+def record_heartbeat(storage: optuna.storages.BaseStorage, trial_id: int) -> None:
+    """Note that a trial's worker is alive: in the heartbeat table of a database storage, in a
+    user attribute elsewhere (Optuna 5's journal storage keeps no heartbeats of its own)."""
+    if isinstance(storage, RDBStorage):
+        storage.record_heartbeat(trial_id)
+    else:
+        storage.set_trial_user_attr(trial_id, HEARTBEAT_ATTR, time.time())
+
+
+def fail_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStorage, heartbeat_seconds: int | None) -> None:
+    """Fail the running trials whose worker stopped beating and queue each to run again.
+
+    Database storages do it with Optuna's own heartbeat and ``RetryHeartbeatStaleTrialCallback``;
+    for a journal storage a trial is stale when its heartbeat attribute is older than
+    ``STALE_AFTER_BEATS`` beats, and its parameters are queued again with ``enqueue_trial``.
+    """
+    if isinstance(storage, RDBStorage):
+        optuna.storages.fail_stale_trials(study)
+        return
+    if not heartbeat_seconds:
+        return
+    study_id = storage.get_study_id_from_name(study.study_name)
+    now = time.time()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        beat = trial.user_attrs.get(HEARTBEAT_ATTR)
+        if beat is None or now - beat < STALE_AFTER_BEATS * heartbeat_seconds:
+            continue
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        try:
+            storage.set_trial_user_attr(trial_id, FAIL_REASON_ATTR, f"its worker stopped beating ({now - beat:.0f} s)")
+            if not storage.set_trial_state_values(trial_id, TrialState.FAIL):
+                continue
+        except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
+            continue  # another worker failed it first
+        study.enqueue_trial(trial.params, user_attrs={RETRY_OF_ATTR: trial.number}, skip_if_exists=False)
+
+
+def retried_trial_number(trial: FrozenTrial) -> int | None:
+    """The dead trial ``trial`` runs again, if it is a retry (of either kind of storage)."""
+    number = RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
+    return number if number is not None else trial.user_attrs.get(RETRY_OF_ATTR)
+
+
 def counted_trials(trials: Sequence[FrozenTrial]) -> int:
     """Trials that count towards ``n_trials``: started ones, less the runs that will be repeated
     (a dead worker's trial, retried by heartbeat; one interrupted by Ctrl-C)."""
-    retries = sum(1 for t in trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) is not None)
+    retries = sum(1 for t in trials if retried_trial_number(t) is not None)
     interrupted = sum(1 for t in trials if t.state == TrialState.FAIL and t.user_attrs.get(FAIL_REASON_ATTR) == INTERRUPTED)
     started = sum(1 for t in trials if t.state != TrialState.WAITING)
     return started - retries - interrupted

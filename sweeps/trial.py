@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,9 @@ class ReportToStudy(pl.Callback):
         self.objectives: list[dict[str, Any]] = job["objectives"]
         self.monitor = self.objectives[0]["metric"]
         self.pruning = bool(job.get("pruning"))
+        # Optuna keeps intermediate values of single-objective studies only; reported with or
+        # without a pruner, they draw the learning curves of the report.
+        self.reporting = len(self.objectives) == 1
         self.best: dict[str, float] = {}
         self.last: dict[str, float] = {}
         self.state = "complete"
@@ -84,10 +90,12 @@ class ReportToStudy(pl.Callback):
             value = self.last[self.monitor]
             if not math.isfinite(value):
                 diverged = True
-            elif self.pruning:
+            elif self.reporting:
                 trial = self._optuna_trial()
                 trial.report(value, step=trainer.global_step)
-                prune = trial.should_prune()
+                # At the last step the trial is trained: pruning it would save nothing and lose it.
+                last_step = 0 < trainer.max_steps <= trainer.global_step
+                prune = self.pruning and not last_step and trial.should_prune()
         prune, diverged = trainer.strategy.broadcast((prune, diverged), src=0)
         if diverged:
             self.state, self.reason = "failed", f"{self.monitor} is not finite at step {trainer.global_step}"
@@ -153,11 +161,25 @@ def run_trial(job: dict[str, Any]) -> int:
     return 0
 
 
+def stop_when_orphaned(worker_pid: int, interval: float = 2.0) -> None:
+    """SIGTERM this trial (it checkpoints and stops) once its worker is gone, so a killed worker
+    leaves no trial training on; the study runs that trial again from its heartbeat."""
+
+    def watch() -> None:
+        while os.getppid() == worker_pid:
+            time.sleep(interval)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True, name="worker-watch").start()
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         raise SystemExit("usage: python -m sweeps.trial JOB.json (started by a sweep worker)")
     job = json.loads(Path(args[0]).read_text())
+    if job.get("worker_pid") and os.environ.get("LOCAL_RANK", "0") == "0":  # DDP's other ranks follow rank 0
+        stop_when_orphaned(job["worker_pid"])
     raise SystemExit(run_trial(job))
 
 

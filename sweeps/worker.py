@@ -30,7 +30,15 @@ from optuna.trial import TrialState
 
 from sweeps.spec import MEASURES, SweepSpec
 from sweeps.study import (
-    FAIL_REASON_ATTR, INTERRUPTED, PARENT_RUN_ATTR, counted_trials, exhausted, param_name, shown_url, suggest,
+    FAIL_REASON_ATTR,
+    INTERRUPTED,
+    PARENT_RUN_ATTR,
+    counted_trials,
+    exhausted,
+    fail_stale_trials,
+    record_heartbeat,
+    shown_url,
+    suggest,
 )
 from sweeps.tracking import StudyRun
 
@@ -64,7 +72,7 @@ class Worker:
         self.study_id = storage.get_study_id_from_name(study.study_name)
         self.tracking = StudyRun.attach(spec, study.user_attrs.get(PARENT_RUN_ATTR))
         self._child: subprocess.Popen | None = None
-        self._stopping = False
+        self.stopped = False  # by Ctrl-C or SIGTERM
 
     # ------------------------------------------------------------------------------ the loop
     def run(self) -> list[Outcome]:
@@ -74,7 +82,7 @@ class Worker:
         for sig in previous:
             signal.signal(sig, self._stop)
         try:
-            while not self._stopping:
+            while not self.stopped:
                 if deadline is not None and time.monotonic() >= deadline:
                     self.say(f"{self.name}: timeout of {self.spec.timeout:g} s reached")
                     break
@@ -102,7 +110,7 @@ class Worker:
         return True
 
     def _stop(self, signum: int, frame: Any) -> None:
-        self._stopping = True
+        self.stopped = True
         if self._child is not None and self._child.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self._child.pid, signal.SIGTERM)  # the trial checkpoints and stops
@@ -110,7 +118,7 @@ class Worker:
     def _ask(self) -> optuna.Trial | None:
         # Counting and asking under one lock: workers on this host never start more than n_trials.
         with self._trial_slot():
-            optuna.storages.fail_stale_trials(self.study)  # a dead worker's trials: failed, queued again
+            fail_stale_trials(self.study, self.storage, self.heartbeat_seconds)  # a dead worker's: failed, queued again
             if self.spec.n_trials is not None:
                 trials = self.study.get_trials(deepcopy=False)
                 if counted_trials(trials) >= self.spec.n_trials:
@@ -170,7 +178,7 @@ class Worker:
             "configs": self.spec.configs, "overrides": overrides, "run_name": run_name,
             "objectives": [{"metric": o.metric, "direction": o.direction} for o in self.spec.objectives],
             "pruning": self.spec.pruning, "spec": self.spec.to_dict(), "tracking_uri": self.tracking.tracking_uri,
-            "tags": tags, "result": str(scratch / "result.json"),
+            "tags": tags, "result": str(scratch / "result.json"), "worker_pid": os.getpid(),
         }
 
     def _launch(self, job_path: Path, log_path: Path, trial_id: int) -> int:
@@ -179,15 +187,15 @@ class Worker:
         env.update({"OMP_NUM_THREADS": per_rank, "MKL_NUM_THREADS": per_rank, "PYTHONUNBUFFERED": "1"})
         env.pop("LMEXP_RUN_DIR", None)
         # Optuna beats only inside Study.optimize; a worker that runs trials as processes beats itself.
-        interval = self.storage.get_heartbeat_interval() if isinstance(self.storage, optuna.storages.RDBStorage) else None
+        interval = self.heartbeat_seconds
         stop_beat = threading.Event()
         if interval:
-            self.storage.record_heartbeat(trial_id)
+            record_heartbeat(self.storage, trial_id)
 
             def beat() -> None:
                 while not stop_beat.wait(interval):
-                    with contextlib.suppress(Exception):
-                        self.storage.record_heartbeat(trial_id)
+                    with contextlib.suppress(Exception):  # a missed beat is retried at the next one
+                        record_heartbeat(self.storage, trial_id)
 
             threading.Thread(target=beat, daemon=True, name="trial-heartbeat").start()
         try:
@@ -205,12 +213,11 @@ class Worker:
         state_name = result.get("state", "failed")
         reason = result.get("reason") or ""
         values: list[float] | None = None
-        if self._stopping:
+        finished = code == 0 and state_name in ("complete", "pruned")
+        if self.stopped and not finished:  # stopped by Ctrl-C or SIGTERM: not counted, run again on --resume
             state_name, reason = "failed", INTERRUPTED
-        elif code != 0 and state_name in ("running", "complete"):
-            state_name = "failed"
-            reason = reason or _exit_reason(code)
         elif code != 0:
+            state_name = "failed"
             reason = reason or _exit_reason(code)
         if state_name == "complete":
             values, missing = objective_values(self.spec, result)
@@ -283,5 +290,3 @@ def _exit_reason(code: int) -> str:
 def _short(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
-
-__all__ = ["Worker", "Outcome", "objective_values", "param_name"]

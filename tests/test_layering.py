@@ -36,3 +36,17 @@ def test_inference_path_loads_without_the_training_stack():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_lmexp_never_imports_its_clients():
+    """sweeps (and compression) use lmexp's public API; lmexp knows nothing of them."""
+    for path in sorted((ROOT / "lmexp").rglob("*.py")):
+        for name in imported_modules(path):
+            assert name.split(".")[0] not in ("sweeps", "compression"), f"{path.relative_to(ROOT)} imports {name}"
+
+
+def test_sweeps_import_no_private_lmexp_module():
+    for path in sorted((ROOT / "sweeps").glob("*.py")):
+        for name in imported_modules(path):
+            private = [part for part in name.split(".") if part.startswith("_") and part != "__future__"]
+            assert not private, f"{path.name} imports {name}"

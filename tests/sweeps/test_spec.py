@@ -10,8 +10,17 @@ from optuna.trial import TrialState, create_trial
 from lmexp.errors import ConfigError
 from sweeps.spec import load_spec, parse_spec
 from sweeps.study import (
-    FAIL_REASON_ATTR, INTERRUPTED, check_space, counted_trials, create_or_resume, exhausted, make_pruner, make_sampler,
-    open_storage, param_name, suggest,
+    FAIL_REASON_ATTR,
+    INTERRUPTED,
+    check_space,
+    counted_trials,
+    create_or_resume,
+    exhausted,
+    make_pruner,
+    make_sampler,
+    open_storage,
+    param_name,
+    suggest,
 )
 from sweeps.worker import objective_values
 from tests.sweeps.conftest import SIZES, write_sweep

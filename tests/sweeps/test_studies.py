@@ -14,7 +14,7 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from sweeps.study import open_storage
+from sweeps.study import open_storage, retried_trial_number
 from tests.sweeps.conftest import sweeps_command, write_sweep
 
 
@@ -109,7 +109,7 @@ def test_pruning_stops_every_rank_of_a_ddp_trial(workdir):
     assert (checkpoints / "last.ckpt").is_file()
 
 
-def _two_workers(workdir: Path, storage: str, name: str) -> None:
+def _two_workers(workdir: Path, storage: str, name: str, tracking_uri: str) -> None:
     sweep = write_sweep(workdir, name, n_trials=5, workers=2, storage=storage)
     result = sweeps_command("run", "--config", str(sweep))
     trials = trials_of(name, storage)
@@ -118,18 +118,26 @@ def _two_workers(workdir: Path, storage: str, name: str) -> None:
     assert {t.state for t in trials} == {TrialState.COMPLETE}
     assert {t.user_attrs["worker"] for t in trials} == {"worker 0", "worker 1"}
     assert result.stdout.count("joined study") == 2
+    # Both workers tracked into one SQLite MLflow store: no run lost.
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("sweep.kind") == "study"]
+    nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(int(r.data.tags["optuna.trial"]) for r in nested) == list(range(5))
+    assert {r.info.run_id for r in nested} == {t.user_attrs["mlflow_run_id"] for t in trials}
 
 
-def test_two_workers_share_a_journal_study(workdir):
-    _two_workers(workdir, f"journal:{workdir / 'optuna.journal'}", "journal")
+def test_two_workers_share_a_journal_study(workdir, isolated_tracking):
+    _two_workers(workdir, f"journal:{workdir / 'optuna.journal'}", "journal", isolated_tracking)
 
 
-def test_two_workers_share_a_postgresql_study(workdir, postgres_url):
-    _two_workers(workdir, postgres_url, "postgres")
+def test_two_workers_share_a_postgresql_study(workdir, postgres_url, isolated_tracking):
+    _two_workers(workdir, postgres_url, "postgres", isolated_tracking)
 
 
-def test_a_dead_workers_trial_is_found_by_heartbeat_and_run_again(workdir):
-    storage = f"sqlite:///{workdir / 'optuna.db'}"
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_a_dead_workers_trial_is_found_by_heartbeat_and_run_again(workdir, kind):
+    storage = f"sqlite:///{workdir / 'optuna.db'}" if kind == "sqlite" else f"journal:{workdir / 'optuna.journal'}"
     sweep = write_sweep(workdir, "heartbeat", n_trials=2, storage=storage)
     env = dict(os.environ)
     first = subprocess.Popen([sys.executable, "-m", "sweeps", "run", "--config", str(sweep), "--heartbeat", "1"],
@@ -142,15 +150,32 @@ def test_a_dead_workers_trial_is_found_by_heartbeat_and_run_again(workdir):
             break
         time.sleep(0.5)
     assert running, "the first trial never started"
-    os.killpg(first.pid, signal.SIGKILL)  # the worker and its trial die without a word
+    os.killpg(first.pid, signal.SIGKILL)  # the worker dies without a word
     first.wait()
+    log = workdir / "runs" / "heartbeat" / "logs" / "trial-0000.log"
+    deadline = time.monotonic() + 30
+    while processes_writing(log) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not processes_writing(log), "the orphaned trial went on training"
     time.sleep(5)  # past the grace period (4 heartbeats)
     sweeps_command("worker", "--study", "heartbeat", "--storage", storage, "--heartbeat", "1")
     trials = trials_of("heartbeat", storage)
     states = [t.state for t in trials]
     assert states.count(TrialState.FAIL) == 1 and states.count(TrialState.COMPLETE) == 2
-    retried = [t for t in trials if t.system_attrs.get("failed_trial") == 0]
+    retried = [t for t in trials if retried_trial_number(t) == 0]
     assert len(retried) == 1 and retried[0].params == trials[0].params  # the dead trial, run again
+
+
+def processes_writing(path: Path) -> list[int]:
+    """The processes that have ``path`` open (Linux /proc)."""
+    found = []
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            if any(os.readlink(fd) == str(path) for fd in fd_dir.iterdir()):
+                found.append(int(fd_dir.parent.name))
+        except OSError:
+            continue  # gone, or not ours to read
+    return found
 
 
 def trials_of_safely(name: str, storage: str) -> list:
@@ -170,3 +195,31 @@ def test_sweep_bad_input_is_one_line(workdir):
     assert unknown.returncode == 2 and "no study 'nothing'" in unknown.stderr
     flag = sweeps_command("run", "--confg", "x.yaml", check=False)
     assert flag.returncode == 2 and flag.stderr.count("\n") == 1
+
+
+def test_ctrl_c_stops_the_trial_cleanly_and_resume_runs_it_again(workdir, isolated_tracking):
+    storage = f"sqlite:///{workdir / 'optuna.db'}"
+    fit = (workdir / "fit.yaml").read_text().replace("max_steps: 20", "max_steps: 400")
+    (workdir / "fit.yaml").write_text(fit)  # long enough to be caught running
+    sweep = write_sweep(workdir, "stop", n_trials=1, storage=storage)
+    run = subprocess.Popen([sys.executable, "-m", "sweeps", "run", "--config", str(sweep)], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    log = workdir / "runs" / "stop" / "logs" / "trial-0000.log"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and "step 10/" not in (log.read_text() if log.is_file() else ""):
+        time.sleep(0.3)
+    run.send_signal(signal.SIGINT)  # Ctrl-C
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 130, out + err
+    assert "continue with python -m sweeps run --config" in err
+    (trial,) = trials_of("stop", storage)
+    assert trial.state == TrialState.FAIL and trial.user_attrs["fail_reason"] == "interrupted"
+    assert (workdir / "runs" / "stop" / "trial-0000" / "checkpoints" / "interrupted.ckpt").is_file()
+    client = MlflowClient(isolated_tracking)
+    runs = client.search_runs([client.get_experiment_by_name("stop").experiment_id])
+    assert {r.info.status for r in runs} == {"KILLED"}  # the study's run and the trial's
+
+    (workdir / "fit.yaml").write_text(fit.replace("max_steps: 400", "max_steps: 20"))
+    sweeps_command("run", "--config", str(sweep), "--resume")
+    trials = trials_of("stop", storage)
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]  # the interrupted one does not count
