@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import optuna
 import pytest
 from optuna.storages import RetryHeartbeatStaleTrialCallback
@@ -166,3 +168,12 @@ def test_objective_values_come_from_metrics_or_measures():
     assert objective_values(last, result) == ([1.6], "")
     values, reason = objective_values(spec_with(objectives=["val/acc"]), result)
     assert values == [] and "'val/acc' was never logged" in reason
+
+
+def test_the_shipped_sweep_files_check_against_their_fit_configs(monkeypatch):
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(root)
+    for path in sorted((root / "configs" / "sweeps").glob("*.yaml")):
+        spec = load_spec(path)
+        config = check_space(spec)
+        assert config["trainer"]["max_steps"] > 0, path.name
