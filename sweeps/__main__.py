@@ -117,23 +117,14 @@ def run_command(args: argparse.Namespace) -> None:
 
 
 def worker_command(args: argparse.Namespace) -> None:
-    from sweeps.study import check_space, load, open_storage, stored_spec
+    from sweeps.study import check_space, default_storage, load, open_storage, stored_spec
 
-    storage_url = args.storage
-    if storage_url is None:
-        from sweeps.study import default_storage
-
-        storage_url = default_storage()
+    storage_url = args.storage or default_storage()
     storage = open_storage(storage_url, heartbeat_seconds=args.heartbeat)
-    import optuna
-
-    if args.study not in optuna.get_all_study_names(storage):
-        load(args.study, storage)  # raises the one-line error naming the studies there
-    probe = optuna.load_study(study_name=args.study, storage=storage)
-    spec = stored_spec(probe)
-    config = check_space(spec)
     index = args.index if args.index is not None else os.getpid() % 10_000
-    study = load(args.study, storage, spec, worker_index=index)
+    study = load(args.study, storage, worker_index=index)  # a missing study: one line naming those there
+    spec = stored_spec(study)
+    config = check_space(spec)
     threads = args.threads or spec.threads or (os.cpu_count() or 1)
     root = study_root(config, spec.study)
     if _work(spec, study, storage, storage_url, root, threads, config, index=index, heartbeat=args.heartbeat):
@@ -146,11 +137,7 @@ def report_command(args: argparse.Namespace) -> None:
 
     storage_url = args.storage or default_storage()
     storage = open_storage(storage_url, heartbeat_seconds=None)
-    import optuna
-
-    if args.study not in optuna.get_all_study_names(storage):
-        load(args.study, storage)
-    study = optuna.load_study(study_name=args.study, storage=storage)
+    study = load(args.study, storage)
     spec = stored_spec(study)
     out = Path(args.out) if args.out else Path(study.user_attrs.get(ROOT_ATTR, Path("runs") / spec.study)) / "report"
     _, files = report(study, spec, out)
@@ -189,8 +176,7 @@ def _work(spec: Any, study: Any, storage: Any, storage_url: str, root: Path, thr
 def _spawn_workers(spec: Any, storage_url: str, threads: int, heartbeat: int) -> bool:
     """Run ``spec.workers`` worker processes until they end; True if stopped by Ctrl-C or SIGTERM."""
     command = [sys.executable, "-m", "sweeps", "worker", "--study", spec.study, "--storage", storage_url,
-               "--threads", str(threads)]
-    command += ["--heartbeat", str(heartbeat)]
+               "--threads", str(threads), "--heartbeat", str(heartbeat)]
     workers = [subprocess.Popen([*command, "--index", str(i)]) for i in range(spec.workers)]
     stopped = []
 

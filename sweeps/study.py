@@ -251,8 +251,9 @@ def create_or_resume(spec: SweepSpec, storage: optuna.storages.BaseStorage, stor
 def load(name: str, storage: optuna.storages.BaseStorage, spec: SweepSpec | None = None,
          worker_index: int = 0) -> optuna.Study:
     """Open an existing study with its sweep's sampler and pruner (Optuna stores neither)."""
-    if name not in optuna.get_all_study_names(storage):
-        known = ", ".join(optuna.get_all_study_names(storage)) or "none"
+    names = optuna.get_all_study_names(storage)
+    if name not in names:
+        known = ", ".join(names) or "none"
         raise ConfigError(f"no study {name!r} in this storage (studies: {known}): start it with "
                           "python -m sweeps run --config FILE")
     study = optuna.load_study(study_name=name, storage=storage)

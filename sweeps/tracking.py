@@ -7,6 +7,7 @@ trial's own tracker keeps its records through outages).
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +38,7 @@ class StudyRun:
         the sweep file turns tracking off."""
         if spec.tracking_uri is False:
             return cls(None, spec.study, None)
-        uri = check_tracking_uri(spec.tracking_uri or default_tracking_uri())
+        uri = _uri(spec)
         store = TrackingStore(uri, spec.study, f"study {spec.study}", run_id=run_id,
                               tags={"optuna.study": spec.study, "optuna.storage": storage_url, "sweep.kind": "study"})
         store.connect()
@@ -57,8 +58,8 @@ class StudyRun:
     @classmethod
     def attach(cls, spec: SweepSpec, run_id: str | None) -> StudyRun:
         """The run a study made, for a worker that joins it (nothing is created)."""
-        if spec.tracking_uri is False or run_id is None:
-            return cls(None if spec.tracking_uri is False else _uri(spec), spec.study, None)
+        if spec.tracking_uri is False:
+            return cls(None, spec.study, None)
         return cls(_uri(spec), spec.study, run_id)
 
     @property
@@ -84,8 +85,10 @@ class StudyRun:
         """Tag the trial's run with its state and value; put the study's best so far on the parent."""
         from optuna.trial import TrialState
 
+        if self.client is None:  # tracking off
+            return
         trial_run = outcome.result.get("run_id")
-        if trial_run and self.client is not None:
+        if trial_run:
             tags = {"optuna.state": outcome.state.name}
             if outcome.values:
                 tags["optuna.values"] = ", ".join(f"{v:.6g}" for v in outcome.values)
@@ -96,12 +99,10 @@ class StudyRun:
         counts = {state: sum(1 for t in trials if t.state == state)
                   for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
         step = sum(counts.values())
-        import time
-
         now = int(time.time() * 1000)
         calls: list[tuple[Any, ...]] = [
             (self.client.log_metric, self.run_id, f"trials_{state.name.lower()}", count, now, step)
-            for state, count in counts.items()] if self.client is not None else []
+            for state, count in counts.items()]
         if len(study.directions) == 1:
             try:
                 best = study.best_trial

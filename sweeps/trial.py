@@ -26,6 +26,7 @@ from lmexp.errors import find_user_error
 from lmexp.models import count_parameters
 from lmexp.runs import build
 from lmexp.tracking import MLflowTracker, tracker_of
+from sweeps.spec import SweepSpec
 
 
 class ReportToStudy(pl.Callback):
@@ -37,12 +38,12 @@ class ReportToStudy(pl.Callback):
 
     def __init__(self, job: dict[str, Any]) -> None:
         self.job = job
-        self.objectives: list[dict[str, Any]] = job["objectives"]
-        self.monitor = self.objectives[0]["metric"]
-        self.pruning = bool(job.get("pruning"))
+        self.spec = SweepSpec.from_dict(job["spec"])
+        self.objectives = self.spec.objectives
+        self.monitor = self.objectives[0].metric
         # Optuna keeps intermediate values of single-objective studies only; reported with or
         # without a pruner, they draw the learning curves of the report.
-        self.reporting = len(self.objectives) == 1
+        self.reporting = not self.spec.multi_objective
         self.best: dict[str, float] = {}
         self.last: dict[str, float] = {}
         self.state = "complete"
@@ -58,12 +59,10 @@ class ReportToStudy(pl.Callback):
         if self._trial is None:
             import optuna
 
-            from sweeps.spec import SweepSpec
             from sweeps.study import make_pruner, open_storage
 
             storage = open_storage(self.job["storage"], heartbeat_seconds=None)
-            spec = SweepSpec.from_dict(self.job["spec"])
-            study = optuna.load_study(study_name=self.job["study"], storage=storage, pruner=make_pruner(spec))
+            study = optuna.load_study(study_name=self.job["study"], storage=storage, pruner=make_pruner(self.spec))
             self._trial = optuna.trial.Trial(study, self.job["trial_id"])
         return self._trial
 
@@ -95,7 +94,7 @@ class ReportToStudy(pl.Callback):
                 trial.report(value, step=trainer.global_step)
                 # At the last step the trial is trained: pruning it would save nothing and lose it.
                 last_step = 0 < trainer.max_steps <= trainer.global_step
-                prune = self.pruning and not last_step and trial.should_prune()
+                prune = self.spec.pruning and not last_step and trial.should_prune()
         prune, diverged = trainer.strategy.broadcast((prune, diverged), src=0)
         if diverged:
             self.state, self.reason = "failed", f"{self.monitor} is not finite at step {trainer.global_step}"
@@ -110,7 +109,7 @@ class ReportToStudy(pl.Callback):
 
     def _collect(self, trainer: pl.Trainer, validation: bool = True) -> None:
         for objective in self.objectives:
-            name = objective["metric"]
+            name = objective.metric
             value = trainer.callback_metrics.get(name)
             if value is None:
                 continue
@@ -118,7 +117,7 @@ class ReportToStudy(pl.Callback):
             self.last[name] = value
             if not validation or not math.isfinite(value):
                 continue
-            better = min if objective["direction"] == "minimize" else max
+            better = min if objective.direction == "minimize" else max
             self.best[name] = better(self.best.get(name, value), value)
 
     def measured(self) -> dict[str, Any]:

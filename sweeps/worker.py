@@ -155,8 +155,7 @@ class Worker:
             code = self._launch(job_path, log_path, trial_id)
             result_path = Path(job["result"])
             result = json.loads(result_path.read_text()) if result_path.is_file() else {}
-        outcome = self._finish(trial, code, result, log_path, time.perf_counter() - started)
-        return outcome
+        return self._finish(trial, code, result, log_path, time.perf_counter() - started)
 
     def _run_name(self, number: int) -> str:
         base = f"trial-{number:04d}"
@@ -174,10 +173,9 @@ class Worker:
         if self.tracking.run_id:
             tags["mlflow.parentRunId"] = self.tracking.run_id
         return {
-            "study": self.study.study_name, "storage": self.storage_url, "trial_id": trial_id, "number": trial.number,
+            "study": self.study.study_name, "storage": self.storage_url, "trial_id": trial_id,
             "configs": self.spec.configs, "overrides": overrides, "run_name": run_name,
-            "objectives": [{"metric": o.metric, "direction": o.direction} for o in self.spec.objectives],
-            "pruning": self.spec.pruning, "spec": self.spec.to_dict(), "tracking_uri": self.tracking.tracking_uri,
+            "spec": self.spec.to_dict(), "tracking_uri": self.tracking.tracking_uri,
             "tags": tags, "result": str(scratch / "result.json"), "worker_pid": os.getpid(),
         }
 

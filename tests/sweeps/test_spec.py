@@ -177,3 +177,16 @@ def test_the_shipped_sweep_files_check_against_their_fit_configs(monkeypatch):
         spec = load_spec(path)
         config = check_space(spec)
         assert config["trainer"]["max_steps"] > 0, path.name
+
+
+def test_a_study_with_tracking_off_records_nothing_and_goes_on(tmp_path):
+    from sweeps.tracking import StudyRun
+    from sweeps.worker import Outcome
+
+    run = StudyRun.attach(spec_with(tracking_uri=False), "a-parent-run")
+    study = optuna.create_study()
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
+    run.trial_finished(study, Outcome(1, TrialState.COMPLETE, [0.5], "", 1.0, {"run_id": "a-trial-run"}))
+    run.log_artifacts(tmp_path)
+    run.end()
+    assert run.client is None and run.run_id is None
