@@ -1,4 +1,5 @@
-"""lmexp: an experiment platform for GPT and BERT language models on PyTorch Lightning.
+"""lmexp: an experiment platform for GPT and BERT language models on PyTorch Lightning:
+pre-training, fine-tuning and evaluation.
 
 Names are imported on first use, so ``import lmexp.models`` (plain PyTorch) stays free of
 Lightning and fast to import.
@@ -28,6 +29,9 @@ _EXPORTS = {
     "generate": "lmexp.generation",
     "train_tokenizer": "lmexp.data",
     "TextDataModule": "lmexp.data",
+    "ClassificationDataModule": "lmexp.data",
+    "SequenceClassification": "lmexp.objectives",
+    "TrainingObjective": "lmexp.objectives",
     "CausalLM": "lmexp.objectives",
     "LanguageModelObjective": "lmexp.objectives",
     "MaskedLM": "lmexp.objectives",
@@ -37,11 +41,11 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from lmexp.checkpoints import LoadedModel, export_safetensors, load_checkpoint
-    from lmexp.data import TextDataModule, train_tokenizer
+    from lmexp.data import ClassificationDataModule, TextDataModule, train_tokenizer
     from lmexp.errors import CheckpointError, ConfigError, DataError, LmexpError
     from lmexp.generation import generate
     from lmexp.models import BERT, GPT, LSTMLM, ModelConfig, build_model, from_name
-    from lmexp.objectives import CausalLM, LanguageModelObjective, MaskedLM
+    from lmexp.objectives import CausalLM, LanguageModelObjective, MaskedLM, SequenceClassification, TrainingObjective
     from lmexp.tracking import MLflowTracker
 
 

@@ -156,7 +156,7 @@ class SampleText(pl.Callback):
     def sample(self, trainer: pl.Trainer) -> str | None:
         module = trainer.lightning_module
         tokenizer = getattr(trainer.datamodule, "tokenizer", None)
-        if getattr(module, "data_task", None) != "causal_lm" or tokenizer is None:
+        if getattr(module, "task", None) != "causal_lm" or tokenizer is None:
             return None
         ids, unknown = encode_prompt(tokenizer, self.prompt)
         if unknown and not self._warned_unknown:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -45,6 +48,15 @@ def _sample(
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
 
 
+def supports_attention_mask(model: nn.Module) -> bool:
+    """Whether model.forward takes an attention_mask, which a left-padded batch needs."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "attention_mask" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
 @torch.inference_mode()
 def generate(
     model: nn.Module,
@@ -57,12 +69,25 @@ def generate(
     use_cache: bool = True,
     eos_id: int | None = None,
     window_shift: int | None = None,
+    attention_mask: Tensor | None = None,
+    repetition_penalty: float = 1.0,
+    stopping: Callable[[Tensor], bool] | None = None,
 ) -> Tensor:
     """Extend prompts input_ids (B, T) by up to max_new_tokens tokens -> (B, T + new).
 
     Any model whose forward(input_ids) returns logits (B, T, V) works; models with `make_cache`
     (GPT) decode incrementally with a KV cache when use_cache. With eos_id, finished rows are
-    padded with eos_id and generation stops early once every row has produced it.
+    padded with eos_id and generation stops early once every row has produced it. stopping, if
+    given, is called with the tokens so far (B, n) after every new token and ends generation
+    when it returns True (stop strings need the tokenizer, so they live in its caller).
+
+    Prompts of different lengths go in one batch left-padded, with attention_mask (B, T) 1 for
+    real tokens and 0 for the padding before them; the model must take an attention_mask
+    (GPT does: each row then gets the tokens of its prompt alone, while the batch fits the
+    context). Several samples of one prompt are rows repeated by the caller.
+
+    repetition_penalty (CTRL, as in HF transformers) divides the positive logits and multiplies
+    the negative ones of every token already in the row, prompt included; 1.0 disables it.
 
     Past the model's context L (config.block_size) the model sees a window of the latest tokens
     whose start moves window_shift tokens at a time: with n tokens so far it sees [start, n),
@@ -71,7 +96,8 @@ def generate(
     baked into them), so each move re-encodes the window into a fresh cache, once per
     window_shift new tokens. window_shift=1 is the exact sliding window (always the last L tokens)
     and re-encodes L tokens for every new token; None means max(1, L // 4). Cached and uncached
-    generation follow the same rule, so use_cache changes the speed, not the tokens.
+    generation follow the same rule, so use_cache changes the speed, not the tokens. Padding
+    columns count in n (they are dropped as the window moves past them).
     """
     _check_sampling(temperature, top_k, top_p)
     if max_new_tokens < 0:
@@ -79,6 +105,11 @@ def generate(
     if input_ids.dim() != 2 or input_ids.size(1) == 0:
         raise ValueError(
             f"input_ids must be a non-empty (batch, length) tensor, got shape {tuple(input_ids.shape)}"
+        )
+    if not repetition_penalty > 0:
+        raise ValueError(
+            f"repetition_penalty={repetition_penalty} is invalid: use a value > 0 "
+            "(1.0 disables it, above 1 discourages repeats, e.g. 1.2)"
         )
     config = getattr(model, "config", None)
     block_size: int | None = getattr(config, "block_size", None)
@@ -88,37 +119,104 @@ def generate(
             f"block_size={block_size}: shorten the prompt"
         )
     shift = _window_shift(window_shift, block_size)
-    cache = model.make_cache(input_ids.size(0)) if use_cache and hasattr(model, "make_cache") else None
+    pad_columns = _check_attention_mask(attention_mask, input_ids, model)
 
     was_training = model.training
     model.eval()
     try:
         batch, length = input_ids.shape
+        cache = model.make_cache(batch) if use_cache and hasattr(model, "make_cache") else None
         # Written in place: concatenating every step would copy the whole sequence per token.
         tokens = input_ids.new_empty(batch, length + max_new_tokens)
         tokens[:, :length] = input_ids
+        mask = None
+        if pad_columns:  # generated tokens are real; no mask at all when nothing is padding
+            mask = torch.ones_like(tokens, dtype=torch.bool)
+            mask[:, :length] = attention_mask.bool()
+        seen = None  # (B, V) tokens already in each row, for the repetition penalty
         cache_start = 0  # first position of the window the cache holds
         finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
             start = _window_start(length, block_size, shift)
+            # Once the window has moved past every pad column, no mask is needed.
+            window_mask = mask if start < pad_columns else None
             if cache is None:
-                logits = model(tokens[:, start:length])
+                logits = _forward(model, tokens[:, start:length], window_mask, start, length)
             else:
                 if start != cache_start:
                     cache.reset()
                     cache_start = start
-                logits = model(tokens[:, start + cache.length : length], cache=cache)
-            next_token = _sample(logits[:, -1], temperature, top_k, top_p, generator)  # (B, 1)
+                logits = _forward(model, tokens[:, start + cache.length : length], window_mask,
+                                  start + cache.length, length, cache=cache)
+            next_logits = logits[:, -1]  # (B, V)
+            if repetition_penalty != 1.0:
+                if seen is None:
+                    seen = _tokens_seen(tokens[:, :length], mask, next_logits.size(-1))
+                next_logits = _penalize_repeats(next_logits, seen, repetition_penalty)
+            next_token = _sample(next_logits, temperature, top_k, top_p, generator)  # (B, 1)
             if eos_id is not None:
                 next_token = next_token.masked_fill(finished[:, None], eos_id)
                 finished |= next_token[:, 0] == eos_id
             tokens[:, length : length + 1] = next_token
             length += 1
+            if seen is not None:
+                seen.scatter_(1, next_token, True)
             if eos_id is not None and bool(finished.all()):
+                break
+            if stopping is not None and stopping(tokens[:, :length]):
                 break
         return tokens if length == tokens.size(1) else tokens[:, :length].clone()
     finally:
         model.train(was_training)
+
+
+def _forward(
+    model: nn.Module, input_ids: Tensor, mask: Tensor | None, begin: int, end: int, **kwargs: object
+) -> Tensor:
+    """model(input_ids), with the padding mask of columns [begin, end) when there is one."""
+    if mask is not None:
+        kwargs["attention_mask"] = mask[:, begin:end]
+    return model(input_ids, **kwargs)
+
+
+def _check_attention_mask(attention_mask: Tensor | None, input_ids: Tensor, model: nn.Module) -> int:
+    """Validate a left-padding mask; return the number of columns that hold padding in some row."""
+    if attention_mask is None:
+        return 0
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids {tuple(input_ids.shape)}: "
+            "give one mask value per prompt token"
+        )
+    values = attention_mask.long()
+    if not bool(((values == 0) | (values == 1)).all()):
+        raise ValueError("attention_mask holds values other than 0 and 1: use 1 for real tokens, 0 for padding")
+    if not bool((values[:, 1:] >= values[:, :-1]).all()) or not bool(values[:, -1].all()):
+        raise ValueError(
+            "attention_mask is not left padding (each row: zeros, then at least one 1 up to the end): "
+            "pad prompts on the left, as generation appends on the right"
+        )
+    pad_columns = int((values == 0).sum(dim=1).max())
+    if pad_columns and not supports_attention_mask(model):
+        raise ValueError(
+            f"{type(model).__name__}.forward takes no attention_mask, so it cannot read a left-padded batch: "
+            "generate prompts of different lengths one at a time"
+        )
+    return pad_columns
+
+
+def _tokens_seen(tokens: Tensor, mask: Tensor | None, vocab_size: int) -> Tensor:
+    """(B, V) True for every token in each row (pad columns left out)."""
+    counts = torch.zeros(tokens.size(0), vocab_size, dtype=torch.long, device=tokens.device)
+    real = torch.ones_like(tokens) if mask is None else mask[:, : tokens.size(1)].long()
+    return counts.scatter_add_(1, tokens, real) > 0
+
+
+def _penalize_repeats(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    """CTRL's repetition penalty: seen tokens' logits move towards -inf by the factor penalty."""
+    logits = logits.float()
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
 
 
 def _window_start(length: int, block_size: int | None, shift: int) -> int:
@@ -155,3 +253,29 @@ def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) 
         raise ValueError(f"top_k={top_k} is invalid: use a positive number of tokens, or None to disable")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p} is outside (0, 1]: use e.g. 0.9, or None to disable")
+
+
+def stop_string_check(decode: Callable[[list[int]], str], stops: list[str], prompt_width: int) -> Callable[[Tensor], bool]:
+    """A `stopping` for generate: True once every row's new text (the tokens after the first
+    prompt_width columns, as decode turns them into text) holds one of the stop strings.
+
+    Stop strings are text, not tokens (one may span several tokens, or end inside one), so rows
+    are decoded; a row that has one stays done, so only unfinished rows are decoded again.
+    """
+    done: set[int] = set()
+
+    def stopping(tokens: Tensor) -> bool:
+        rows = tokens[:, prompt_width:].tolist()
+        for i, ids in enumerate(rows):
+            if i not in done:
+                text = decode(ids)
+                if any(stop in text for stop in stops):
+                    done.add(i)
+        return len(done) == len(rows)
+
+    return stopping
+
+
+def cut_at_stop(text: str, stops: list[str]) -> str:
+    """text up to (not including) the earliest occurrence of any stop string."""
+    return text[: min((i for i in (text.find(stop) for stop in stops) if i >= 0), default=len(text))]

@@ -16,9 +16,8 @@ from lightning.pytorch.loggers import Logger
 from lmexp.callbacks import CheckpointOnException, LmexpCheckpoint, PlainProgress, StepProgressBar, StopTogether
 from lmexp.checkpoints import read_checkpoint
 from lmexp.cli import DESCRIPTION, OneLineErrors
-from lmexp.data import TextDataModule
 from lmexp.mlflow_store import check_experiment_name
-from lmexp.objectives import LanguageModelObjective
+from lmexp.objectives import TrainingObjective
 from lmexp.runs import (
     TRACKING_KEY, Run, RunRecorder, continued_run_dir, default_experiment, new_run_dir, resolve_named_checkpoint,
 )
@@ -73,8 +72,8 @@ class LmexpCLI(LightningCLI):
 
     def _build(self, args: list[str] | None, callbacks: list[pl.Callback] | None, exit_on_error: bool) -> None:
         super().__init__(
-            model_class=LanguageModelObjective,
-            datamodule_class=TextDataModule,
+            model_class=TrainingObjective,
+            datamodule_class=pl.LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
             # enable_autolog_hparams off: RunRecorder logs the whole resolved config (model, data and

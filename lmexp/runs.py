@@ -78,6 +78,8 @@ class Run:
         seed = self.config.get("seed_everything")
         if isinstance(seed, int) and not isinstance(seed, bool):
             pl.seed_everything(seed, workers=True, verbose=False)
+        if hasattr(self.datamodule, "accept") and hasattr(self.model, "data_contract"):
+            self.datamodule.accept(self.model.data_contract())  # task, context, a pretrained tokenizer
         method = getattr(self.trainer, self.verb)
         try:
             return method(self.model, datamodule=self.datamodule, ckpt_path=self.ckpt_path,

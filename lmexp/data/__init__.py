@@ -1,6 +1,7 @@
 """Data pipeline: sources, cleaning, tokenizers, the token cache and the DataModule.
 
-``TextDataModule`` (the only Lightning piece) is imported on first use.
+The data modules (``TextDataModule``, ``ClassificationDataModule``: the Lightning pieces) are
+imported on first use.
 """
 
 from __future__ import annotations
@@ -15,18 +16,22 @@ from lmexp.data.sources import Document, read_documents
 from lmexp.data.tokenizer import load_tokenizer, special_tokens_for, train_tokenizer
 
 if TYPE_CHECKING:
+    from lmexp.data.classification import ClassificationDataModule
     from lmexp.data.datamodule import TextDataModule
+
+_DATA_MODULES = {"TextDataModule": "lmexp.data.datamodule", "ClassificationDataModule": "lmexp.data.classification"}
 
 
 def __getattr__(name: str) -> Any:
-    if name == "TextDataModule":
-        from lmexp.data.datamodule import TextDataModule
+    if name in _DATA_MODULES:
+        import importlib
 
-        return TextDataModule
+        return getattr(importlib.import_module(_DATA_MODULES[name]), name)
     raise AttributeError(f"module 'lmexp.data' has no attribute {name!r}")
 
 
 __all__ = [
+    "ClassificationDataModule",
     "CleaningReport",
     "Document",
     "MLMBatchTransform",

@@ -105,12 +105,14 @@ def build_token_cache(
     settings: dict[str, Any],
     *,
     log: Callable[[str], None] = print,
+    tokenizer: Tokenizer | None = None,
 ) -> TokenCache:
     """Return the cache entry for ``settings``, building it if it does not exist yet.
 
     ``settings`` must hold: source, text_column, normalization, min_chars, dedupe,
     val_fraction, test_fraction, seed, tokenizer, vocab_size, special_tokens, and a
-    ``fingerprint`` of the source contents.
+    ``fingerprint`` of the source contents. A given ``tokenizer`` (a pretrained model's) encodes
+    the text instead of one trained on it; ``settings["tokenizer"]`` must then identify it.
     """
     path = root / cache_key(settings)
     if (path / "meta.json").is_file():
@@ -131,9 +133,10 @@ def build_token_cache(
             f"min_chars={settings['min_chars']}): check the source or lower data.min_chars"
         )
     splits = split_documents(documents, settings["val_fraction"], settings["test_fraction"], settings["seed"])
-    tokenizer = train_tokenizer(
-        splits["train"], settings["tokenizer"], settings["vocab_size"], settings["special_tokens"]
-    )
+    if tokenizer is None:
+        tokenizer = train_tokenizer(
+            splits["train"], settings["tokenizer"], settings["vocab_size"], settings["special_tokens"]
+        )
     dtype = token_dtype(tokenizer.get_vocab_size())
     # Text that spells a special token ("[MASK]" in a document) is text, not the special id.
     tokenizer.encode_special_tokens = True

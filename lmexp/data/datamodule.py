@@ -14,24 +14,41 @@ from torch.utils.data import DataLoader
 from lmexp.data.batches import BatchTransform, TokenBatches, causal_lm_batch, count_windows
 from lmexp.data.cache import TokenCache, build_token_cache
 from lmexp.data.cleaning import Dedupe, Normalization
+from lmexp.data.contract import DataContract, Task
 from lmexp.data.masking import MLMBatchTransform
 from lmexp.data.sources import lmexp_cache_dir, source_fingerprint
-from lmexp.data.tokenizer import Task, TokenizerKind, special_tokens_for
+from lmexp.data.tokenizer import resolve_tokenizer, special_tokens_for, tokenizer_identity
+from lmexp.data.windows import SlidingWindowBatches
 from lmexp.errors import ConfigError, DataError, check_choice, check_positive
+
+LM_TASKS = ("causal_lm", "masked_lm")
+
+
+def bound_contract(datamodule: pl.LightningDataModule, given: DataContract | None) -> DataContract | None:
+    """The contract a data module was handed, else the one its trainer's objective states (for
+    plain ``trainer.fit(model, datamodule)`` use, where nobody calls ``accept``)."""
+    if given is not None:
+        return given
+    trainer = datamodule.trainer
+    module = trainer.lightning_module if trainer is not None else None
+    return module.data_contract() if hasattr(module, "data_contract") else None
 
 
 class TextDataModule(pl.LightningDataModule):
     """Clean a text corpus, train a tokenizer, cache token ids, and serve batches.
 
-    The task (causal or masked LM) and the block size come from the model being trained unless
-    set here, so they are never typed twice. ``prepare_data`` does the expensive work once per
-    node; every rank then memory-maps the same cache and reads its own share of the batches.
+    The task (causal or masked LM), the block size and a pretrained model's tokenizer come from
+    the objective's ``DataContract`` unless set here, so they are never typed twice.
+    ``prepare_data`` does the expensive work once per node; every rank then memory-maps the same
+    cache and reads its own share of the batches.
 
     Args:
         source: A text file, folder, glob, ``.jsonl``/``.csv``/``.tsv`` file, or a built-in
             corpus: ``python-docs`` (offline, the default), ``python-stdlib``, ``tinyshakespeare``.
         text_column: Field or column that holds the text in JSONL/CSV/TSV input.
-        tokenizer: ``char``, ``bpe`` (byte-level) or ``wordpiece``.
+        tokenizer: ``char``, ``bpe`` (byte-level) or ``wordpiece`` to train one on the training
+            split, or the path of a ``tokenizer.json`` to use as it is. A pretrained model's own
+            tokenizer (``model.pretrained``) always wins.
         vocab_size: Target vocabulary size for ``bpe``/``wordpiece`` (``char`` uses its alphabet).
         batch_size: Samples per batch on each device.
         block_size: Tokens per sample; ``None`` takes the model's context length.
@@ -46,13 +63,18 @@ class TextDataModule(pl.LightningDataModule):
         sentence_order: Add sentence-order prediction labels (masked LM only).
         cache_dir: Where token caches live; default ``$LMEXP_CACHE_DIR`` or ``~/.cache/lmexp``.
         num_workers: DataLoader workers; 0 is fastest here since batches are memory-map slices.
+        eval_stride: Causal LM validation and test slide a window of ``block_size`` tokens over
+            the whole split, this many tokens at a time, and score every token exactly once
+            with at least ``block_size - eval_stride + 1`` tokens of context. ``None`` (default)
+            is ``block_size``: disjoint windows, fastest; smaller strides cost more and give
+            the honest long-context loss (1: every token with full context).
     """
 
     def __init__(
         self,
         source: str = "python-docs",
         text_column: str = "text",
-        tokenizer: TokenizerKind = "char",
+        tokenizer: str = "char",
         vocab_size: int = 4096,
         batch_size: int = 12,
         block_size: int | None = None,
@@ -67,6 +89,7 @@ class TextDataModule(pl.LightningDataModule):
         sentence_order: bool = False,
         cache_dir: str | None = None,
         num_workers: int = 0,
+        eval_stride: int | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
@@ -77,11 +100,13 @@ class TextDataModule(pl.LightningDataModule):
                 f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction} leaves no "
                 "training data: keep their sum below 1"
             )
-        check_choice("data.tokenizer", tokenizer, get_args(TokenizerKind))
+        given_tokenizer = resolve_tokenizer(tokenizer)
         check_choice("data.normalization", normalization, get_args(Normalization))
         check_choice("data.dedupe", dedupe, get_args(Dedupe))
         if task is not None:
-            check_choice("data.task", task, get_args(Task))
+            check_choice("data.task", task, LM_TASKS)
+        if eval_stride is not None:
+            check_positive("data.eval_stride", eval_stride)
         for name, value in (("batch_size", batch_size), ("vocab_size", vocab_size), ("min_chars", min_chars)):
             check_positive(f"data.{name}", value)
         if block_size is not None:
@@ -108,29 +133,49 @@ class TextDataModule(pl.LightningDataModule):
         self.sentence_order = sentence_order
         self.cache_root = Path(cache_dir) if cache_dir else lmexp_cache_dir() / "tokens"
         self.num_workers = num_workers
+        self.eval_stride = eval_stride
+        self.given_tokenizer = given_tokenizer
+        self.contract: DataContract | None = None
         self.cache: TokenCache | None = None
         self._resume: dict[str, int] | None = None
 
+    def accept(self, contract: DataContract) -> None:
+        """Take the model's side of the contract (task, context, a pretrained tokenizer)."""
+        if contract.task not in LM_TASKS:
+            raise ConfigError(
+                f"TextDataModule serves language modelling, but the model's task is {contract.task}: "
+                "use lmexp.ClassificationDataModule for classification"
+            )
+        self.contract = contract
+
     # ----------------------------------------------------------------- what the model needs
-    def _model_attribute(self, name: str) -> Any:
-        trainer = self.trainer
-        module = trainer.lightning_module if trainer is not None else None
-        return getattr(module, name, None)
+    def _contract(self) -> DataContract | None:
+        self.contract = bound_contract(self, self.contract)
+        return self.contract
 
     def resolved_task(self) -> Task:
-        task = self.task or self._model_attribute("data_task")
+        contract = self._contract()
+        task = self.task or (contract.task if contract else None)
         if task is None:
             raise ConfigError("data.task is not set and the model does not declare one: set data.task")
         return task
 
     def resolved_block_size(self) -> int:
-        block_size = self.block_size or self._model_attribute("block_size")
+        contract = self._contract()
+        block_size = self.block_size or (contract.block_size if contract else None)
         if block_size is None:
             raise ConfigError("data.block_size is not set and the model does not declare one: set data.block_size")
         return int(block_size)
 
+    def encoding_tokenizer(self) -> Tokenizer | None:
+        """The tokenizer to encode with as it is (a pretrained model's, or a given file); None
+        means one is trained on the training split."""
+        contract = self._contract()
+        return contract.tokenizer if contract and contract.tokenizer is not None else self.given_tokenizer
+
     def cache_settings(self) -> dict[str, Any]:
         task = self.resolved_task()
+        given = self.encoding_tokenizer()
         return {
             "source": self.source,
             "fingerprint": source_fingerprint(self.source),
@@ -141,18 +186,20 @@ class TextDataModule(pl.LightningDataModule):
             "val_fraction": self.val_fraction,
             "test_fraction": self.test_fraction,
             "seed": self.seed,
-            "tokenizer": self.tokenizer_kind,
-            "vocab_size": self.vocab_size_target,
-            "special_tokens": special_tokens_for(self.tokenizer_kind, task),
+            "tokenizer": tokenizer_identity(given) if given is not None else self.tokenizer_kind,
+            "vocab_size": None if given is not None else self.vocab_size_target,
+            "special_tokens": [] if given is not None else special_tokens_for(self.tokenizer_kind, task),
         }
 
     # ------------------------------------------------------------------ Lightning hooks
     def prepare_data(self) -> None:
-        build_token_cache(self.cache_root, self.cache_settings(), log=rank_zero_info)
+        build_token_cache(self.cache_root, self.cache_settings(), log=rank_zero_info, tokenizer=self.encoding_tokenizer())
 
     def setup(self, stage: str | None = None) -> None:
         if self.cache is None:
-            self.cache = build_token_cache(self.cache_root, self.cache_settings(), log=lambda _: None)
+            self.cache = build_token_cache(
+                self.cache_root, self.cache_settings(), log=lambda _: None, tokenizer=self.encoding_tokenizer()
+            )
         self._check_sizes()
         needed = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"]}.get(stage or "fit", [])
         if self.val_fraction == 0 and stage in ("fit", None):
@@ -171,7 +218,8 @@ class TextDataModule(pl.LightningDataModule):
 
     def _check_sizes(self) -> None:
         block_size = self.resolved_block_size()
-        model_block_size = self._model_attribute("block_size")
+        contract = self._contract()
+        model_block_size = contract.block_size if contract else None
         if model_block_size is not None and block_size > model_block_size:
             raise ConfigError(
                 f"data.block_size={block_size} exceeds the model's context of {model_block_size} tokens: "
@@ -261,13 +309,30 @@ class TextDataModule(pl.LightningDataModule):
             self._resume = None
         return self._loader(batches)
 
+    def _eval_batches(self, split: str) -> TokenBatches | SlidingWindowBatches:
+        if self.resolved_task() != "causal_lm":
+            return self._batches(split, shuffle=False)
+        assert self.cache is not None
+        block_size = self.resolved_block_size()
+        stride = self.eval_stride or block_size
+        if stride > block_size:
+            raise ConfigError(
+                f"data.eval_stride={stride} exceeds block_size={block_size}: use at most {block_size} "
+                "(block_size: disjoint windows; smaller: more context per token)"
+            )
+        trainer = self.trainer
+        return SlidingWindowBatches(
+            self.cache.tokens(split), block_size, stride, self.batch_size,
+            rank=trainer.global_rank if trainer else 0, world_size=trainer.world_size if trainer else 1,
+        )
+
     def val_dataloader(self) -> DataLoader | list:
         if self.val_fraction == 0:
             return []  # no validation split: Lightning skips validation
-        return self._loader(self._batches("val", shuffle=False))
+        return self._loader(self._eval_batches("val"))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self._batches("test", shuffle=False))
+        return self._loader(self._eval_batches("test"))
 
     # ------------------------------------------------------ exact mid-epoch resume
     def state_dict(self) -> dict[str, Any]:

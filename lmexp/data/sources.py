@@ -60,8 +60,11 @@ def decode_utf8(data: bytes, origin: str) -> str:
         ) from None
 
 
-def _read_table(path: Path, text_column: str) -> Iterator[Document]:
-    kind = TABLE_SUFFIXES[path.suffix.lower()]
+def read_rows(path: Path) -> Iterator[tuple[str, dict[str, object]]]:
+    """(``file:line``, row) for each record of a ``.jsonl``/``.csv``/``.tsv`` table."""
+    kind = TABLE_SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(f"{path} is not a table: use a .jsonl, .csv or .tsv file")
     # A byte-order mark would become part of the first column's name (or the first JSON line).
     text = decode_utf8(path.read_bytes(), str(path)).removeprefix("\ufeff")
     if kind == "jsonl":
@@ -73,26 +76,36 @@ def _read_table(path: Path, text_column: str) -> Iterator[Document]:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{line_no} is not valid JSON ({err.msg}): fix or remove that line") from None
-            if not isinstance(row, dict) or text_column not in row:
-                keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-                raise DataError(
-                    f"{path}:{line_no} has no field {text_column!r} (found {keys}): "
-                    "set data.text_column to the field that holds the text"
-                )
-            yield Document(_cell_text(row[text_column]), f"{path}:{line_no}")
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{line_no} is a JSON {type(row).__name__}, not an object: one object per line")
+            yield f"{path}:{line_no}", row
         return
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # a cell may hold a whole document
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=kind)  # keeps quoted newlines
-    if reader.fieldnames is None or text_column not in reader.fieldnames:
-        raise DataError(
-            f"{path} has no column {text_column!r} (columns: {reader.fieldnames}): "
-            "set data.text_column to the column that holds the text"
-        )
     for row in reader:
-        yield Document(_cell_text(row[text_column]), f"{path}:{reader.line_num}")
+        yield f"{path}:{reader.line_num}", {k: v for k, v in row.items() if k is not None}
 
 
-def _cell_text(value: object) -> str:
+def table_columns(path: Path) -> list[str]:
+    """Column names of a table (a JSONL file's: the first record's keys), for error messages."""
+    for _, row in read_rows(path):
+        return list(row)
+    return []
+
+
+def _read_table(path: Path, text_column: str) -> Iterator[Document]:
+    for origin, row in read_rows(path):
+        if text_column not in row:
+            # A CSV's columns are the file's; each JSON line has its own fields.
+            where = origin if TABLE_SUFFIXES[path.suffix.lower()] == "jsonl" else str(path)
+            raise DataError(
+                f"{where} has no column {text_column!r} (columns: {list(row)}): "
+                "set data.text_column to the column that holds the text"
+            )
+        yield Document(cell_text(row[text_column]), origin)
+
+
+def cell_text(value: object) -> str:
     """A table cell as text; a missing value (JSON null, short CSV row) is empty, not "None"."""
     return "" if value is None else str(value)
 

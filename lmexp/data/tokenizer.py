@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from lmexp.data.contract import Task
 from lmexp.errors import ConfigError
 
 TokenizerKind = Literal["char", "bpe", "wordpiece"]
-Task = Literal["causal_lm", "masked_lm"]
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 MLM_SPECIAL_TOKENS = [PAD, UNK, CLS, SEP, MASK]
@@ -19,7 +19,7 @@ MLM_SPECIAL_TOKENS = [PAD, UNK, CLS, SEP, MASK]
 
 def special_tokens_for(kind: TokenizerKind, task: Task) -> list[str]:
     """Special tokens a tokenizer needs: masked LM needs the BERT set, otherwise only [UNK]."""
-    if task == "masked_lm":
+    if task in ("masked_lm", "classification"):
         return list(MLM_SPECIAL_TOKENS)
     # Byte-level BPE can encode any string, so it needs no unknown token.
     return [] if kind == "bpe" else [UNK]
@@ -128,3 +128,23 @@ def describe_unknown(unknown: list[str]) -> str:
         f"not in the tokenizer's vocabulary, so the model sees [UNK] or nothing in their place: {shown}; "
         "use characters that occur in the training text"
     )
+
+
+def tokenizer_identity(tokenizer: Tokenizer) -> str:
+    """A short fingerprint of a tokenizer's full definition, for cache keys."""
+    import hashlib
+
+    return "json:" + hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:16]
+
+
+def resolve_tokenizer(setting: str) -> Tokenizer | None:
+    """``char``/``bpe``/``wordpiece`` -> None (train that kind); anything else is a path to a
+    ``tokenizer.json`` (or its folder) to use as it is."""
+    if setting in get_args(TokenizerKind):
+        return None
+    if not (setting.endswith(".json") or Path(setting).expanduser().is_dir() or "/" in setting):
+        raise ConfigError(
+            f"data.tokenizer={setting!r} is not supported: choose one of char, bpe, wordpiece (trained on the "
+            "data), or give the path of a tokenizer.json"
+        )
+    return load_tokenizer(Path(setting).expanduser())

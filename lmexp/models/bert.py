@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from lmexp.models.config import ModelConfig
+from lmexp.models.heads import ClassificationHead
 from lmexp.models.layers import TransformerTrunk, init_gpt2_weights
 
 
@@ -29,7 +30,8 @@ class MaskedLMHead(nn.Module):
 
 
 class BERT(nn.Module):
-    """Bidirectional transformer with token-type embeddings, an MLM head and a [CLS] pooler."""
+    """Bidirectional transformer with token-type embeddings, a [CLS] pooler and its heads: masked
+    LM, sentence order, and (with ``config.labels``) sequence classification."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -37,6 +39,10 @@ class BERT(nn.Module):
         self.trunk = TransformerTrunk(config, causal=False, token_types=True)
         self.mlm_head = MaskedLMHead(config, self.trunk.tok_emb)
         self.pooler = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.sop_head = nn.Linear(config.n_embd, 2)  # sentence-order prediction (ALBERT)
+        self.classifier = (
+            ClassificationHead(config.n_embd, config.num_labels, config.classifier_dropout) if config.labels else None
+        )
         init_gpt2_weights(self, config.n_layer)
 
     def forward(
@@ -58,3 +64,11 @@ class BERT(nn.Module):
     def pool(self, hidden: Tensor) -> Tensor:
         """hidden (B, T, C) -> (B, C): the [CLS] state, for sequence classification."""
         return torch.tanh(self.pooler(hidden[:, 0]))
+
+    def classify(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None
+    ) -> Tensor:
+        """input_ids (B, T) -> label logits (B, num_labels), from the pooled [CLS] state."""
+        if self.classifier is None:
+            raise ValueError("this BERT has no classification head: build it with labels in its config")
+        return self.classifier(self.pool(self(input_ids, attention_mask, token_type_ids)))

@@ -42,6 +42,11 @@ class ModelConfig:
     """Number of bert token types (segments)."""
     activation_checkpointing: bool = False
     """Recompute each transformer block in the backward pass to save activation memory."""
+    labels: list[str] | None = None
+    """Class names of a sequence classifier, in label-id order; set, the network gets a
+    classification head on its pooled output (gpt: last real token; bert: [CLS])."""
+    classifier_dropout: float = 0.1
+    """Dropout on the pooled state before the classification head."""
 
     def __post_init__(self) -> None:
         check_choice("arch", self.arch, get_args(Arch))
@@ -54,7 +59,17 @@ class ModelConfig:
             raise ConfigError(
                 f"dropout={self.dropout} is outside [0, 1): use a probability such as 0.1, or 0 to disable"
             )
+        if not 0.0 <= self.classifier_dropout < 1.0:
+            raise ConfigError(f"classifier_dropout={self.classifier_dropout} is outside [0, 1): use e.g. 0.1")
+        if self.labels is not None:
+            if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
+                raise ConfigError(
+                    f"labels={self.labels} must name at least two distinct classes, in label-id order"
+                )
+            self.labels = [str(label) for label in self.labels]
         if self.arch == "lstm":
+            if self.labels is not None:
+                raise ConfigError("labels are set but arch='lstm' has no classification head: use a gpt or bert network")
             return
         if self.n_embd % self.n_head != 0:
             raise ConfigError(
@@ -66,6 +81,11 @@ class ModelConfig:
                 f"rotary positions need an even head dimension but n_embd/n_head={self.head_dim}: "
                 "choose n_embd as a multiple of 2*n_head"
             )
+
+    @property
+    def num_labels(self) -> int:
+        """Classes of the classification head; 0 when the network has none."""
+        return len(self.labels) if self.labels else 0
 
     @property
     def head_dim(self) -> int:

@@ -6,12 +6,14 @@ import torch
 from torch import Tensor, nn
 
 from lmexp.models.config import ModelConfig
+from lmexp.models.heads import ClassificationHead, last_token_pool
 from lmexp.models.kv_cache import KVCache
 from lmexp.models.layers import TransformerTrunk, init_gpt2_weights
 
 
 class GPT(nn.Module):
-    """Causal transformer trunk and a linear head predicting the next token at every position."""
+    """Causal transformer trunk and a linear head predicting the next token at every position;
+    with ``config.labels``, also a classification head on the last real token."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -20,14 +22,22 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.require_vocab_size(), bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.trunk.tok_emb.weight
+        self.classifier = (
+            ClassificationHead(config.n_embd, config.num_labels, config.classifier_dropout) if config.labels else None
+        )
         init_gpt2_weights(self, config.n_layer)
 
-    def forward(self, input_ids: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, cache: KVCache | None = None
+    ) -> Tensor:
         """input_ids (B, T) -> logits (B, T, V).
 
-        With a cache, input_ids are the tokens after the cached ones; the cache is extended.
+        attention_mask (B, T), 1 = real token, lets a left-padded batch of prompts give each row
+        the logits of its prompt alone (positions count from the row's first real token). With a
+        cache, input_ids (and the mask) are the tokens after the cached ones; the cache is extended
+        and remembers the mask.
         """
-        return self.lm_head(self.trunk(input_ids, cache=cache))
+        return self.lm_head(self.trunk(input_ids, attention_mask=attention_mask, cache=cache))
 
     def make_cache(
         self,
@@ -47,3 +57,17 @@ class GPT(nn.Module):
             device=device if device is not None else weight.device,
             dtype=dtype if dtype is not None else weight.dtype,
         )
+
+    def pool(self, hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """hidden (B, T, C) -> (B, C): the last real token's state (mask 1 = real token)."""
+        return last_token_pool(hidden, attention_mask)
+
+    def classify(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """input_ids (B, T), right-padded -> label logits (B, num_labels).
+
+        Causal attention keeps right padding from reaching any real token, so the mask is needed
+        only to find each row's last real token (and the fused causal kernel stays in use).
+        """
+        if self.classifier is None:
+            raise ValueError("this GPT has no classification head: build it with labels in its config")
+        return self.classifier(self.pool(self.trunk(input_ids), attention_mask))

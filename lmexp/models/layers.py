@@ -13,7 +13,8 @@ from lmexp.models.config import ModelConfig
 from lmexp.models.kv_cache import KVCache
 
 Rope = tuple[Tensor, Tensor]
-"""Rotary cos and sin tables for the positions of the current input, each (T, hs)."""
+"""Rotary cos and sin tables for the positions of the current input, each (T, hs), or
+(B, 1, T, hs) when rows have their own positions (a left-padded batch)."""
 
 
 class RotaryEmbedding(nn.Module):
@@ -31,6 +32,10 @@ class RotaryEmbedding(nn.Module):
     def forward(self, offset: int, length: int) -> Rope:
         """Tables for positions [offset, offset + length)."""
         return self.cos[offset : offset + length], self.sin[offset : offset + length]
+
+    def at(self, positions: Tensor) -> Rope:
+        """Tables for per-row positions (B, T) -> each (B, 1, T, hs), broadcasting over heads."""
+        return self.cos[positions][:, None], self.sin[positions][:, None]
 
 
 def apply_rotary(x: Tensor, rope: Rope) -> Tensor:
@@ -151,20 +156,35 @@ class TransformerTrunk(nn.Module):
     ) -> Tensor:
         """input_ids (B, T) -> hidden states (B, T, C).
 
-        attention_mask (B, T): 1 for real tokens, 0 for padding that no token may attend to.
+        attention_mask (B, T): 1 for real tokens, 0 for padding that no token may attend to; with
+        a cache it covers the new tokens only (the cache keeps the mask of the positions it holds).
+        With padding, positions count from each row's first real token, so a left-padded row gets
+        the same result as its tokens alone; without a mask (nor cached padding), positions are
+        0..T-1 after the cached ones and causal attention keeps its fused kernel.
         """
         B, T = input_ids.shape
         past = self._check_input(B, T, cache)
+        if cache is not None:
+            key_mask = cache.update_mask(attention_mask, T)  # (B, past + T) or None
+        else:
+            key_mask = attention_mask.bool() if attention_mask is not None else None
+        # Per-row positions only when a mask is given: the unmasked path stays as cheap as before.
+        positions = (key_mask.long().cumsum(dim=1)[:, past:] - 1).clamp(min=0) if key_mask is not None else None
         x = self.tok_emb(input_ids)  # (B, T, C)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(past, past + T, device=input_ids.device))  # (T, C) broadcast
+            if positions is None:
+                x = x + self.pos_emb(torch.arange(past, past + T, device=input_ids.device))  # (T, C) broadcast
+            else:
+                x = x + self.pos_emb(positions)  # (B, T, C)
         if self.type_emb is not None:
             if token_type_ids is None:
                 token_type_ids = torch.zeros_like(input_ids)
             x = x + self.type_emb(token_type_ids)
         x = self.drop(x)
-        rope = self.rotary(past, T) if self.rotary is not None else None
-        mask = attention_mask.bool()[:, None, None, :] if attention_mask is not None else None  # (B, 1, 1, T)
+        rope = None
+        if self.rotary is not None:
+            rope = self.rotary(past, T) if positions is None else self.rotary.at(positions)
+        mask = self._attention_mask(key_mask, past, T)
         recompute = self.config.activation_checkpointing and self.training and cache is None
         for block in self.blocks:
             if recompute:
@@ -174,6 +194,23 @@ class TransformerTrunk(nn.Module):
         if cache is not None:
             cache.advance(T)
         return self.ln_f(x)
+
+    def _attention_mask(self, key_mask: Tensor | None, past: int, length: int) -> Tensor | None:
+        """The padding mask (B, S) as an attention mask broadcastable to (B, nh, T, S).
+
+        In a causal model a pad query of a left-padded row sees only pad keys: with all of its
+        keys masked, attention would give NaN, which then reaches real rows through the next
+        layer's values (NaN times a zero weight is NaN). So every query may also attend to its
+        own key; a real query could anyway, and a pad query's output is never used.
+        """
+        if key_mask is None:
+            return None
+        mask = key_mask[:, None, None, :]  # (B, 1, 1, S)
+        if self.causal:
+            keys = torch.arange(key_mask.size(1), device=key_mask.device)
+            queries = torch.arange(past, past + length, device=key_mask.device)
+            mask = mask | (keys[None, :] == queries[:, None])  # (B, 1, T, S)
+        return mask
 
     def _check_input(self, batch_size: int, length: int, cache: KVCache | None) -> int:
         """Validate the input against the context and cache; return the number of cached positions."""

@@ -1,4 +1,6 @@
-"""What every language-model objective shares: model building, optimizer, schedule, metrics, state."""
+"""What every training objective shares, whatever the task: building the network (from a preset
+or a pretrained checkpoint), optimizer and parameter groups, schedule, clipping, throughput, and
+the state that makes a resumed run exact. Language modelling and classification sit on top."""
 
 from __future__ import annotations
 
@@ -15,14 +17,13 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
-from torchmetrics import MeanMetric
 
-from lmexp.checkpoints import CHECKPOINT_KEY
+from lmexp.checkpoints import CHECKPOINT_KEY, LoadedModel, load_checkpoint
+from lmexp.data.contract import DataContract, Task
 from lmexp.errors import CheckpointError, ConfigError, check_positive
 from lmexp.hardware import cpu_has_bf16_units
 from lmexp.models import ModelConfig, build_model, count_parameters, from_name
 from lmexp.objectives.schedule import warmup_cosine
-
 
 
 def logs_this_step(trainer: pl.Trainer) -> bool:
@@ -118,16 +119,21 @@ def _align_to_last_step(checkpoint: dict[str, Any], last_step_batch: int | None,
     return rewound
 
 
-class LanguageModelObjective(pl.LightningModule):
-    """Base LightningModule: wraps any ``lmexp.models`` network with an objective.
+class TrainingObjective(pl.LightningModule):
+    """Base LightningModule: wraps any ``lmexp.models`` network with a task's loss.
 
-    The network is described by data (a preset name or a ``ModelConfig``), not passed as a
-    module, so checkpoints rebuild it without extra arguments. Its vocabulary size comes from
-    the data module's tokenizer when the config leaves it unset.
+    The network is described by data (a preset name, a ``ModelConfig`` or a pretrained
+    checkpoint), not passed as a module, so checkpoints rebuild it without extra arguments. What
+    the data decides (vocabulary size, class labels) is filled in from the data module before
+    the weights are made; what the model decides (task, context, a pretrained tokenizer) is
+    handed to the data as a ``DataContract``.
 
     Args:
         network: Preset name (``gpt-nano``, ``bert-mini``, ...) or a full model config.
         network_overrides: Fields replaced on top of ``network`` (e.g. ``{dropout: 0.1}``).
+        pretrained: A checkpoint (``.ckpt``) or export folder to start from: its network config
+            replaces ``network`` (``network_overrides`` still apply), its weights are loaded, and
+            the data is encoded with its tokenizer.
         lr: Peak learning rate (AdamW).
         weight_decay: AdamW decay on weight matrices; biases, norms and embeddings get none.
         betas: AdamW betas.
@@ -140,13 +146,13 @@ class LanguageModelObjective(pl.LightningModule):
         compile: Compile the network with ``torch.compile`` before training.
     """
 
-    data_task: ClassVar[str]
-    reports_bits_per_byte: ClassVar[bool] = True  # meaningful when every token is predicted
+    task: ClassVar[Task]
 
     def __init__(
         self,
         network: str | ModelConfig = "gpt-nano",
         network_overrides: dict[str, Any] | None = None,
+        pretrained: str | None = None,
         lr: float = 1e-3,
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.99),
@@ -173,17 +179,20 @@ class LanguageModelObjective(pl.LightningModule):
         if max_steps is not None:
             check_positive("max_steps", max_steps)
         self.save_hyperparameters()
+        self._pretrained: LoadedModel | None = None
+        if pretrained is not None:
+            self._pretrained = load_checkpoint(pretrained)
+            network = self._pretrained.config
         self.network_config = resolve_network(network, network_overrides)
+        self.check_network(self.network_config)
         self.model: nn.Module | None = None
-        self.bytes_per_token: dict[str, float] = {}  # per evaluation split, from the data
         self._pending_rng: dict[str, Any] | None = None
         self._rng_at_step_start: tuple[tuple[int, int], dict[str, Any]] | None = None  # ((epoch, batch), state)
         self._schedule_steps: int | None = None
         self._saved_schedule_steps: int | None = None
-        self._throughput_start: tuple[float, int] | None = None  # (time, tokens since)
+        self._throughput_start: tuple[float, int, int] | None = None  # (time, tokens since, examples since)
         self._validation_started = 0.0
-        self.eval_nll = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
-        if self.network_config.vocab_size is not None:
+        if self.network_complete(self.network_config):
             self._build()
 
     # --------------------------------------------------------------- building
@@ -191,8 +200,33 @@ class LanguageModelObjective(pl.LightningModule):
     def block_size(self) -> int:
         return self.network_config.block_size
 
+    def check_network(self, config: ModelConfig) -> None:
+        """Refuse a network this objective cannot train (override); the error names the fix."""
+
+    def network_complete(self, config: ModelConfig) -> bool:
+        """Whether the config says all the data would tell it, so weights can be made now."""
+        return config.vocab_size is not None
+
+    def unused_modules(self) -> list[nn.Module]:
+        """Parts of the network this objective's loss never reaches (another task's head). Their
+        parameters are frozen: DDP would otherwise wait for gradients that never come."""
+        return []
+
+    def data_contract(self) -> DataContract:
+        """What the data must provide for this model: the task, the context, a tokenizer."""
+        tokenizer = self._pretrained.tokenizer if self._pretrained is not None else None
+        return DataContract(self.task, self.block_size, self.network_config.arch, tokenizer)
+
+    def _describe_source(self) -> str:
+        return f"pretrained checkpoint {self.hparams.pretrained!r}" if self.hparams.pretrained else "the network config"
+
     def _build(self) -> None:
         self.model = build_model(self.network_config)
+        if self._pretrained is not None:
+            self._load_pretrained(self.model, self._pretrained)
+            self._pretrained = LoadedModel(None, self._pretrained.config, self._pretrained.tokenizer,  # type: ignore[arg-type]
+                                           self._pretrained.objective)  # the weights are copied: free them
+        self._freeze(self.unused_modules())
         self.build_heads()
         if self.hparams.compile:
             self.model.compile()
@@ -204,6 +238,42 @@ class LanguageModelObjective(pl.LightningModule):
 
     def build_heads(self) -> None:
         """Create objective-specific modules once the network exists (override when needed)."""
+
+    def _freeze(self, modules: list[nn.Module]) -> None:
+        """Stop training these modules' parameters, except those tied to a part still in use (a
+        GPT's output layer shares the token embedding)."""
+        if not modules:
+            return
+        prefixes = [name for name, m in self.model.named_modules(remove_duplicate=False)
+                    if name and any(m is module for module in modules)]
+        in_use = {
+            id(param) for name, param in self.model.named_parameters(remove_duplicate=False)
+            if not any(name.startswith(prefix + ".") for prefix in prefixes)
+        }
+        for module in modules:
+            for param in module.parameters():
+                if id(param) not in in_use:
+                    param.requires_grad_(False)
+
+    def _load_pretrained(self, model: nn.Module, pretrained: LoadedModel) -> None:
+        """Copy a pretrained network's weights; a classification head for other labels (or none)
+        starts fresh."""
+        state = pretrained.model.state_dict()
+        fresh = [k for k, v in model.state_dict().items() if k not in state or state[k].shape != v.shape]
+        if pretrained.config.labels != self.network_config.labels:
+            fresh = sorted(set(fresh) | {k for k in model.state_dict() if k.startswith("classifier.")})
+        state = {k: v for k, v in state.items() if k not in fresh}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        wrong = [k for k in missing if not k.startswith("classifier.")] + [
+            k for k in unexpected if not k.startswith("classifier.")]
+        if wrong:
+            raise CheckpointError(
+                f"pretrained checkpoint {self.hparams.pretrained!r} does not fit the network "
+                f"({', '.join(wrong[:3])}{', ...' if len(wrong) > 3 else ''}): do not override sizes of a pretrained network"
+            )
+        if fresh:
+            rank_zero_info(f"{type(self).__name__}: new {', '.join(sorted({k.rsplit('.', 1)[0] for k in fresh}))} "
+                           f"on top of {self.hparams.pretrained}")
 
     def setup(self, stage: str) -> None:
         precision = str(getattr(self.trainer, "precision", ""))
@@ -217,9 +287,14 @@ class LanguageModelObjective(pl.LightningModule):
     def configure_model(self) -> None:
         # Also called by load_from_checkpoint, where no trainer is attached.
         datamodule = getattr(self._trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "bytes_per_token"):
-            self.bytes_per_token = {split: datamodule.bytes_per_token(split) for split in ("val", "test")}
+        self.read_data(datamodule)
         vocab_size = getattr(datamodule, "vocab_size", None)
+        labels = getattr(datamodule, "labels", None)
+        if self.model is not None and labels is not None and list(labels) != self.network_config.labels:
+            raise CheckpointError(
+                f"the model was trained for labels {self.network_config.labels} but the data has {list(labels)}: "
+                "evaluate on data with the same label set (data.labels fixes their order)"
+            )
         if self.model is not None:
             # A larger model vocabulary is allowed: padding it (e.g. 50257 -> 50304) is a common
             # speed trick, and the extra rows are simply never targets.
@@ -236,8 +311,20 @@ class LanguageModelObjective(pl.LightningModule):
                 "the model's vocab_size is unknown: train with a data module that has a tokenizer, "
                 "or set vocab_size in the model config"
             )
-        self.network_config = self.network_config.replace(vocab_size=vocab_size)
+        if self.network_config.vocab_size is not None and vocab_size > self.network_config.vocab_size:
+            raise ConfigError(
+                f"the {self._describe_source()} has vocab_size={self.network_config.vocab_size}, fewer than the "
+                f"data's tokenizer ({vocab_size}): encode the data with the checkpoint's tokenizer"
+            )
+        changes: dict[str, Any] = {"vocab_size": self.network_config.vocab_size or vocab_size}
+        if labels is not None:
+            changes["labels"] = list(labels)
+        self.network_config = self.network_config.replace(**changes)
         self._build()
+
+    def read_data(self, datamodule: Any) -> None:
+        """Take what the objective needs from the data module besides vocabulary and labels
+        (bytes per token, class counts); called before the network is built."""
 
     # ----------------------------------------------------------- optimization
     def parameter_groups(self) -> list[dict[str, Any]]:
@@ -312,30 +399,9 @@ class LanguageModelObjective(pl.LightningModule):
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # -------------------------------------------------------------- the step
-    def compute_loss(self, batch: dict[str, torch.Tensor], stage: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Return (loss to optimize, mean NLL per predicted token, extra metrics to log).
-
-        The NLL is what evaluation reports; in training only the loss is used.
-        """
+    def compute_loss(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        """The loss to optimize; subclasses also update their evaluation metrics here."""
         raise NotImplementedError
-
-    def _step(self, batch: dict[str, torch.Tensor], stage: str, log: bool = True) -> torch.Tensor:
-        loss, nll, extra = self.compute_loss(batch, stage)
-        batch_size = batch["input_ids"].shape[0]
-        if stage == "train":
-            if not log:
-                return loss
-            # Logged as CPU copies (one sync per logging step): Lightning turns every progress-bar
-            # value back into a number after each batch, a device sync per step for a GPU tensor.
-            self.log("train/loss", loss.detach().cpu(), prog_bar=True, batch_size=batch_size)
-            for name, value in extra.items():
-                self.log(f"train/{name}", value.detach().cpu(), batch_size=batch_size)
-            return loss
-        n_targets = (batch["labels"] != -100).sum()
-        self.eval_nll[stage].update(nll.detach(), weight=n_targets)
-        for name, value in extra.items():
-            self.log(f"{stage}/{name}", value, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
-        return loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         # Training metrics are logged only on the steps Lightning writes: each self.log costs
@@ -343,31 +409,20 @@ class LanguageModelObjective(pl.LightningModule):
         log = self._trainer is None or logs_this_step(self.trainer)
         if log and self._trainer is not None and batch_idx % self.trainer.accumulate_grad_batches == 0:
             self._log_throughput()  # here, not after the batch, so the progress bar reads it now
-        return self._step(batch, "train", log)
+        self._log_train_now = log
+        return self.compute_loss(batch, "train")
+
+    def log_train(self, name: str, value: torch.Tensor, batch_size: int, prog_bar: bool = False) -> None:
+        """Log a training value on the steps Lightning writes, as a CPU copy: Lightning turns every
+        progress-bar value back into a number after each batch, a device sync per step otherwise."""
+        if getattr(self, "_log_train_now", True):
+            self.log(f"train/{name}", value.detach().cpu(), prog_bar=prog_bar, batch_size=batch_size)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
+        self.compute_loss(batch, "val")
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
-
-    def _log_eval_epoch(self, stage: str) -> None:
-        nll = self.eval_nll[stage].compute()
-        # Evaluation runs in inference mode; states reset there would become inference
-        # tensors that a later fit cannot update in place.
-        with torch.inference_mode(False):
-            self.eval_nll[stage].reset()
-        metrics = {f"{stage}/loss": nll, f"{stage}/ppl": torch.exp(nll)}
-        if self.bytes_per_token.get(stage) and self.reports_bits_per_byte:
-            metrics[f"{stage}/bpb"] = nll / math.log(2) / self.bytes_per_token[stage]
-        # The metric is already reduced over ranks; sync_dist states that (Lightning warns otherwise).
-        self.log_dict(metrics, prog_bar=stage == "val", sync_dist=True)
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_eval_epoch("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_eval_epoch("test")
+        self.compute_loss(batch, "test")
 
     # ------------------------------------------------------------ throughput
     def on_validation_start(self) -> None:
@@ -376,27 +431,31 @@ class LanguageModelObjective(pl.LightningModule):
     def on_validation_end(self) -> None:
         # Validation time is not training time: move the window's start past it.
         if self._throughput_start is not None:
-            started, tokens = self._throughput_start
-            self._throughput_start = (started + time.perf_counter() - self._validation_started, tokens)
+            started, tokens, examples = self._throughput_start
+            self._throughput_start = (started + time.perf_counter() - self._validation_started, tokens, examples)
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         # The first batch only starts the clock, so start-up is not counted as training time.
         if self._throughput_start is None:
-            self._throughput_start = (time.perf_counter(), 0)
+            self._throughput_start = (time.perf_counter(), 0, 0)
             return
-        started, tokens = self._throughput_start
-        self._throughput_start = (started, tokens + batch["input_ids"].numel() * self.trainer.world_size)
+        started, tokens, examples = self._throughput_start
+        ranks = self.trainer.world_size
+        self._throughput_start = (
+            started, tokens + batch["input_ids"].numel() * ranks, examples + batch["input_ids"].shape[0] * ranks
+        )
 
     def _log_throughput(self) -> None:
-        """Tokens per second over the batches since the previous logging step, validation time
-        left out (a host timer: no device sync)."""
+        """Tokens (padding included) and examples per second over the batches since the previous
+        logging step, validation time left out (a host timer: no device sync)."""
         if self._throughput_start is None:
             return
         now = time.perf_counter()
-        started, tokens = self._throughput_start
+        started, tokens, examples = self._throughput_start
         if tokens and now > started:
             self.log("train/tokens_per_sec", torch.tensor(tokens / (now - started)), prog_bar=True)
-            self._throughput_start = (now, 0)
+            self.log("train/examples_per_sec", torch.tensor(examples / (now - started)))
+            self._throughput_start = (now, 0, 0)
 
     # ------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -404,6 +463,7 @@ class LanguageModelObjective(pl.LightningModule):
         # and complete (vocab_size included) for rebuilding without the data.
         checkpoint["hyper_parameters"]["network"] = self.network_config.to_dict()
         checkpoint["hyper_parameters"]["network_overrides"] = None
+        checkpoint["hyper_parameters"]["pretrained"] = None  # its weights are in this checkpoint
         datamodule = getattr(self._trainer, "datamodule", None)
         rng = self._pending_rng or _rng_state()  # a restore not yet applied is the true state
         if self._trainer is not None and self.trainer.state.fn == "fit":
@@ -419,8 +479,12 @@ class LanguageModelObjective(pl.LightningModule):
             "rng": rng, "objective": type(self).__name__, "schedule_steps": self._schedule_steps,
         }
         tokenizer = getattr(datamodule, "tokenizer", None)
+        if tokenizer is None and self._pretrained is not None:
+            tokenizer = self._pretrained.tokenizer
         if tokenizer is not None:
             extra["tokenizer"] = tokenizer.to_str()
+        if hasattr(datamodule, "input_settings"):  # how raw inputs become model inputs, for predict
+            extra["inputs"] = datamodule.input_settings()
         checkpoint[CHECKPOINT_KEY] = extra
 
     def _last_step_batch(self) -> int | None:

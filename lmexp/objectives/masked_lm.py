@@ -10,7 +10,7 @@ from torch import nn
 
 from lmexp.errors import ConfigError
 from lmexp.models import ModelConfig
-from lmexp.objectives.base import LanguageModelObjective
+from lmexp.objectives.language_model import LanguageModelObjective
 
 
 class MaskedLM(LanguageModelObjective):
@@ -19,22 +19,35 @@ class MaskedLM(LanguageModelObjective):
     Args:
         sop_weight: Weight of the sentence-order loss when batches carry ``sop_labels``
             (``data.sentence_order: true``).
-        **kwargs: See ``LanguageModelObjective``.
+        **kwargs: See ``TrainingObjective``.
     """
 
-    data_task: ClassVar[str] = "masked_lm"
+    task: ClassVar[str] = "masked_lm"
     reports_bits_per_byte: ClassVar[bool] = False  # only the masked 15% are predicted
 
     def __init__(self, network: str | ModelConfig = "bert-mini", sop_weight: float = 1.0, **kwargs: Any) -> None:
         super().__init__(network, **kwargs)
-        if self.network_config.arch != "bert":
-            raise ConfigError(f"MaskedLM needs a bert network, got arch={self.network_config.arch!r}: use a bert-* preset")
         self.sop_weight = sop_weight
 
-    def build_heads(self) -> None:
-        self.sop_head: nn.Module = nn.Linear(self.network_config.n_embd, 2)
+    def check_network(self, config: ModelConfig) -> None:
+        if config.arch != "bert":
+            raise ConfigError(
+                f"MaskedLM needs a bert network, but {self._describe_source()} is arch={config.arch!r}: "
+                "use a bert-* preset or a BERT checkpoint"
+            )
 
-    def compute_loss(self, batch: dict[str, torch.Tensor], stage: str):
+    def unused_modules(self) -> list[nn.Module]:
+        unused = [self.model.classifier] if self.model.classifier is not None else []
+        # Without sentence-order labels the SOP head (and the pooler feeding it) get no gradient.
+        if not self.uses_sentence_order():
+            unused += [self.model.sop_head, self.model.pooler]
+        return unused
+
+    def uses_sentence_order(self) -> bool:
+        datamodule = getattr(self._trainer, "datamodule", None)
+        return bool(getattr(datamodule, "sentence_order", True))
+
+    def lm_loss(self, batch: dict[str, torch.Tensor], stage: str):
         hidden = self.model(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"))
         labels = batch["labels"]
         selected = labels != -100
@@ -44,12 +57,13 @@ class MaskedLM(LanguageModelObjective):
         # Sums over max(N, 1): a batch where no token was selected gives 0, not NaN.
         n_selected = max(targets.numel(), 1)
         nll = F.cross_entropy(logits, targets, reduction="sum") / n_selected
-        metrics = {"mlm_acc": (logits.argmax(-1) == targets).sum() / n_selected}
+        correct = (logits.argmax(-1) == targets).sum()
+        metrics = {"mlm_acc": correct / n_selected} if stage == "train" else {}
         loss = nll
         if "sop_labels" in batch:
-            sop_logits = self.sop_head(self.model.pool(hidden))
+            sop_logits = self.model.sop_head(self.model.pool(hidden))
             sop_loss = F.cross_entropy(sop_logits, batch["sop_labels"])
             loss = loss + self.sop_weight * sop_loss
             metrics["sop_loss"] = sop_loss
             metrics["sop_acc"] = (sop_logits.argmax(-1) == batch["sop_labels"]).float().mean()
-        return loss, nll, metrics
+        return loss, nll, correct, metrics

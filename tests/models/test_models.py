@@ -29,7 +29,7 @@ def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
 
 # --- configuration ---------------------------------------------------------------------------
 
-REFERENCE_SIZES = {"gpt2": 124_439_808, "bert-base": 110_104_890}
+REFERENCE_SIZES = {"gpt2": 124_439_808, "bert-base": 110_106_428}
 REFERENCE_VOCABS = {"gpt2": 50257, "bert-base": 30522}  # GPT-2's BPE, BERT's WordPiece
 
 
@@ -41,7 +41,8 @@ def test_preset_builds(name):
 
 @pytest.mark.parametrize("name", REFERENCE_SIZES)
 def test_reference_preset_parameter_count(name):
-    # BERT-base: 109,482,240 of HF BertModel (pooler included) + 622,650 for the MLM head.
+    # BERT-base: 109,482,240 of HF BertModel (pooler included) + 622,650 for the MLM head + 1,538
+    # for the two-way sentence head: HF BertForPreTraining's 110,106,428.
     with torch.device("meta"):
         model = build_model(from_name(name, vocab_size=REFERENCE_VOCABS[name]))
     assert count_parameters(model) == REFERENCE_SIZES[name]
@@ -235,3 +236,82 @@ def test_lstm_shape_and_training_step():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.3
+
+
+# --- left padding (batched generation) -------------------------------------------------------
+
+
+def left_padded(lengths: list[int], pad_id: int = VOCAB - 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random prompts of the given lengths, left-padded with a real token id, and their mask."""
+    width = max(lengths)
+    ids = random_ids(len(lengths), width)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, : width - n] = pad_id
+        mask[row, width - n :] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("position", ["learned", "rotary"])
+def test_gpt_left_padded_rows_match_the_rows_alone(position):
+    model = GPT(tiny(position=position)).eval()
+    ids, mask = left_padded([9, 4, 1])
+    logits = model(ids, attention_mask=mask)
+    assert not logits.isnan().any()
+    for row, n in enumerate([9, 4, 1]):
+        torch.testing.assert_close(logits[row, 9 - n :], model(ids[row : row + 1, 9 - n :])[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("position", ["learned", "rotary"])
+def test_kv_cache_keeps_the_padding_mask(position):
+    model = GPT(tiny(position=position)).eval()
+    ids, mask = left_padded([6, 3])
+    more = random_ids(2, 5, seed=1)
+    full = model(torch.cat((ids, more), 1), attention_mask=torch.cat((mask, torch.ones_like(more)), 1))
+    cache = model.make_cache(batch_size=2)
+    pieces = [model(ids, attention_mask=mask, cache=cache), model(more[:, :2], cache=cache)]
+    pieces += [model(more[:, t : t + 1], cache=cache) for t in range(2, 5)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1)[:, 6:], full[:, 6:], rtol=1e-5, atol=1e-5)
+    # The padded row's new tokens see only its 3 real tokens, as the row alone would.
+    alone = model(torch.cat((ids[1:, 3:], more[1:]), 1))
+    torch.testing.assert_close(torch.cat(pieces, dim=1)[1, 3:], alone[0], rtol=1e-5, atol=1e-5)
+    cache.reset()
+    assert cache.mask is None and cache.length == 0
+
+
+def test_no_query_has_every_key_masked(monkeypatch):
+    """A fully masked query row gives NaN on some backends (and NaN times a zero attention weight
+    spreads to real rows in the next layer), so pad queries must at least see themselves."""
+    rows_without_keys = []
+    sdpa = F.scaled_dot_product_attention
+
+    def checking_sdpa(q, k, v, attn_mask=None, **kwargs):
+        if attn_mask is not None:
+            full = attn_mask.expand(q.size(0), 1, q.size(2), k.size(2))
+            if kwargs.get("is_causal") is False:
+                full = full & torch.ones(q.size(2), k.size(2), dtype=torch.bool).tril(k.size(2) - q.size(2))
+            rows_without_keys.append(int((~full.any(-1)).sum()))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", checking_sdpa)
+    model = GPT(tiny()).eval()
+    ids, mask = left_padded([7, 2])
+    model(ids, attention_mask=mask)
+    cache = model.make_cache(batch_size=2)
+    model(ids, attention_mask=mask, cache=cache)
+    model(random_ids(2, 3), cache=cache)
+    assert rows_without_keys and rows_without_keys == [0] * len(rows_without_keys)
+
+
+def test_unmasked_gpt_keeps_the_fused_causal_kernel(monkeypatch):
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, attn_mask=None, is_causal=False, **kwargs):
+        calls.append((attn_mask is None, is_causal))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+    model = GPT(tiny())
+    model(random_ids(2, 8))
+    assert calls == [(True, True)] * 2  # both layers: no mask tensor, is_causal=True

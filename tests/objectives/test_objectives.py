@@ -36,7 +36,7 @@ def overfit(objective, batch, steps: int, lr: float) -> float:
     optimizer = torch.optim.AdamW(objective.parameters(), lr=lr, weight_decay=0.0)
     objective.train()
     for _ in range(steps):
-        loss, _, _ = objective.compute_loss(batch, "train")
+        loss, *_ = objective.lm_loss(batch, "train")
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -48,7 +48,7 @@ def test_tiny_gpt_overfits_one_batch():
     objective = CausalLM("gpt-tiny", network_overrides={"vocab_size": 40})
     tokens = torch.randint(0, 40, (4, 33))
     batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
-    first, _, _ = objective.compute_loss(batch, "train")
+    first, *_ = objective.lm_loss(batch, "train")
     assert first.item() == pytest.approx(math.log(40), rel=0.1)
     assert overfit(objective, batch, 150, 3e-3) < 0.05
 
@@ -64,7 +64,7 @@ def test_tiny_bert_overfits_one_masked_batch():
 
 
 def test_objectives_refuse_the_wrong_architecture():
-    with pytest.raises(ConfigError, match="use MaskedLM for bert"):
+    with pytest.raises(ConfigError, match="CausalLM needs a causal network .* is a bert: .* MaskedLM for bert"):
         CausalLM("bert-tiny")
     with pytest.raises(ConfigError, match="MaskedLM needs a bert network"):
         MaskedLM("gpt-tiny")
@@ -89,11 +89,12 @@ def test_a_few_dozen_steps_lower_val_loss(tiny_corpus: Path, cpu_trainer_kwargs:
     assert after < before - 0.5
     assert trainer.callback_metrics["val/ppl"].item() == pytest.approx(math.exp(after), rel=1e-4)
     if objective_cls is MaskedLM:
-        assert 0.0 < trainer.callback_metrics["val/mlm_acc"].item() <= 1.0
+        assert 0.0 < trainer.callback_metrics["val/acc"].item() <= 1.0
         assert "val/bpb" not in trainer.callback_metrics  # only masked tokens are predicted
     else:
         bpb = after / math.log(2) / data.bytes_per_token("val")
         assert trainer.callback_metrics["val/bpb"].item() == pytest.approx(bpb, rel=1e-4)
+        assert 0.0 < trainer.callback_metrics["val/acc"].item() <= 1.0
 
 
 def test_bf16_on_a_cpu_without_bf16_units_warns_with_the_fix(tiny_corpus: Path, cpu_trainer_kwargs: dict, monkeypatch):
@@ -136,7 +137,7 @@ def test_gradient_clipping_keeps_the_fused_optimizer(tiny_corpus: Path, cpu_trai
 def test_masked_lm_batch_without_selected_tokens_has_zero_loss_not_nan():
     objective = MaskedLM("bert-tiny", network_overrides={"vocab_size": 40})
     batch = {"input_ids": torch.randint(5, 40, (2, 8)), "labels": torch.full((2, 8), -100)}
-    loss, nll, metrics = objective.compute_loss(batch, "train")
+    loss, nll, _, metrics = objective.lm_loss(batch, "train")
     assert loss.item() == 0.0 and torch.isfinite(metrics["mlm_acc"])
     loss.backward()  # still part of the graph
 
@@ -186,7 +187,7 @@ def test_adamw8bit_trains_with_8bit_state(tiny_corpus: Path, cpu_trainer_kwargs:
     big = max((p for group in optimizer.param_groups for p in group["params"]), key=torch.Tensor.numel)
     assert optimizer.state[big]["state1"].dtype == torch.uint8  # the large matrices keep 8-bit moments
     batch = next(iter(data.train_dataloader()))
-    loss = objective.compute_loss(batch, "train")[0].item()
+    loss = objective.lm_loss(batch, "train")[0].item()
     assert loss < math.log(data.vocab_size) * 0.8
 
 

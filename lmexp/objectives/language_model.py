@@ -1,0 +1,80 @@
+"""What the language-model objectives share: per-token loss, perplexity, bits per byte, accuracy."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+
+from lmexp.objectives.base import TrainingObjective
+
+EVAL_STAGES = ("val", "test")
+
+
+class LanguageModelObjective(TrainingObjective):
+    """Base of CausalLM and MaskedLM: evaluation metrics are token-weighted over the whole split.
+
+    ``val/loss`` and ``test/loss`` are the mean negative log-likelihood per predicted token
+    (every batch weighted by its number of targets, not averaged per batch), with ``ppl``,
+    ``bpb`` (bits per UTF-8 byte, where every token is predicted) and ``acc`` (top-1 accuracy).
+    """
+
+    reports_bits_per_byte: ClassVar[bool] = True  # meaningful when every token is predicted
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.bytes_per_token: dict[str, float] = {}  # per evaluation split, from the data
+        self.eval_nll = nn.ModuleDict({stage: MeanMetric() for stage in EVAL_STAGES})
+        self.eval_acc = nn.ModuleDict({stage: MeanMetric() for stage in EVAL_STAGES})
+
+    def read_data(self, datamodule: Any) -> None:
+        if datamodule is not None and hasattr(datamodule, "bytes_per_token"):
+            self.bytes_per_token = {split: datamodule.bytes_per_token(split) for split in EVAL_STAGES}
+
+    def lm_loss(
+        self, batch: dict[str, torch.Tensor], stage: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+        """Return (loss to optimize, mean NLL per target, correct top-1 predictions or None,
+        extra metrics to log). The NLL is what evaluation reports; training uses the loss."""
+        raise NotImplementedError
+
+    def compute_loss(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        loss, nll, correct, extra = self.lm_loss(batch, stage)
+        batch_size = batch["input_ids"].shape[0]
+        if stage == "train":
+            self.log_train("loss", loss, batch_size, prog_bar=True)
+            for name, value in extra.items():
+                self.log_train(name, value, batch_size)
+            return loss
+        n_targets = (batch["labels"] != -100).sum()
+        self.eval_nll[stage].update(nll.detach(), weight=n_targets)
+        if correct is not None:
+            self.eval_acc[stage].update(correct / n_targets.clamp(min=1), weight=n_targets)
+        for name, value in extra.items():
+            self.log(f"{stage}/{name}", value, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
+        return loss
+
+    def _log_eval_epoch(self, stage: str) -> None:
+        nll = self.eval_nll[stage].compute()
+        acc = self.eval_acc[stage].compute() if self.eval_acc[stage].update_count else None
+        # Evaluation runs in inference mode; states reset there would become inference
+        # tensors that a later fit cannot update in place.
+        with torch.inference_mode(False):
+            self.eval_nll[stage].reset()
+            self.eval_acc[stage].reset()
+        metrics = {f"{stage}/loss": nll, f"{stage}/ppl": torch.exp(nll)}
+        if self.bytes_per_token.get(stage) and self.reports_bits_per_byte:
+            metrics[f"{stage}/bpb"] = nll / math.log(2) / self.bytes_per_token[stage]
+        if acc is not None:
+            metrics[f"{stage}/acc"] = acc
+        # The metric is already reduced over ranks; sync_dist states that (Lightning warns otherwise).
+        self.log_dict(metrics, prog_bar=stage == "val", sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval_epoch("test")
