@@ -58,7 +58,8 @@ class LmexpCheckpoint(ModelCheckpoint):
             module = trainer.lightning_module
             tokenizer = getattr(trainer.datamodule, "tokenizer", None)
             folder = Path(filepath).with_suffix("")
-            export_safetensors(module.model, module.network_config, folder, tokenizer, type(module).__name__)
+            inputs = trainer.datamodule.input_settings() if hasattr(trainer.datamodule, "input_settings") else None
+            export_safetensors(module.model, module.network_config, folder, tokenizer, type(module).__name__, inputs)
 
 
 class CheckpointOnException(pl.Callback):

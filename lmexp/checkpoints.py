@@ -37,6 +37,8 @@ class LoadedModel:
     config: ModelConfig
     tokenizer: Tokenizer | None
     objective: str | None = None
+    inputs: dict[str, Any] | None = None
+    """How a classifier's training data framed its inputs (columns, max length), for predict."""
 
 
 def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
@@ -100,7 +102,7 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
     config, model = _build(network, path, lambda model: model.load_state_dict(state))
     extra = checkpoint.get(CHECKPOINT_KEY, {})
     tokenizer = tokenizer_from_json(extra["tokenizer"]) if "tokenizer" in extra else None
-    return LoadedModel(model.eval(), config, tokenizer, extra.get("objective"))
+    return LoadedModel(model.eval(), config, tokenizer, extra.get("objective"), extra.get("inputs"))
 
 
 def _load_export(folder: Path) -> LoadedModel:
@@ -118,7 +120,7 @@ def _load_export(folder: Path) -> LoadedModel:
     config, model = _build(meta["model"], folder, lambda model: load_model(model, str(folder / WEIGHTS_FILE)))
     tokenizer_path = folder / TOKENIZER_FILE
     tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path.is_file() else None
-    return LoadedModel(model.eval(), config, tokenizer, meta.get("objective"))
+    return LoadedModel(model.eval(), config, tokenizer, meta.get("objective"), meta.get("inputs"))
 
 
 def _build(network: Any, path: Path, load_weights: Callable[[nn.Module], Any]) -> tuple[ModelConfig, nn.Module]:
@@ -147,12 +149,16 @@ def export_safetensors(
     folder: str | Path,
     tokenizer: Tokenizer | None = None,
     objective: str | None = None,
+    inputs: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``model.safetensors``, ``config.json`` and ``tokenizer.json`` into ``folder``."""
+    """Write ``model.safetensors``, ``config.json`` and ``tokenizer.json`` into ``folder``
+    (``inputs``: how a classifier frames its inputs, kept in ``config.json``)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_model(model, str(folder / WEIGHTS_FILE))  # handles tied embeddings
     meta = {"format": EXPORT_FORMAT, "model": config.to_dict(), "objective": objective}
+    if inputs is not None:
+        meta["inputs"] = inputs
     (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
     if tokenizer is not None:
         tokenizer.save(str(folder / TOKENIZER_FILE))

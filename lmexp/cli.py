@@ -22,6 +22,8 @@ from lmexp.hardware import process_rank
 DESCRIPTION = (
     "Train and use language models. Verbs: fit, validate, test (each with --help); "
     "generate: sample text from a checkpoint (lmexp generate --help); "
+    "predict: label a table of texts with a fine-tuned classifier (lmexp predict --help); "
+    "prompt: classify by prompting a GPT, zero- or few-shot (lmexp prompt --help); "
     "runs: list tracked runs (lmexp runs --help)."
 )
 
@@ -331,13 +333,31 @@ def _stop_status(stop: SystemExit) -> Any:
     return stop.code
 
 
+def _prompt_verb() -> Any:
+    from lmexp.prompting import run_prompt
+
+    return run_prompt
+
+
+def _predict_verb() -> Any:
+    from lmexp.predict import run_predict
+
+    return run_predict
+
+
+# Verbs that need no trainer (nor Lightning's import time): name -> its entry point, imported on use.
+PLAIN_VERBS = {
+    "generate": lambda: run_generate, "runs": lambda: run_runs, "predict": _predict_verb, "prompt": _prompt_verb,
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``lmexp`` and ``python -m lmexp``: user errors become one line and exit 2;
     a run stopped by SIGTERM or Ctrl-C exits 143 or 130 once its checkpoint is written."""
     words = sys.argv[1:] if argv is None else list(argv)
-    if words and words[0] in ("generate", "runs"):
+    if words and words[0] in PLAIN_VERBS:
         try:
-            (run_generate if words[0] == "generate" else run_runs)(words[1:])
+            PLAIN_VERBS[words[0]]()(words[1:])
         except Exception as err:
             _exit_on_user_error(err)
         return

@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import Logger
 
 from lmexp.callbacks import CheckpointOnException, LmexpCheckpoint, PlainProgress, StepProgressBar, StopTogether
 from lmexp.checkpoints import read_checkpoint
+from lmexp.crossval import CrossValidation, tracking_uri_of
 from lmexp.cli import DESCRIPTION, OneLineErrors
 from lmexp.mlflow_store import check_experiment_name
 from lmexp.objectives import TrainingObjective
@@ -59,7 +60,9 @@ class LmexpCLI(LightningCLI):
         logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_an_advertisement)
         self.logger_override = logger
         self.check_only = check_only  # parse and validate every class's arguments; make no run
-        self.built: Run | None = None
+        self.raw_args = list(args) if args is not None else sys.argv[1:]
+        self.folds = 1  # > 1: a fit is K-fold cross-validation, one run per fold
+        self.built: Run | CrossValidation | None = None
         self.new_run_dir: Path | None = None
         self.continues_run = False
         try:
@@ -122,13 +125,16 @@ class LmexpCLI(LightningCLI):
             self.source_run = read_checkpoint(config.ckpt_path, mmap=True).get(TRACKING_KEY) or {}
         else:
             self.source_run = {}
+        data_args = (config.get("data") or {}).get("init_args") or {}
+        if verb == "fit" and data_args.get("fold") is None and (data_args.get("num_folds") or 1) > 1:
+            self.folds = int(data_args.get("num_folds"))
         # The config as given (experiment resolved), before the run's folders are filled in:
         # fed back with --config, it starts a new run of the same experiment.
         self.config_yaml = self._parser(verb).dump(config, skip_none=False)
         self.config_dict = yaml_to_dict(self.config_yaml)
 
     def before_instantiate_classes(self) -> None:
-        if self.check_only:
+        if self.check_only or self.folds > 1:
             return
         verb = self.subcommand
         config = self.config[verb]
@@ -148,7 +154,7 @@ class LmexpCLI(LightningCLI):
             config.checkpoint.save_on_train_epoch_end = True
 
     def instantiate_classes(self) -> None:
-        if self.check_only:
+        if self.check_only or self.folds > 1:
             # Model, data and callbacks are made (their __init__ checks what the schema cannot, such
             # as network_overrides' field names); no trainer, run folder or tracking.
             self.parser.instantiate_classes(self.config)
@@ -194,6 +200,16 @@ class LmexpCLI(LightningCLI):
     def after_instantiate_classes(self) -> None:
         verb = self.subcommand
         if self.check_only:
+            self.subcommand = None
+            return
+        if self.folds > 1:
+            config = self.config[verb]
+            self.built = CrossValidation(
+                self.raw_args[1:] if self.raw_args[:1] == [verb] else self.raw_args, self.folds, self.experiment,
+                self.root, config.run_name, config.checkpoint.monitor, config.checkpoint.mode,
+                tracking_uri_of(self.config_dict.get("trainer", {}).get("logger")
+                                if self.logger_override is None else self.logger_override),
+            )
             self.subcommand = None
             return
         self.built = Run(

@@ -37,7 +37,8 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lmexp.checkpoints import latest_checkpoint, read_checkpoint
+from lmexp.checkpoints import CHECKPOINT_KEY, latest_checkpoint, read_checkpoint
+from lmexp.data.tokenizer import tokenizer_from_json
 from lmexp.errors import CheckpointError, ConfigError, find_user_error
 from lmexp.hardware import cpu_model, process_rank
 from lmexp.mlflow_store import flatten
@@ -78,6 +79,10 @@ class Run:
         seed = self.config.get("seed_everything")
         if isinstance(seed, int) and not isinstance(seed, bool):
             pl.seed_everything(seed, workers=True, verbose=False)
+        if getattr(self.datamodule, "tokenizer_from_model", False) and self.ckpt_path and Path(self.ckpt_path).is_file():
+            saved = read_checkpoint(self.ckpt_path).get(CHECKPOINT_KEY, {}).get("tokenizer")
+            if saved is not None:
+                self.model.adopt_tokenizer(tokenizer_from_json(saved))
         if hasattr(self.datamodule, "accept") and hasattr(self.model, "data_contract"):
             self.datamodule.accept(self.model.data_contract())  # task, context, a pretrained tokenizer
         method = getattr(self.trainer, self.verb)

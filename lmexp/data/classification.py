@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import numpy as np
@@ -301,6 +301,8 @@ class ClassificationDataModule(pl.LightningDataModule):
         seed: Seed of the validation split, the folds and the batch order.
         num_workers: DataLoader workers.
     """
+
+    tokenizer_from_model: ClassVar[bool] = True  # a checkpoint's tokenizer encodes the data it is run on
 
     def __init__(
         self,

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from tokenizers import Tokenizer
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -180,6 +181,7 @@ class TrainingObjective(pl.LightningModule):
             check_positive("max_steps", max_steps)
         self.save_hyperparameters()
         self._pretrained: LoadedModel | None = None
+        self._checkpoint_tokenizer: Tokenizer | None = None
         if pretrained is not None:
             self._pretrained = load_checkpoint(pretrained)
             network = self._pretrained.config
@@ -214,8 +216,14 @@ class TrainingObjective(pl.LightningModule):
 
     def data_contract(self) -> DataContract:
         """What the data must provide for this model: the task, the context, a tokenizer."""
-        tokenizer = self._pretrained.tokenizer if self._pretrained is not None else None
+        tokenizer = self._pretrained.tokenizer if self._pretrained is not None else self._checkpoint_tokenizer
         return DataContract(self.task, self.block_size, self.network_config.arch, tokenizer)
+
+    def adopt_tokenizer(self, tokenizer: Tokenizer) -> None:
+        """Encode the data with this tokenizer: that of a checkpoint about to be loaded, when the
+        data cannot rebuild it from its own settings (a fine-tuned model's comes from its
+        pre-training)."""
+        self._checkpoint_tokenizer = tokenizer
 
     def _describe_source(self) -> str:
         return f"pretrained checkpoint {self.hparams.pretrained!r}" if self.hparams.pretrained else "the network config"

@@ -62,8 +62,6 @@ class SequenceClassification(TrainingObjective):
         if isinstance(class_weights, list) and any(w <= 0 for w in class_weights):
             raise ConfigError(f"class_weights={class_weights} must all be positive")
         super().__init__(network, **kwargs)
-        self.register_buffer("loss_weights", torch.ones(0), persistent=False)
-        self._class_counts: list[int] | None = None
 
     def check_network(self, config: ModelConfig) -> None:
         if config.arch == "lstm":
@@ -84,7 +82,7 @@ class SequenceClassification(TrainingObjective):
 
     def read_data(self, datamodule: Any) -> None:
         counts = getattr(datamodule, "class_counts", None)
-        self._class_counts = counts() if callable(counts) else None
+        self.class_counts = counts() if callable(counts) else None
 
     def build_heads(self) -> None:
         n = self.network_config.num_labels
@@ -98,15 +96,16 @@ class SequenceClassification(TrainingObjective):
             "precision": MulticlassPrecision(n, average=None), "recall": MulticlassRecall(n, average=None),
             "confusion": MulticlassConfusionMatrix(n),
         })
-        self.loss_weights = self._resolve_class_weights(n).to(self.loss_weights.device)
+        # Not saved: derived from the settings and the training data.
+        self.register_buffer("loss_weights", self._resolve_class_weights(n), persistent=False)
 
     def _resolve_class_weights(self, n: int) -> torch.Tensor:
         weights = self.hparams.class_weights
         if weights is None:
             return torch.ones(0)
         if weights == "balanced":
-            counts = self._class_counts
-            if counts is None:  # rebuilt from a checkpoint: the buffer is not saved, weights do not matter then
+            counts = getattr(self, "class_counts", None)
+            if counts is None:  # rebuilt for evaluation: the loss weights do not change the metrics
                 return torch.ones(0)
             if min(counts) == 0:
                 raise ConfigError(f"class_weights='balanced' but a class has no training example (counts {counts})")
