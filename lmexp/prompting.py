@@ -130,6 +130,8 @@ class PromptResult:
     """Rows of the training examples shown as demonstrations, in prompt order."""
     content_free: Tensor | None = None
     """(n_labels,) probabilities of the content-free input, when calibrated."""
+    block_size: int | None = None
+    """The model's context in tokens, which prompts and verbalizers had to fit."""
 
 
 def check_causal(config: Any, where: str) -> None:
@@ -245,7 +247,7 @@ class _PromptBuilder:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def _join(self, dropped: int, text: str, pair: str | None) -> str:
-        return self.spec.separator.join([*self.demos[dropped:], self.spec.render(text, pair)])
+        return self.spec.separator.join([*self.demos[:len(self.demos) - dropped], self.spec.render(text, pair)])
 
     def build(self, text: str, pair: str | None) -> tuple[str, list[int], bool]:
         """(prompt, its ids, whether it was cut): oldest demonstrations go first, then the text's start."""
@@ -444,10 +446,11 @@ def classify(
         prompts=prompts,
         demonstrations=chosen,
         content_free=content_free,
+        block_size=block_size,
     )
 
 
-def format_report(result: PromptResult, block_size: int | None = None) -> str:
+def format_report(result: PromptResult) -> str:
     """The short text report of ``lmexp prompt``: metrics, per-label P/R, confusion, truncation."""
     n = len(result.predictions)
     lines = []
@@ -463,7 +466,7 @@ def format_report(result: PromptResult, block_size: int | None = None) -> str:
         lines.append(format_confusion(torch.tensor(m["confusion"]), result.label_names))
     else:
         lines.append(f"{n} examples labelled (the input has no labels: no metrics)")
-    context = f" (block_size={block_size})" if block_size is not None else ""
+    context = f" (block_size={result.block_size})" if result.block_size is not None else ""
     lines.append(f"prompts truncated to fit the context{context}: {result.n_truncated} of {n}")
     return "\n".join(lines)
 
@@ -495,7 +498,7 @@ def evaluate_prompt(
     calibrate: bool = False,
     length_normalize: bool = False,
     seed: int = 0,
-    text_column: list[str] | str = ["text", "sentence", "content"],  # noqa: B006 (jsonargparse shows it)
+    text_column: list[str] | str = ["text", "sentence", "content"],
     text_pair_column: list[str] | str | None = None,
     label_column: str | None = "label",
     batch_size: int = 32,
@@ -591,7 +594,13 @@ def run_prompt(argv: list[str]) -> PromptResult:
         pass
 
     parser = Parser(prog="lmexp prompt", description=(evaluate_prompt.__doc__ or "").splitlines()[0])
-    parser.add_function_arguments(evaluate_prompt, as_positional=False)
+    switches = {
+        "calibrate": "Contextual calibration against the content-free input N/A (--calibrate, or --calibrate false).",
+        "length_normalize": "Score verbalizers by mean instead of summed token log-probability.",
+    }
+    parser.add_function_arguments(evaluate_prompt, as_positional=False, skip=set(switches))
+    for name, help_text in switches.items():  # a bare --calibrate turns it on (a bool flag alone wants a value)
+        parser.add_argument(f"--{name}", type=bool, nargs="?", const=True, default=False, help=help_text)
     config = parser.parse_args(argv)
     options = {k: v for k, v in config.as_dict().items() if k != "config"}
     result = evaluate_prompt(**options)
