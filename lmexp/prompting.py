@@ -247,7 +247,7 @@ class _PromptBuilder:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def _join(self, dropped: int, text: str, pair: str | None) -> str:
-        return self.spec.separator.join([*self.demos[:len(self.demos) - dropped], self.spec.render(text, pair)])
+        return self.spec.separator.join([*self.demos[dropped:], self.spec.render(text, pair)])
 
     def build(self, text: str, pair: str | None) -> tuple[str, list[int], bool]:
         """(prompt, its ids, whether it was cut): oldest demonstrations go first, then the text's start."""
@@ -329,7 +329,11 @@ def classification_metrics(predictions: Tensor, targets: Tensor, names: list[str
     """Accuracy, macro-F1, per-label precision and recall, and the confusion matrix, as
     ``SequenceClassification`` reports them, so prompting and fine-tuning compare directly."""
     from torchmetrics.classification import (
-        MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score, MulticlassPrecision, MulticlassRecall,
+        MulticlassAccuracy,
+        MulticlassConfusionMatrix,
+        MulticlassF1Score,
+        MulticlassPrecision,
+        MulticlassRecall,
     )
 
     n = len(names)
@@ -498,7 +502,7 @@ def evaluate_prompt(
     calibrate: bool = False,
     length_normalize: bool = False,
     seed: int = 0,
-    text_column: list[str] | str = ["text", "sentence", "content"],
+    text_column: list[str] | str = ["text", "sentence", "content"],  # noqa: B006 (read, never mutated)
     text_pair_column: list[str] | str | None = None,
     label_column: str | None = "label",
     batch_size: int = 32,
@@ -517,7 +521,7 @@ def evaluate_prompt(
         template: The prompt of one example with ``{text}`` (and ``{pair}``); in bash, ``$'...'``
             writes a newline as ``\\n``.
         shots: Demonstrations before each example, balanced over labels (0: zero-shot).
-        separator: Text between demonstrations and before the example.
+        separator: Text between demonstrations and before the example (bash: ``$'\\n\\n'``).
         calibrate: Contextual calibration against the content-free input ``N/A``.
         length_normalize: Score verbalizers by mean instead of summed token log-probability.
         seed: Seed of the demonstrations' choice and order.

@@ -19,7 +19,11 @@ from lmexp.data.tokenizer import train_tokenizer
 from lmexp.errors import CheckpointError, ConfigError
 from lmexp.models import BERT, GPT, build_model, from_name
 from lmexp.prompting import (
-    PromptSpec, choose_demonstrations, classify, run_prompt, score_continuations,
+    PromptSpec,
+    choose_demonstrations,
+    classify,
+    run_prompt,
+    score_continuations,
 )
 
 ALPHABET = string.ascii_letters + string.digits + " .,:;!?/\n'-"
@@ -61,9 +65,12 @@ class BigramStub(nn.Module):
         self.register_buffer("table", table)
         self.bias = bias
         self.calls: list[tuple[int, ...]] = []
+        self.masks: list[Tensor] = []
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         self.calls.append(tuple(input_ids.shape))
+        if attention_mask is not None:
+            self.masks.append(attention_mask)
         real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
         mood = ((input_ids == self.ids["!"]) & real).cumsum(1) - ((input_ids == self.ids["?"]) & real).cumsum(1)
         logits = self.table[input_ids].clone()
@@ -95,7 +102,7 @@ def test_batched_scores_equal_unbatched_log_probabilities(tokenizer, arch: str) 
     spec = PromptSpec(template="Q: {text}\nA:", verbalizers=verbalizers)
     result = classify(model, tokenizer, examples, spec, batch_size=5)  # 12 rows, mixed lengths per batch
     names = result.label_names
-    encode = lambda s: tokenizer.encode(s, add_special_tokens=False).ids  # noqa: E731
+    encode = lambda s: tokenizer.encode(s, add_special_tokens=False).ids
     expected = torch.tensor([
         [brute_force(model, encode(result.prompts[i]), encode(verbalizers[n])) for n in names]
         for i in range(len(texts))
@@ -137,6 +144,9 @@ def test_stub_with_known_continuation_classifies_as_expected(tokenizer, batch_si
     assert result.metrics["confusion"] == [[2, 0], [0, 3]]
     assert result.n_truncated == 0
     assert sum(shape[0] for shape in model.calls) == 2 * len(texts)  # one row per (prompt, verbalizer)
+    if batch_size > 1:  # rows of different lengths share a batch: left-padded, with the mask
+        assert model.masks and all(bool(mask[:, -1].all()) for mask in model.masks)
+        assert any(not bool(mask[:, 0].all()) for mask in model.masks)
 
 
 def test_metrics_per_class_precision_recall(tokenizer) -> None:
@@ -163,8 +173,9 @@ def test_demonstrations_are_balanced_seeded_and_shuffled() -> None:
     assert choose_demonstrations(labels, 6, seed=3) == choose_demonstrations(labels, 6, seed=3)
     draws = {tuple(choose_demonstrations(even, 4, seed)) for seed in range(10)}
     assert len(draws) > 3  # the seed matters
-    orders = {tuple(even[i] for i in draw) for draw in draws}
-    assert len(orders) > 1  # not always grouped by label
+    orders = [[even[i] for i in draw] for draw in draws]
+    assert any(order[k] == order[k + 1] for order in orders for k in range(3))  # not just labels taking turns
+    assert any(order[0] != order[1] for order in orders)  # nor grouped by label
     assert sorted(choose_demonstrations(labels, 14, seed=1)) == list(range(14))
     with pytest.raises(ConfigError, match="shots=15 but the training file has 14"):
         choose_demonstrations(labels, 15, seed=0)
