@@ -292,6 +292,8 @@ class ClassificationDataModule(pl.LightningDataModule):
         bucket_by_length: Batch examples of similar length together (less padding, faster),
             in shuffled batch order.
         val_fraction: Share of ``train`` held out for validation when ``val`` is not given.
+        train_subset: Train on this many examples of the training split only (seeded choice):
+            learning curves, or how a method does with few labels.
         num_folds: K-fold cross-validation: ``lmexp fit`` trains K runs, each validating on one
             fold of ``train`` and training on the rest, and reports the mean and spread.
         fold: The fold this run validates on (set by cross-validation; 0 .. num_folds-1).
@@ -317,6 +319,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         batch_size: int = 32,
         bucket_by_length: bool = False,
         val_fraction: float = 0.1,
+        train_subset: int | None = None,
         num_folds: int = 1,
         fold: int | None = None,
         tokenizer: str = "wordpiece",
@@ -327,6 +330,8 @@ class ClassificationDataModule(pl.LightningDataModule):
         super().__init__()
         check_positive("data.batch_size", batch_size)
         check_positive("data.num_folds", num_folds)
+        if train_subset is not None:
+            check_positive("data.train_subset", train_subset)
         if max_length is not None:
             check_positive("data.max_length", max_length)
         if not 0.0 <= val_fraction < 1.0:
@@ -345,6 +350,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.given_labels = [str(label) for label in labels] if labels is not None else None
         self.max_length, self.batch_size, self.bucket_by_length = max_length, batch_size, bucket_by_length
         self.val_fraction, self.num_folds, self.fold = val_fraction, num_folds, fold
+        self.train_subset = train_subset
         self.tokenizer_kind, self.vocab_size_target = tokenizer, vocab_size
         self.given_tokenizer = resolve_tokenizer(tokenizer)
         self.seed, self.num_workers = seed, num_workers
@@ -397,6 +403,9 @@ class ClassificationDataModule(pl.LightningDataModule):
         read = lambda path: read_examples(path, self.text_column, self.text_pair_column, self.label_column)  # noqa: E731
         data = read(self.train_path)
         self.splits = self._split(data)
+        if self.train_subset is not None and self.train_subset < len(self.splits["train"]):
+            pick = np.random.default_rng((self.seed, 1)).permutation(len(self.splits["train"]))[: self.train_subset]
+            self.splits["train"] = self.splits["train"].subset(np.sort(pick))
         if self.val_path is not None:
             self.splits["val"] = read(self.val_path)
         if self.test_path is not None:

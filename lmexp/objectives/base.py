@@ -180,10 +180,11 @@ class TrainingObjective(pl.LightningModule):
         if max_steps is not None:
             check_positive("max_steps", max_steps)
         self.save_hyperparameters()
-        self._pretrained: LoadedModel | None = None
-        self._checkpoint_tokenizer: Tokenizer | None = None
+        self._pretrained: LoadedModel | None = None  # until its weights are copied into the network
+        self.source_tokenizer: Tokenizer | None = None  # the tokenizer the weights were trained with
         if pretrained is not None:
             self._pretrained = load_checkpoint(pretrained)
+            self.source_tokenizer = self._pretrained.tokenizer
             network = self._pretrained.config
         self.network_config = resolve_network(network, network_overrides)
         self.check_network(self.network_config)
@@ -216,14 +217,13 @@ class TrainingObjective(pl.LightningModule):
 
     def data_contract(self) -> DataContract:
         """What the data must provide for this model: the task, the context, a tokenizer."""
-        tokenizer = self._pretrained.tokenizer if self._pretrained is not None else self._checkpoint_tokenizer
-        return DataContract(self.task, self.block_size, self.network_config.arch, tokenizer)
+        return DataContract(self.task, self.block_size, self.network_config.arch, self.source_tokenizer)
 
     def adopt_tokenizer(self, tokenizer: Tokenizer) -> None:
         """Encode the data with this tokenizer: that of a checkpoint about to be loaded, when the
         data cannot rebuild it from its own settings (a fine-tuned model's comes from its
         pre-training)."""
-        self._checkpoint_tokenizer = tokenizer
+        self.source_tokenizer = tokenizer
 
     def _describe_source(self) -> str:
         return f"pretrained checkpoint {self.hparams.pretrained!r}" if self.hparams.pretrained else "the network config"
@@ -232,8 +232,7 @@ class TrainingObjective(pl.LightningModule):
         self.model = build_model(self.network_config)
         if self._pretrained is not None:
             self._load_pretrained(self.model, self._pretrained)
-            self._pretrained = LoadedModel(None, self._pretrained.config, self._pretrained.tokenizer,  # type: ignore[arg-type]
-                                           self._pretrained.objective)  # the weights are copied: free them
+            self._pretrained = None  # the weights are copied: free them
         self._freeze(self.unused_modules())
         self.build_heads()
         if self.hparams.compile:
@@ -268,7 +267,7 @@ class TrainingObjective(pl.LightningModule):
         starts fresh."""
         state = pretrained.model.state_dict()
         fresh = [k for k, v in model.state_dict().items() if k not in state or state[k].shape != v.shape]
-        if pretrained.config.labels != self.network_config.labels:
+        if pretrained.config.labels != self.network_config.labels:  # other classes: a new head
             fresh = sorted(set(fresh) | {k for k in model.state_dict() if k.startswith("classifier.")})
         state = {k: v for k, v in state.items() if k not in fresh}
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -487,8 +486,8 @@ class TrainingObjective(pl.LightningModule):
             "rng": rng, "objective": type(self).__name__, "schedule_steps": self._schedule_steps,
         }
         tokenizer = getattr(datamodule, "tokenizer", None)
-        if tokenizer is None and self._pretrained is not None:
-            tokenizer = self._pretrained.tokenizer
+        if tokenizer is None:
+            tokenizer = self.source_tokenizer
         if tokenizer is not None:
             extra["tokenizer"] = tokenizer.to_str()
         if hasattr(datamodule, "input_settings"):  # how raw inputs become model inputs, for predict

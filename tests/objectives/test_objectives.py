@@ -214,3 +214,18 @@ def test_model_vocabulary_may_be_padded_beyond_the_tokenizer(tiny_corpus: Path, 
 def test_optimizer_settings_are_checked_when_the_objective_is_built(settings, expected):
     with pytest.raises(ConfigError, match=re.escape(expected)):
         CausalLM("gpt-tiny", **settings)
+
+
+def test_lm_test_scores_accuracy_continuations_and_sliding_windows(tiny_corpus: Path, cpu_trainer_kwargs: dict):
+    pl.seed_everything(0)
+    data = TextDataModule(str(tiny_corpus), batch_size=4, test_fraction=0.2)
+    objective = CausalLM("gpt-tiny", warmup_steps=0, lr=3e-3, continuation_passages=4,
+                         continuation_prompt_tokens=8, continuation_tokens=8)
+    trainer = pl.Trainer(max_steps=30, limit_val_batches=0, **cpu_trainer_kwargs)
+    trainer.fit(objective, datamodule=data)
+    disjoint = trainer.test(objective, datamodule=data, verbose=False)[0]
+    assert 0 < disjoint["test/acc"] < 1 and 0 <= disjoint["test/bleu"] <= 1 and 0 <= disjoint["test/rougeL"] <= 1
+    data.eval_stride = 4  # every token with at least 29 tokens of context instead of 0 to 31
+    sliding = trainer.test(objective, datamodule=data, verbose=False)[0]
+    assert sliding["test/loss"] != pytest.approx(disjoint["test/loss"], rel=1e-6)
+    assert sliding["test/rougeL"] == pytest.approx(disjoint["test/rougeL"])  # the same passages, greedy
