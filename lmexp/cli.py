@@ -17,7 +17,7 @@ from lmexp.checkpoints import load_checkpoint
 from lmexp.data.tokenizer import describe_unknown, encode_prompt, load_tokenizer
 from lmexp.errors import CheckpointError, ConfigError, find_user_error
 from lmexp.generation import cut_at_stop, generate, stop_string_check, supports_attention_mask
-from lmexp.hardware import process_rank
+from lmexp.hardware import check_device, process_rank
 
 DESCRIPTION = (
     "Train and use language models. Verbs: fit, validate, test (each with --help); "
@@ -141,12 +141,7 @@ def generate_text(
     stops = list(stop or [])
     if "" in stops:
         raise ConfigError(f"stop={stops!r} contains an empty string, which would cut every sample at once: remove it")
-    try:
-        torch_device = torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"device={device!r} is not a device name: use cpu or cuda") from None
-    if torch_device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={device!r} but this machine has no usable CUDA GPU: use --device cpu")
+    check_device(device)
     loaded = load_checkpoint(ckpt)
     if loaded.config.arch == "bert":
         raise ConfigError(f"{ckpt!r} holds a bert (masked LM) model, which does not generate text: use a GPT or LSTM checkpoint")

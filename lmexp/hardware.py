@@ -36,3 +36,16 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def check_device(device: str) -> torch.device:
+    """The torch device a ``--device`` flag names, refused in one line when it is not usable here."""
+    from lmexp.errors import ConfigError
+
+    try:
+        torch_device = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device={device!r} is not a device name: use cpu or cuda") from None
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} but this machine has no usable CUDA GPU: use --device cpu")
+    return torch_device

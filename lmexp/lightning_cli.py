@@ -15,8 +15,8 @@ from lightning.pytorch.loggers import Logger
 
 from lmexp.callbacks import CheckpointOnException, LmexpCheckpoint, PlainProgress, StepProgressBar, StopTogether
 from lmexp.checkpoints import read_checkpoint
-from lmexp.crossval import CrossValidation, tracking_uri_of
 from lmexp.cli import DESCRIPTION, OneLineErrors
+from lmexp.crossval import CrossValidation, tracking_uri_of
 from lmexp.mlflow_store import check_experiment_name
 from lmexp.objectives import TrainingObjective
 from lmexp.runs import (

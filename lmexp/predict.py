@@ -17,6 +17,7 @@ from lmexp.data.classification import encode_examples, label_ids, pad_batch, rea
 from lmexp.data.sources import table_columns
 from lmexp.data.tokenizer import PAD
 from lmexp.errors import CheckpointError, DataError
+from lmexp.hardware import check_device
 
 
 def predict_file(
@@ -42,6 +43,7 @@ def predict_file(
         batch_size: Examples per forward pass.
         device: ``cpu`` or ``cuda``.
     """
+    check_device(device)
     loaded = load_checkpoint(ckpt)
     labels = loaded.config.labels
     if not labels:

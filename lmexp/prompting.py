@@ -26,6 +26,7 @@ from lmexp.data.classification import Examples, label_order, read_examples
 from lmexp.data.tokenizer import describe_unknown, encode_prompt
 from lmexp.errors import CheckpointError, ConfigError, DataError, check_positive
 from lmexp.generation import supports_attention_mask
+from lmexp.hardware import check_device
 
 DEFAULT_TEMPLATE = "Review: {text}\nSentiment:"
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
@@ -540,12 +541,7 @@ def evaluate_prompt(
         template=template, verbalizers=verbalizers, shots=shots, separator=separator, calibrate=calibrate,
         seed=seed, length_normalize=length_normalize,
     )
-    try:
-        torch_device = torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"device={device!r} is not a device name: use cpu or cuda") from None
-    if torch_device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={device!r} but this machine has no usable CUDA GPU: use --device cpu")
+    torch_device = check_device(device)
     if shots and train is None:
         raise ConfigError(f"shots={shots} needs --train, the labelled file demonstrations are drawn from")
     path = Path(input).expanduser()

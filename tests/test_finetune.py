@@ -17,7 +17,7 @@ import torch
 from lmexp.cli import main
 from lmexp.data.classification import ClassificationBatches, encode_examples, label_order, read_examples
 from lmexp.data.tokenizer import train_tokenizer
-from lmexp.errors import CheckpointError, ConfigError, DataError
+from lmexp.errors import ConfigError, DataError
 from lmexp.models import GPT, from_name
 from lmexp.objectives import SequenceClassification
 from lmexp.runs import build

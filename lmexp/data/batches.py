@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info

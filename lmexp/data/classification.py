@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -20,7 +19,7 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, IterableDataset
 
 from lmexp.data.contract import DataContract
-from lmexp.data.datamodule import bound_contract
+from lmexp.data.datamodule import ResumableDataModule, bound_contract
 from lmexp.data.sources import cell_text, read_rows, table_columns
 from lmexp.data.tokenizer import CLS, PAD, SEP, resolve_tokenizer, special_tokens_for, train_tokenizer
 from lmexp.errors import ConfigError, DataError, check_positive
@@ -268,7 +267,7 @@ class ClassificationBatches(IterableDataset):
             yield pad_batch([self.encoded[i] for i in index], labels, self.pad_id)
 
 
-class ClassificationDataModule(pl.LightningDataModule):
+class ClassificationDataModule(ResumableDataModule):
     """Labelled text from tables: single texts or sentence pairs, for ``SequenceClassification``.
 
     The tokenizer comes from the pretrained model (``model.pretrained``) when there is one, so
@@ -359,7 +358,6 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.labels: list[str] | None = None
         self.splits: dict[str, Examples] = {}
         self._encoded: dict[str, list[tuple[list[int], list[int]]]] = {}
-        self._resume: tuple[int, int] | None = None
 
     # ------------------------------------------------------------------- the contract
     def accept(self, contract: DataContract) -> None:
@@ -464,9 +462,9 @@ class ClassificationDataModule(pl.LightningDataModule):
         dataset = self._dataset("train", shuffle=True)
         if len(dataset) == 0:
             raise DataError(f"the training split has fewer than one batch of {self.batch_size} per device: lower data.batch_size")
-        if self._resume is not None:
-            dataset.resume_from(*self._resume)
-            self._resume = None
+        position = self.take_resume_position()
+        if position is not None:
+            dataset.resume_from(*position)
         return self._loader(dataset)
 
     def val_dataloader(self) -> DataLoader | list:
@@ -475,14 +473,3 @@ class ClassificationDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self._dataset("test", shuffle=False))
 
-    # ------------------------------------------------------ exact mid-epoch resume
-    def state_dict(self) -> dict[str, Any]:
-        trainer = self.trainer
-        if trainer is None:
-            return {}
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": trainer.current_epoch, "batches_done": int(done)}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict:
-            self._resume = (int(state_dict["epoch"]), int(state_dict["batches_done"]))

@@ -34,7 +34,31 @@ def bound_contract(datamodule: pl.LightningDataModule, given: DataContract | Non
     return module.data_contract() if hasattr(module, "data_contract") else None
 
 
-class TextDataModule(pl.LightningDataModule):
+class ResumableDataModule(pl.LightningDataModule):
+    """Saves where training stands in the data in every checkpoint, so a resumed run skips
+    exactly the batches already trained on (the data sets skip them in ``resume_from``)."""
+
+    _resume: tuple[int, int] | None = None  # (epoch, batches done) to skip on the next train loader
+
+    def state_dict(self) -> dict[str, Any]:
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        # `processed` already counts the batch a checkpoint is taken after (`completed` lags).
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": trainer.current_epoch, "batches_done": int(done)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict:
+            self._resume = (int(state_dict["epoch"]), int(state_dict["batches_done"]))
+
+    def take_resume_position(self) -> tuple[int, int] | None:
+        """The position to resume from, once: later epochs start at their beginning."""
+        position, self._resume = self._resume, None
+        return position
+
+
+class TextDataModule(ResumableDataModule):
     """Clean a text corpus, train a tokenizer, cache token ids, and serve batches.
 
     The task (causal or masked LM), the block size and a pretrained model's tokenizer come from
@@ -137,7 +161,6 @@ class TextDataModule(pl.LightningDataModule):
         self.given_tokenizer = given_tokenizer
         self.contract: DataContract | None = None
         self.cache: TokenCache | None = None
-        self._resume: dict[str, int] | None = None
 
     def accept(self, contract: DataContract) -> None:
         """Take the model's side of the contract (task, context, a pretrained tokenizer)."""
@@ -304,9 +327,9 @@ class TextDataModule(pl.LightningDataModule):
                 f"the train split has too few tokens for one batch of {self.batch_size} x "
                 f"{self.resolved_block_size()}: lower data.batch_size or block_size, or add text"
             )
-        if self._resume is not None:
-            batches.resume_from(self._resume["epoch"], self._resume["batches_done"])
-            self._resume = None
+        position = self.take_resume_position()
+        if position is not None:
+            batches.resume_from(*position)
         return self._loader(batches)
 
     def _eval_batches(self, split: str) -> TokenBatches | SlidingWindowBatches:
@@ -334,16 +357,3 @@ class TextDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self._eval_batches("test"))
 
-    # ------------------------------------------------------ exact mid-epoch resume
-    def state_dict(self) -> dict[str, Any]:
-        """Where training stands in the data, saved in every checkpoint."""
-        trainer = self.trainer
-        if trainer is None:
-            return {}
-        # `processed` already counts the batch a checkpoint is taken after (`completed` lags).
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": trainer.current_epoch, "batches_done": int(done)}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict:
-            self._resume = {"epoch": int(state_dict["epoch"]), "batches_done": int(state_dict["batches_done"])}

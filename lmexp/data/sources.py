@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import csv
 import glob
-import io
 import hashlib
+import io
 import json
 import os
 import re
