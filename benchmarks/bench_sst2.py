@@ -144,7 +144,10 @@ def main() -> None:
         os.environ["LMEXP_CACHE_DIR"] = str(folder / "cache")
         if args.mlm_checkpoint:
             pretrained = Path(args.mlm_checkpoint).resolve()
-            mlm_note = f"pre-trained by {pretrained.parent.parent.name}"
+            import torch
+
+            steps_done = torch.load(pretrained, map_location="cpu", weights_only=True)["global_step"]
+            mlm_note = f"pre-trained separately, best checkpoint at step {steps_done}"
         else:
             precision = [f"--trainer.precision={args.mlm_precision}"] if args.mlm_precision else []
             mlm, _, mlm_seconds = fit("sst2_bert_mlm.yaml", folder, "mlm", data, [*steps(args.mlm_steps), *precision])
