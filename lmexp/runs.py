@@ -80,7 +80,7 @@ class Run:
         if isinstance(seed, int) and not isinstance(seed, bool):
             pl.seed_everything(seed, workers=True, verbose=False)
         if getattr(self.datamodule, "tokenizer_from_model", False) and self.ckpt_path and Path(self.ckpt_path).is_file():
-            saved = read_checkpoint(self.ckpt_path).get(CHECKPOINT_KEY, {}).get("tokenizer")
+            saved = read_checkpoint(self.ckpt_path, mmap=True).get(CHECKPOINT_KEY, {}).get("tokenizer")
             if saved is not None:
                 self.model.adopt_tokenizer(tokenizer_from_json(saved))
         if hasattr(self.datamodule, "accept") and hasattr(self.model, "data_contract"):

@@ -7,6 +7,7 @@ import csv
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -190,6 +191,12 @@ def test_fine_tuned_bert_learns_tests_and_predicts(pretrained: dict[str, Path], 
     assert result["test/acc"] > 0.9 and 0 < result["test/f1"] <= 1
     assert {"test/precision/0", "test/recall/1"} <= set(result)
     assert (run.run_dir / "confusion_test.png").is_file()
+    # `lmexp test` of the checkpoint: its hyperparameters say no pretrained file, so the data is
+    # encoded with the checkpoint's own tokenizer (one trained on train.tsv would differ).
+    main(["test", *classify_args(tmp_path / "runs", pretrained["train"], pretrained["bert"], f"--data.test={dev}"),
+          "--ckpt_path", str(best), "--trainer.logger=false"])
+    printed = re.search(r"test/acc\s*│\s*([0-9.]+)", capsys.readouterr().out)
+    assert printed and float(printed.group(1)) == pytest.approx(result["test/acc"])
     assert "confusion matrix (rows: true label, columns: predicted)" in caplog.text
 
     # predict, from the checkpoint and from the export: the same labels and probabilities
