@@ -46,7 +46,7 @@ class CrossValidation:
     def __init__(self, args: list[str], num_folds: int, experiment: str, root: Path, run_name: str | None,
                  monitor: str | None, mode: str, tracking_uri: str | None) -> None:
         self.args, self.num_folds, self.experiment = args, num_folds, experiment
-        self.run_dir = new_run_dir(root, run_name and f"{run_name}-cv", "fit") if run_name else new_run_dir(root, None, "fit")
+        self.run_dir = new_run_dir(root, f"{run_name}-cv" if run_name else None, "fit")
         self.monitor, self.mode = monitor, mode
         self.tracking_uri = tracking_uri  # None: tracking off
 
