@@ -91,9 +91,15 @@ def latest_checkpoint(folder: str | Path, names: tuple[str, ...] = RESUMABLE) ->
 
 
 def load_checkpoint(path: str | Path) -> LoadedModel:
-    """Load a ``.ckpt`` written by an lmexp objective, or a folder written by ``export_safetensors``."""
+    """Load a ``.ckpt`` written by an lmexp objective, a folder written by ``export_safetensors``,
+    or a transformers folder (``save_pretrained``) of a BERT or GPT-2."""
     path = Path(path)
     if path.is_dir():
+        from lmexp.huggingface import is_hf_directory, load_hf
+
+        if is_hf_directory(path):
+            config, model, tokenizer, objective = load_hf(path)
+            return LoadedModel(model.eval(), config, tokenizer, objective)
         return _load_export(path)
     checkpoint = read_checkpoint(path)
     network = checkpoint.get("hyper_parameters", {}).get("network")

@@ -24,6 +24,7 @@ DESCRIPTION = (
     "generate: sample text from a checkpoint (lmexp generate --help); "
     "predict: label a table of texts with a fine-tuned classifier (lmexp predict --help); "
     "prompt: classify by prompting a GPT, zero- or few-shot (lmexp prompt --help); "
+    "export: write a checkpoint as a Hugging Face transformers folder (lmexp export --help); "
     "runs: list tracked runs (lmexp runs --help)."
 )
 
@@ -104,7 +105,8 @@ def generate_text(
     then of the second, ...), each the prompt followed by its continuation.
 
     Args:
-        ckpt: A ``.ckpt`` written by training, or an export folder (``checkpoints/best``).
+        ckpt: A ``.ckpt`` written by training, an export folder (``checkpoints/best``), or a
+            transformers GPT-2 folder (``save_pretrained``).
         prompt: Text the samples continue, or several texts (a batch); default a newline.
         prompts_file: A text file with one prompt per line (blank lines skipped), instead of prompt.
         max_new_tokens: Tokens to generate per sample.
@@ -328,6 +330,21 @@ def _stop_status(stop: SystemExit) -> Any:
     return stop.code
 
 
+def run_export(argv: list[str]) -> None:
+    from jsonargparse import ArgumentParser
+
+    from lmexp.huggingface import export_checkpoint
+
+    class Parser(OneLineErrors, ArgumentParser):
+        pass
+
+    parser = Parser(prog="lmexp export", description=export_checkpoint.__doc__.splitlines()[0])
+    parser.add_function_arguments(export_checkpoint, as_positional=True)
+    config = parser.parse_args(argv)
+    folder = export_checkpoint(config.checkpoint, config.output, config.overwrite)
+    print(f"wrote {folder}: load it with transformers' AutoModel*.from_pretrained({str(folder)!r}) and AutoTokenizer")
+
+
 def _prompt_verb() -> Any:
     from lmexp.prompting import run_prompt
 
@@ -343,6 +360,7 @@ def _predict_verb() -> Any:
 # Verbs that need no trainer (nor Lightning's import time): name -> its entry point, imported on use.
 PLAIN_VERBS = {
     "generate": lambda: run_generate, "runs": lambda: run_runs, "predict": _predict_verb, "prompt": _prompt_verb,
+    "export": lambda: run_export,
 }
 
 

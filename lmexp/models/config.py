@@ -10,6 +10,8 @@ from lmexp.errors import ConfigError, check_choice, check_positive
 
 Arch = Literal["gpt", "bert", "lstm"]
 Position = Literal["learned", "rotary"]
+NormPosition = Literal["pre", "post"]
+Activation = Literal["gelu", "gelu_tanh"]
 
 
 @dataclass
@@ -40,6 +42,16 @@ class ModelConfig:
     """Hidden width of the transformer MLP as a multiple of n_embd."""
     type_vocab_size: int = 2
     """Number of bert token types (segments)."""
+    norm_position: NormPosition = "pre"
+    """Where each block normalises: pre (inside the residual branches, then a final LayerNorm:
+    GPT-2, stable for deep stacks) or post (after each residual sum, no final LayerNorm: BERT)."""
+    norm_eps: float = 1e-5
+    """Epsilon of every LayerNorm (GPT-2: 1e-5; BERT: 1e-12)."""
+    embedding_norm: bool = False
+    """LayerNorm on the summed embeddings before the first block (BERT)."""
+    activation: Activation = "gelu"
+    """Activation of the MLPs and of BERT's masked-LM transform: exact gelu (BERT) or gelu_tanh,
+    the tanh approximation (GPT-2's gelu_new)."""
     activation_checkpointing: bool = False
     """Recompute each transformer block in the backward pass to save activation memory."""
     labels: list[str] | None = None
@@ -51,6 +63,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         check_choice("arch", self.arch, get_args(Arch))
         check_choice("position", self.position, get_args(Position))
+        check_choice("norm_position", self.norm_position, get_args(NormPosition))
+        check_choice("activation", self.activation, get_args(Activation))
+        if not 0.0 < self.norm_eps < 1.0:
+            raise ConfigError(f"norm_eps={self.norm_eps} is outside (0, 1): use e.g. 1e-5 (GPT-2) or 1e-12 (BERT)")
         for name in ("n_layer", "n_head", "n_embd", "block_size", "mlp_ratio", "type_vocab_size"):
             check_positive(name, getattr(self, name))
         if self.vocab_size is not None:
@@ -109,6 +125,10 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
 
+# The original BERT's layout: post-LayerNorm blocks, a LayerNorm on the embeddings, eps 1e-12 and
+# exact GELU, so that BERT checkpoints move to and from transformers unchanged.
+BERT_LAYOUT: dict[str, Any] = dict(arch="bert", norm_position="post", embedding_norm=True, norm_eps=1e-12)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Smallest useful transformer: for tests.
     "gpt-tiny": dict(arch="gpt", n_layer=2, n_head=2, n_embd=32, block_size=32),
@@ -117,11 +137,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # nanoGPT's GPU recipe for character-level Shakespeare.
     "gpt-mini": dict(arch="gpt", n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2),
     # GPT-2 small: 124M parameters with GPT-2's 50257-token vocabulary (the tokenizer decides).
-    "gpt2": dict(arch="gpt", n_layer=12, n_head=12, n_embd=768, block_size=1024),
-    "bert-tiny": dict(arch="bert", n_layer=2, n_head=2, n_embd=32, block_size=32),
-    "bert-mini": dict(arch="bert", n_layer=4, n_head=4, n_embd=256, block_size=128),
+    "gpt2": dict(arch="gpt", n_layer=12, n_head=12, n_embd=768, block_size=1024, activation="gelu_tanh"),
+    "bert-tiny": dict(BERT_LAYOUT, n_layer=2, n_head=2, n_embd=32, block_size=32),
+    "bert-mini": dict(BERT_LAYOUT, n_layer=4, n_head=4, n_embd=256, block_size=128),
     # BERT-base: 110M parameters with BERT's 30522-token vocabulary (the tokenizer decides).
-    "bert-base": dict(arch="bert", n_layer=12, n_head=12, n_embd=768, block_size=512),
+    "bert-base": dict(BERT_LAYOUT, n_layer=12, n_head=12, n_embd=768, block_size=512),
     "lstm-small": dict(arch="lstm", n_layer=2, n_embd=256, block_size=64),
 }
 

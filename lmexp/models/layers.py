@@ -97,12 +97,21 @@ class Attention(nn.Module):
         return self.resid_dropout(self.out_proj(y))
 
 
+def gelu(config: ModelConfig) -> nn.GELU:
+    """The config's GELU: exact, or the tanh approximation (GPT-2's gelu_new)."""
+    return nn.GELU(approximate="tanh" if config.activation == "gelu_tanh" else "none")
+
+
+def layer_norm(config: ModelConfig) -> nn.LayerNorm:
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         hidden = config.mlp_ratio * config.n_embd
         self.fc_in = nn.Linear(config.n_embd, hidden, bias=config.bias)
-        self.act = nn.GELU()
+        self.act = gelu(config)
         self.out_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -111,13 +120,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block: normalising inside the residual branch keeps deep stacks stable."""
+    """Transformer block. Pre-LayerNorm (normalising inside the residual branches) keeps deep
+    stacks stable; post-LayerNorm (normalising each residual sum) is the original BERT's."""
 
     def __init__(self, config: ModelConfig, causal: bool, layer_idx: int = 0) -> None:
         super().__init__()
-        self.ln1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.post_norm = config.norm_position == "post"
+        self.ln1 = layer_norm(config)
         self.attn = Attention(config, causal, layer_idx)
-        self.ln2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln2 = layer_norm(config)
         self.mlp = MLP(config)
 
     def forward(
@@ -127,12 +138,15 @@ class Block(nn.Module):
         attn_mask: Tensor | None = None,
         cache: KVCache | None = None,
     ) -> Tensor:
+        if self.post_norm:
+            x = self.ln1(x + self.attn(x, rope, attn_mask, cache))
+            return self.ln2(x + self.mlp(x))
         x = x + self.attn(self.ln1(x), rope, attn_mask, cache)
         return x + self.mlp(self.ln2(x))
 
 
 class TransformerTrunk(nn.Module):
-    """Embeddings, blocks and final LayerNorm: everything but the task head."""
+    """Embeddings, blocks and (pre-LayerNorm) the final LayerNorm: everything but the task head."""
 
     def __init__(self, config: ModelConfig, causal: bool, token_types: bool = False) -> None:
         super().__init__()
@@ -143,9 +157,11 @@ class TransformerTrunk(nn.Module):
         self.pos_emb = nn.Embedding(config.block_size, config.n_embd) if learned else None
         self.rotary = None if learned else RotaryEmbedding(config.head_dim, config.block_size)
         self.type_emb = nn.Embedding(config.type_vocab_size, config.n_embd) if token_types else None
+        self.emb_norm = layer_norm(config) if config.embedding_norm else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, causal, i) for i in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        # Post-LayerNorm blocks already end normalised.
+        self.ln_f = layer_norm(config) if config.norm_position == "pre" else None
 
     def forward(
         self,
@@ -180,6 +196,8 @@ class TransformerTrunk(nn.Module):
             if token_type_ids is None:
                 token_type_ids = torch.zeros_like(input_ids)
             x = x + self.type_emb(token_type_ids)
+        if self.emb_norm is not None:
+            x = self.emb_norm(x)
         x = self.drop(x)
         rope = None
         if self.rotary is not None:
@@ -193,7 +211,7 @@ class TransformerTrunk(nn.Module):
                 x = block(x, rope, mask, cache)
         if cache is not None:
             cache.advance(T)
-        return self.ln_f(x)
+        return self.ln_f(x) if self.ln_f is not None else x
 
     def _attention_mask(self, key_mask: Tensor | None, past: int, length: int) -> Tensor | None:
         """The padding mask (B, S) as an attention mask broadcastable to (B, nh, T, S).
