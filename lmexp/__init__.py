@@ -26,6 +26,7 @@ _EXPORTS = {
     "LoadedModel": "lmexp.checkpoints",
     "export_safetensors": "lmexp.checkpoints",
     "load_checkpoint": "lmexp.checkpoints",
+    "export_hf": "lmexp.huggingface",
     "generate": "lmexp.generation",
     "train_tokenizer": "lmexp.data",
     "TextDataModule": "lmexp.data",
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from lmexp.data import ClassificationDataModule, TextDataModule, train_tokenizer
     from lmexp.errors import CheckpointError, ConfigError, DataError, LmexpError
     from lmexp.generation import generate
+    from lmexp.huggingface import export_hf
     from lmexp.models import BERT, GPT, LSTMLM, ModelConfig, build_model, from_name
     from lmexp.objectives import CausalLM, LanguageModelObjective, MaskedLM, SequenceClassification, TrainingObjective
     from lmexp.tracking import MLflowTracker

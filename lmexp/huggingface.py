@@ -181,6 +181,8 @@ def load_hf(folder: str | Path) -> tuple[ModelConfig, nn.Module, Tokenizer, str]
     if untouched:  # a table entry is missing: a bug here, not a user error
         raise RuntimeError(f"the {model_type} import table does not cover {untouched}")
     used = {name for param in params for name in param.theirs}
+    if config.tie_embeddings:  # a tied output matrix some savers write out anyway
+        used |= {"lm_head.weight", "cls.predictions.decoder.weight"}
     ignored = sorted(name for name in state if name not in used and not IGNORED.search(name))
     if ignored:
         log.warning("%s: ignored %d weight(s) lmexp has no place for: %s", folder, len(ignored), ", ".join(ignored[:5]))
@@ -356,9 +358,13 @@ def load_hf_tokenizer(folder: Path, model_type: str) -> Tokenizer:
     GPT-2's ``vocab.json`` + ``merges.txt`` with the options of ``tokenizer_config.json``."""
     if (folder / TOKENIZER_FILE).is_file():
         try:
-            return tokenizer_from_json((folder / TOKENIZER_FILE).read_text(encoding="utf-8"))
+            tokenizer = tokenizer_from_json((folder / TOKENIZER_FILE).read_text(encoding="utf-8"))
         except Exception as error:  # tokenizers raises a bare Exception for malformed JSON
             raise CheckpointError(f"{str(folder / TOKENIZER_FILE)!r} cannot be read ({error}): save the tokenizer again") from None
+        # Saved padding or truncation would change every encoding: lmexp pads and cuts batches itself.
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        return tokenizer
     options = {}
     if (folder / TOKENIZER_CONFIG).is_file():
         try:

@@ -5,6 +5,7 @@ ids, and bad folders fail in one line."""
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 import shutil
@@ -360,3 +361,37 @@ def test_generate_from_an_imported_gpt2(tokenizer_dirs: dict[str, Path], tmp_pat
     main(["generate", "--ckpt", str(folder), "--prompt", "the film", "--max_new_tokens", "8", "--seed", "1"])
     out = capsys.readouterr().out
     assert out.startswith("the film") and len(out.strip()) > len("the film")
+
+
+@pytest.mark.parametrize("objective", ["CausalLM", "MaskedLM"])
+def test_imported_language_models_train_and_test_on_text(objective: str, tokenizer_dirs: dict[str, Path], tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """lmexp fit continues a GPT-2 (causal LM) or a BERT (masked LM) on new text with the folder's
+    tokenizer, and lmexp test scores the imported folder as it is."""
+    monkeypatch.setenv("LMEXP_CACHE_DIR", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    if objective == "CausalLM":
+        config = transformers.GPT2Config(vocab_size=vocab_size(tokenizer_dirs["gpt2"]), n_embd=32, n_layer=2, n_head=2,
+                                         n_positions=32, bos_token_id=0, eos_token_id=0)
+        folder = save_hf(transformers.GPT2LMHeadModel(config), tokenizer_dirs["gpt2"], tmp_path / "hf")
+    else:
+        folder = save_hf(transformers.BertForMaskedLM(bert_config(tokenizer_dirs["bert"], max_position_embeddings=32)),
+                         tokenizer_dirs["bert"], tmp_path / "hf")
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(sentences(400, seed=3)), encoding="utf-8")
+    common = [f"--model=lmexp.{objective}", f"--model.pretrained={folder}", "--model.warmup_steps=2",
+              "--data=lmexp.TextDataModule", f"--data.source={text}", "--data.batch_size=8", "--data.test_fraction=0.1",
+              "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.logger=false",
+              f"--trainer.default_root_dir={tmp_path / 'runs'}"]
+    main(["fit", *common, "--trainer.max_steps=6", "--trainer.val_check_interval=3",
+          "--trainer.check_val_every_n_epoch=null", "--run_name=continued"])
+    continued = load_checkpoint(tmp_path / "runs" / "continued" / "checkpoints" / "last.ckpt")
+    imported = load_checkpoint(folder)
+    assert continued.tokenizer.to_str() == imported.tokenizer.to_str()
+    assert continued.config == imported.config
+    assert not torch.equal(continued.model.trunk.tok_emb.weight, imported.model.trunk.tok_emb.weight)  # it trained
+    from lmexp.runs import build
+
+    run = build("test", args=common, logger=False, run_name="scored")
+    result = run.execute()[0]
+    assert math.isfinite(result["test/loss"]) and result["test/loss"] > 0
