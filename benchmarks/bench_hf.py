@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from benchmarks.bench_sst2 import fine_tune_row, fit  # noqa: E402
-from benchmarks.report import append_entry, markdown_table  # noqa: E402
+from benchmarks.report import command_line, markdown_table, publish  # noqa: E402
 from lmexp.checkpoints import load_checkpoint  # noqa: E402
 from lmexp.hardware import cpu_has_bf16_units  # noqa: E402
 
@@ -171,7 +171,7 @@ def lmexp_predictions(checkpoint: Path, dev_file: Path, output: Path) -> list[in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "sst2"), help="folder with train.tsv, dev.tsv")
-    parser.add_argument("--pretrain-steps", type=int, default=3000, help="transformers pre-training steps")
+    parser.add_argument("--pretrain-steps", type=int, default=4000, help="transformers pre-training steps")
     parser.add_argument("--batch-size", type=int, default=64, help="pre-training windows per step")
     parser.add_argument("--lr", type=float, default=1e-3, help="pre-training peak learning rate")
     parser.add_argument("--fine-tune-steps", type=int, default=None, help="fine-tuning steps (default: the config's)")
@@ -225,14 +225,8 @@ def main() -> None:
     table = markdown_table(["SST-2 dev (872 sentences)", "accuracy", "macro-F1", "train examples/s", "seconds"], rows)
     table += (f"\n\nImport parity on 256 padded dev sentences, lmexp against transformers (fp32): hidden states "
               f"{hidden_diff:.1e}, masked-LM logits {logit_diff:.1e} (largest absolute difference).")
-    command = "python benchmarks/bench_hf.py --data ../shared/data/sst2" + "".join(
-        f" --{name.replace('_', '-')} {value}" for name, value in vars(args).items()
-        if name not in ("data", "keep", "no_write") and value is not None and value != parser.get_default(name))
-    if args.no_write:
-        print(table)
-    else:
-        append_entry("Hugging Face interop: SST-2 with a BERT pre-trained by transformers", command, table)
-
+    command = command_line("benchmarks/bench_hf.py", parser, args, "--data ../shared/data/sst2")
+    publish("Hugging Face interop: SST-2 with a BERT pre-trained by transformers", command, table, not args.no_write)
 
 if __name__ == "__main__":
     main()

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 import lightning.pytorch as pl  # noqa: E402
 
-from benchmarks.report import append_entry, markdown_table  # noqa: E402
+from benchmarks.report import command_line, markdown_table, publish  # noqa: E402
 from lmexp.checkpoints import load_checkpoint  # noqa: E402
 from lmexp.data.classification import read_examples  # noqa: E402
 from lmexp.prompting import PromptSpec, classify  # noqa: E402
@@ -185,15 +185,8 @@ def main() -> None:
         rows += prompted
         rows.append(bag_of_words_row(data))
     table = markdown_table(["SST-2 dev (872 sentences)", "accuracy", "macro-F1", "train examples/s", "seconds"], rows)
-    defaults = {"shots": "0,3", "few_labels": 2000, "few_label_steps": 600}
-    command = "python benchmarks/bench_sst2.py --data ../shared/data/sst2" + "".join(
-        f" --{name.replace('_', '-')} {value}" for name, value in vars(args).items()
-        if name not in ("data", "keep", "no_write") and value is not None and defaults.get(name) != value)
-    if args.no_write:
-        print(table)
-    else:
-        append_entry("SST-2: pre-training, fine-tuning, prompting and a bag-of-words baseline", command, table)
-
+    command = command_line("benchmarks/bench_sst2.py", parser, args, "--data ../shared/data/sst2")
+    publish("SST-2: pre-training, fine-tuning, prompting and a bag-of-words baseline", command, table, not args.no_write)
 
 if __name__ == "__main__":
     main()

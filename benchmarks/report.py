@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import os
 from pathlib import Path
@@ -30,3 +31,19 @@ def append_entry(title: str, command: str, table: str, output: Path = BENCHMARKS
     entry = f"\n### {title}, {dt.date.today().isoformat()}\n\nMachine: {machine}.\nCommand: `{command}`\n\n{table}\n"
     with open(output, "a") as f:
         f.write(entry)
+
+
+def command_line(script: str, parser: argparse.ArgumentParser, args: argparse.Namespace, always: str = "",
+                 unlisted: tuple[str, ...] = ("data", "keep", "no_write")) -> str:
+    """The command that reproduces a run: the script, ``always``, and every other option not at its default."""
+    return f"python {script}{' ' + always if always else ''}" + "".join(
+        f" --{name.replace('_', '-')} {value}" for name, value in vars(args).items()
+        if name not in unlisted and value is not None and value != parser.get_default(name))
+
+
+def publish(title: str, command: str, table: str, write: bool = True) -> None:
+    """Append the entry to BENCHMARKS.md, or with ``write=False`` only print the table."""
+    if write:
+        append_entry(title, command, table)
+    else:
+        print(table)

@@ -84,6 +84,9 @@ def test_unknown_field():
         (dict(vocab_size=0), "vocab_size=0 must be a positive integer"),
         (dict(arch="rnn"), "arch='rnn' is not supported: choose one of gpt, bert, lstm"),
         (dict(position="alibi"), "position='alibi' is not supported: choose one of learned, rotary"),
+        (dict(norm_position="sandwich"), "norm_position='sandwich' is not supported: choose one of pre, post"),
+        (dict(activation="relu"), "activation='relu' is not supported: choose one of gelu, gelu_tanh"),
+        (dict(norm_eps=0.0), "norm_eps=0.0 is outside (0, 1)"),
     ],
 )
 def test_invalid_config(fields, message):
@@ -315,3 +318,18 @@ def test_unmasked_gpt_keeps_the_fused_causal_kernel(monkeypatch):
     model = GPT(tiny())
     model(random_ids(2, 8))
     assert calls == [(True, True)] * 2  # both layers: no mask tensor, is_causal=True
+
+
+def test_post_norm_bert_normalises_each_residual_sum_and_has_no_final_norm():
+    """BERT's layout: the embeddings are normalised, every block ends in a LayerNorm (its output
+    has zero mean and unit variance per token before the affine), and there is no ln_f."""
+    config = from_name("bert-tiny", vocab_size=50)
+    assert (config.norm_position, config.embedding_norm, config.norm_eps) == ("post", True, 1e-12)
+    model = build_model(config).eval()
+    assert model.trunk.ln_f is None and model.trunk.emb_norm is not None
+    hidden = model(torch.randint(0, 50, (2, 8)))
+    assert torch.allclose(hidden.mean(-1), torch.zeros(2, 8), atol=1e-5)
+    assert torch.allclose(hidden.var(-1, unbiased=False), torch.ones(2, 8), atol=1e-3)
+    pre = build_model(config.replace(norm_position="pre", embedding_norm=False))
+    assert pre.trunk.ln_f is not None and pre.trunk.emb_norm is None
+    assert count_parameters(pre) == count_parameters(model)  # one LayerNorm moved, none added
