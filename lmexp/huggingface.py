@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from lmexp.data.tokenizer import CLS, MASK, PAD, SEP, UNK, tokenizer_from_json
 from lmexp.errors import CheckpointError, ConfigError
+from lmexp.hardware import process_rank
 from lmexp.models import ModelConfig, build_model
 
 log = logging.getLogger(__name__)
@@ -184,10 +185,11 @@ def load_hf(folder: str | Path) -> tuple[ModelConfig, nn.Module, Tokenizer, str]
     if config.tie_embeddings:  # a tied output matrix some savers write out anyway
         used |= {"lm_head.weight", "cls.predictions.decoder.weight"}
     ignored = sorted(name for name in state if name not in used and not IGNORED.search(name))
-    if ignored:
-        log.warning("%s: ignored %d weight(s) lmexp has no place for: %s", folder, len(ignored), ", ".join(ignored[:5]))
-    for head in sorted(fresh - {"sentence-pair head"}):
-        log.warning("%s has no %s: it is initialized randomly", folder, head)
+    if process_rank() == 0:  # every DDP rank imports; one report is enough
+        if ignored:
+            log.warning("%s: ignored %d weight(s) lmexp has no place for: %s", folder, len(ignored), ", ".join(ignored[:5]))
+        for head in sorted(fresh - {"sentence-pair head"}):
+            log.warning("%s has no %s: it is initialized randomly", folder, head)
     tokenizer = load_hf_tokenizer(folder, model_type)
     if model_type == "gpt2":
         objective = "causal_lm"

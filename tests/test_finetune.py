@@ -130,6 +130,10 @@ def test_batches_are_padded_to_their_longest_member_and_buckets_pad_less():
     # Evaluation over 3 ranks: every example exactly once, none dropped.
     shards = [list(ClassificationBatches(encoded, labels, 5, 0, shuffle=False, rank=r, world_size=3)) for r in range(3)]
     assert sum(b["labels"].numel() for shard in shards for b in shard) == len(encoded)
+    # A split smaller than one batch per rank still gives every rank a batch (Lightning stops a
+    # rank that has none): 5 examples, batches of 32, 2 ranks -> 3 and 2.
+    shards = [list(ClassificationBatches(encoded[:5], labels[:5], 32, 0, shuffle=False, rank=r, world_size=2)) for r in range(2)]
+    assert [[b["labels"].numel() for b in shard] for shard in shards] == [[3], [2]]
 
 
 # --- the classification objective -------------------------------------------------------------

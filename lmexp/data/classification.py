@@ -242,15 +242,24 @@ class ClassificationBatches(IterableDataset):
             order = np.concatenate([
                 part[np.argsort(lengths[part], kind="stable")] for part in np.split(order, range(chunk, n, chunk))
             ]) if n else order
-        batches = [order[i : i + self.batch_size] for i in range(0, n, self.batch_size)]
+        size = self._batch_size()
+        batches = [order[i : i + size] for i in range(0, n, size)]
         if self.shuffle and self.bucket_by_length:
             batches = [batches[i] for i in rng.permutation(len(batches))]
         if self.shuffle:  # equal counts per rank: DDP ranks must step together
             batches = batches[: len(batches) // self.world_size * self.world_size]
         return batches[self.rank :: self.world_size]
 
+    def _batch_size(self) -> int:
+        """Training batches hold batch_size examples. Evaluation batches of a split too small to
+        give every DDP rank a batch are smaller, so that each rank gets one (a rank with none
+        stops Lightning)."""
+        if self.shuffle:
+            return self.batch_size
+        return max(1, min(self.batch_size, -(-len(self.encoded) // self.world_size)))
+
     def __len__(self) -> int:
-        n_batches = -(-len(self.encoded) // self.batch_size)
+        n_batches = -(-len(self.encoded) // self._batch_size())
         if self.shuffle:
             return n_batches // self.world_size
         return len(range(self.rank, n_batches, self.world_size))
@@ -448,10 +457,14 @@ class ClassificationDataModule(ResumableDataModule):
             raise DataError(f"there is no {split} data: set {setting}")
         trainer = self.trainer
         labels = label_ids(self.splits[split], self.labels or [], "the training set")
+        world_size = trainer.world_size if trainer else 1
+        if not shuffle and 0 < len(self._encoded[split]) < world_size:
+            raise DataError(f"the {split} split has {len(self._encoded[split])} examples, fewer than the {world_size} "
+                            f"processes: give it at least {world_size}")
         return ClassificationBatches(
             self._encoded[split], labels, self.batch_size, self.pad_id, shuffle=shuffle,
             bucket_by_length=self.bucket_by_length, seed=self.seed,
-            rank=trainer.global_rank if trainer else 0, world_size=trainer.world_size if trainer else 1,
+            rank=trainer.global_rank if trainer else 0, world_size=world_size,
             epoch_fn=(lambda: trainer.current_epoch) if trainer and shuffle else (lambda: 0),
         )
 
