@@ -144,8 +144,14 @@ def load_hf(folder: str | Path) -> tuple[ModelConfig, nn.Module, Tokenizer, str]
     folder = Path(folder)
     hf_config = read_hf_config(folder)
     model_type = hf_config["model_type"]
+    tokenizer = load_hf_tokenizer(folder, model_type)
     state = _normalize_names(read_hf_weights(folder), model_type)
     config = (bert_network if model_type == "bert" else gpt2_network)(hf_config, state, folder)
+    if tokenizer.get_vocab_size() > config.require_vocab_size():
+        raise CheckpointError(
+            f"{str(folder)!r}: the tokenizer has {tokenizer.get_vocab_size()} tokens but {CONFIG_FILE} says "
+            f"vocab_size={config.vocab_size}: save the tokenizer that belongs to this model"
+        )
     model = build_model(config)
     params = (bert_params if model_type == "bert" else gpt2_params)(config)
     ours = model.state_dict()
@@ -190,7 +196,6 @@ def load_hf(folder: str | Path) -> tuple[ModelConfig, nn.Module, Tokenizer, str]
             log.warning("%s: ignored %d weight(s) lmexp has no place for: %s", folder, len(ignored), ", ".join(ignored[:5]))
         for head in sorted(fresh - {"sentence-pair head"}):
             log.warning("%s has no %s: it is initialized randomly", folder, head)
-    tokenizer = load_hf_tokenizer(folder, model_type)
     if model_type == "gpt2":
         objective = "causal_lm"
     else:

@@ -310,6 +310,7 @@ BAD_FOLDERS = {
     "unsupported field": (lambda d: edit_config(d, hidden_act="relu"), "hidden_act='relu' is not supported"),
     "relative positions": (lambda d: edit_config(d, position_embedding_type="relative_key"),
                            "position_embedding_type='relative_key' is not supported"),
+    "tokenizer of another model": (lambda d: edit_config(d, vocab_size=100), "tokens but config.json says vocab_size=100: save the tokenizer that belongs"),
     "corrupt weights": (lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 64), "cannot be read as safetensors"),
 }
 
