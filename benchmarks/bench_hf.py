@@ -11,7 +11,8 @@ fine-tuned, and exported back.
    are compared with transformers' forward.
 3. ``configs/sst2_bert.yaml`` fine-tunes it (``--model.init_args.pretrained FOLDER``), and the
    same network from random initialization (same tokenizer, config and steps) is the baseline
-   of the same run. Both are scored once on dev (872 sentences, never trained or selected on).
+   of the same run, each once per ``--seeds`` seed. Every run is scored once on dev (872
+   sentences, never trained or selected on).
 4. ``lmexp export`` writes the fine-tuned classifier back; transformers' own forward of the
    export, with transformers' tokenizer, labels dev again, and its accuracy and the predictions
    that differ from lmexp's are reported.
@@ -175,6 +176,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="pre-training windows per step")
     parser.add_argument("--lr", type=float, default=1e-3, help="pre-training peak learning rate")
     parser.add_argument("--fine-tune-steps", type=int, default=None, help="fine-tuning steps (default: the config's)")
+    parser.add_argument("--seeds", default="1337", help="fine-tuning seeds, comma-separated (1337: the config's)")
     parser.add_argument("--hf-folder", help="skip pre-training: import this transformers folder instead")
     parser.add_argument("--precision", choices=["auto", "32", "bf16"], default="auto",
                         help="pre-training precision (auto: bf16 where the CPU has bf16 units)")
@@ -205,14 +207,30 @@ def main() -> None:
                     f"MLM val loss {made['val_loss']:.3f}")
         hidden_diff, logit_diff = parity(hf_folder, dev[:256])
         log.info("parity on 256 dev sentences: hidden states %.2e, MLM logits %.2e", hidden_diff, logit_diff)
-        tuned = fit("sst2_bert.yaml", folder, "imported", data, [f"--model.init_args.pretrained={hf_folder}", *steps])
-        rows.append(fine_tune_row(f"BERT-mini pre-trained by transformers ({note}), imported, fine-tuned", *tuned))
         block_size = load_checkpoint(hf_folder).config.block_size
-        scratch_run = fit("sst2_bert.yaml", folder, "scratch", data, [
-            "--model.init_args.pretrained=null", "--model.init_args.network=bert-mini",
-            f"--model.init_args.network_overrides={{dropout: 0.1, block_size: {block_size}}}",
-            f"--data.init_args.tokenizer={hf_folder / 'tokenizer.json'}", *steps])
-        rows.append(fine_tune_row("BERT-mini, random init, fine-tuned (same tokenizer, config and steps)", *scratch_run))
+        starts = {
+            f"BERT-mini pre-trained by transformers ({note}), imported, fine-tuned": (
+                "imported", [f"--model.init_args.pretrained={hf_folder}"]),
+            "BERT-mini, random init, fine-tuned (same tokenizer, config and steps)": ("scratch", [
+                "--model.init_args.pretrained=null", "--model.init_args.network=bert-mini",
+                f"--model.init_args.network_overrides={{dropout: 0.1, block_size: {block_size}}}",
+                f"--data.init_args.tokenizer={hf_folder / 'tokenizer.json'}"]),
+        }
+        seeds = [int(seed) for seed in args.seeds.split(",")]
+        tuned = None
+        for label, (name, start) in starts.items():
+            accuracies = []
+            for seed in seeds:
+                run = fit("sst2_bert.yaml", folder, f"{name}-{seed}", data, [*start, f"--seed_everything={seed}", *steps])
+                row = fine_tune_row(f"{label}, seed {seed}", *run)
+                rows.append(row)
+                accuracies.append(float(row[1]))
+                tuned = tuned or run
+            if len(seeds) > 1:
+                mean = sum(accuracies) / len(accuracies)
+                spread = (sum((a - mean) ** 2 for a in accuracies) / (len(accuracies) - 1)) ** 0.5
+                rows.append([f"{label}: mean of {len(seeds)} seeds (standard deviation)", f"{mean:.4f} ({spread:.4f})",
+                             "-", "-", "-"])
         best = tuned[0].run_dir / "checkpoints" / "best.ckpt"
         exported = folder / "exported"
         from lmexp.huggingface import export_checkpoint
