@@ -155,14 +155,17 @@ def main() -> None:
             mlm_note = f"{mlm_seconds:.0f} s"
         mlm_loss = best_validation_loss(pretrained)
         tokenizer = pretrained.with_suffix("") / "tokenizer.json"  # the export beside best.ckpt
-        block_size = load_checkpoint(pretrained).config.block_size
+        # The random-init baseline is the pre-trained network's shape and layout with fresh weights.
+        network = load_checkpoint(pretrained).config
+        layout = (f"{{dropout: 0.1, block_size: {network.block_size}, norm_position: {network.norm_position}, "
+                  f"embedding_norm: {str(network.embedding_norm).lower()}, norm_eps: {network.norm_eps:.6e}}}")
         tuned = fit("sst2_bert.yaml", folder, "pretrained", data,
                     [f"--model.init_args.pretrained={pretrained}", *steps(args.fine_tune_steps)])
         rows.append(fine_tune_row(f"BERT-mini, MLM-pre-trained ({mlm_note}; MLM val loss {mlm_loss:.3f}), fine-tuned",
                                   *tuned))
         scratch_run = fit("sst2_bert.yaml", folder, "scratch", data, [
             "--model.init_args.pretrained=null", "--model.init_args.network=bert-mini",
-            f"--model.init_args.network_overrides={{dropout: 0.1, block_size: {block_size}}}",
+            f"--model.init_args.network_overrides={layout}",
             f"--data.init_args.tokenizer={tokenizer}", *steps(args.fine_tune_steps)])
         rows.append(fine_tune_row("BERT-mini, random init, fine-tuned (same tokenizer and steps)", *scratch_run))
         if args.few_labels:
@@ -171,7 +174,7 @@ def main() -> None:
             rows.append(fine_tune_row(f"BERT-mini, MLM-pre-trained, fine-tuned on {args.few_labels:,} labels", *tuned))
             scratch_run = fit("sst2_bert.yaml", folder, "scratch-few", data, [
                 "--model.init_args.pretrained=null", "--model.init_args.network=bert-mini",
-                f"--model.init_args.network_overrides={{dropout: 0.1, block_size: {block_size}}}",
+                f"--model.init_args.network_overrides={layout}",
                 f"--data.init_args.tokenizer={tokenizer}", *few])
             rows.append(fine_tune_row(f"BERT-mini, random init, fine-tuned on {args.few_labels:,} labels", *scratch_run))
         if args.gpt_checkpoint:
