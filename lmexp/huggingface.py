@@ -30,22 +30,41 @@ from lmexp.models import ModelConfig, build_model
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE, WEIGHTS_FILE, SHARD_INDEX, PICKLE_FILE = (
-    "config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+CONFIG_FILE, WEIGHTS_FILE, SHARD_INDEX, PICKLE_FILE, PICKLE_INDEX = (
+    "config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 TOKENIZER_FILE, TOKENIZER_CONFIG = "tokenizer.json", "tokenizer_config.json"
 SUPPORTED_TYPES = ("bert", "gpt2")
 GPT2_EOS = "<|endoftext|>"
 
 
 def is_hf_directory(folder: str | Path) -> bool:
-    """Whether ``folder`` holds a transformers ``config.json`` (one that names a ``model_type``)."""
+    """Whether ``folder`` holds a transformers ``config.json`` (an lmexp export's has a ``model`` entry)."""
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
         return False
     try:
-        return "model_type" in json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return False
+    return isinstance(config, dict) and "model" not in config and (
+        "model_type" in config or "architectures" in config or guess_model_type(config) is not None)
+
+
+def guess_model_type(config: dict[str, Any]) -> str | None:
+    """``model_type`` where the config names none, as old BERT releases' configs do: from the
+    architecture's name, else from the fields only BERT or only GPT-2 configs have."""
+    if config.get("model_type"):
+        return config["model_type"]
+    for architecture in config.get("architectures") or []:
+        if architecture.startswith("Bert"):
+            return "bert"
+        if architecture.startswith("GPT2"):
+            return "gpt2"
+    if {"hidden_size", "num_attention_heads", "intermediate_size"} <= config.keys():
+        return "bert"
+    if {"n_embd", "n_layer", "n_head"} <= config.keys():
+        return "gpt2"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,7 +147,7 @@ BASE_PREFIX = {"bert": "bert.", "gpt2": "transformer."}
 # Top-level names of the task heads, which carry no base prefix.
 HEAD_NAMES = {"bert": ("cls.", "classifier."), "gpt2": ("lm_head.", "score.")}
 # Buffers some saved checkpoints carry that are not weights.
-IGNORED = re.compile(r"(position_ids|token_type_ids|attn\.bias|attn\.masked_bias|decoder\.bias)$")
+IGNORED = re.compile(r"(position_ids|token_type_ids|\.attn\.bias|\.attn\.masked_bias)$")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,15 +187,16 @@ def load_hf(folder: str | Path) -> tuple[ModelConfig, nn.Module, Tokenizer, str]
                 f"{str(folder)!r} has no weight {missing!r} though its {CONFIG_FILE} describes it: the weights "
                 f"do not fit the config; save the model and its config together with save_pretrained"
             )
+        expected = _their_shape(param, ours[param.ours].shape)
+        for name in param.theirs:
+            if tuple(state[name].shape) != expected:
+                raise CheckpointError(
+                    f"{str(folder)!r}: weight {name!r} has shape {tuple(state[name].shape)} but {CONFIG_FILE} implies "
+                    f"{expected}: the weights do not fit the config; save the model and its config together with "
+                    "save_pretrained"
+                )
         parts = [state[name].t() if param.transpose else state[name] for name in param.theirs]
-        tensor = torch.cat(parts) if len(parts) > 1 else parts[0]
-        if tensor.shape != ours[param.ours].shape:
-            raise CheckpointError(
-                f"{str(folder)!r}: weight {param.theirs[0]!r} has shape {tuple(state[param.theirs[0]].shape)} but "
-                f"{CONFIG_FILE} implies {_their_shape(param, ours[param.ours].shape)}: the weights do not fit the "
-                "config; save the model and its config together with save_pretrained"
-            )
-        loaded[param.ours] = tensor
+        loaded[param.ours] = torch.cat(parts) if len(parts) > 1 else parts[0]
     # A head is either wholly present or wholly fresh: half a head is a broken file.
     for param in params:
         if param.head in fresh and param.ours in loaded:
@@ -211,14 +231,14 @@ def read_hf_config(folder: Path) -> dict[str, Any]:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{str(path)!r} is not valid JSON ({error}): save the model again with save_pretrained") from None
-    model_type = config.get("model_type") if isinstance(config, dict) else None
+    model_type = guess_model_type(config) if isinstance(config, dict) else None
     if model_type not in SUPPORTED_TYPES:
         architectures = ", ".join(config.get("architectures") or []) if isinstance(config, dict) else ""
         raise CheckpointError(
             f"{str(folder)!r} holds a {model_type!r} model{f' ({architectures})' if architectures else ''}, which lmexp "
             f"cannot import: supported are {', '.join(SUPPORTED_TYPES)} (BERT encoders and GPT-2)"
         )
-    return config
+    return {**config, "model_type": model_type}
 
 
 def read_hf_weights(folder: Path) -> dict[str, Tensor]:
@@ -226,16 +246,17 @@ def read_hf_weights(folder: Path) -> dict[str, Tensor]:
     if (folder / WEIGHTS_FILE).is_file():
         files = [folder / WEIGHTS_FILE]
     elif (folder / SHARD_INDEX).is_file():
-        try:
-            weight_map = json.loads((folder / SHARD_INDEX).read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise CheckpointError(f"{str(folder / SHARD_INDEX)!r} is not a shard index ({error}): save the model again") from None
-        files = [folder / name for name in sorted(set(weight_map.values()))]
+        files = [folder / name for name in sorted(set(_weight_map(folder / SHARD_INDEX).values()))]
     elif (folder / PICKLE_FILE).is_file():
         return _read_pickle(folder / PICKLE_FILE)
+    elif (folder / PICKLE_INDEX).is_file():
+        state: dict[str, Tensor] = {}
+        for name in sorted(set(_weight_map(folder / PICKLE_INDEX).values())):
+            state.update(_read_pickle(folder / name))
+        return state
     else:
         raise CheckpointError(
-            f"{str(folder)!r} has no weights ({WEIGHTS_FILE}, {SHARD_INDEX} or {PICKLE_FILE}): "
+            f"{str(folder)!r} has no weights ({WEIGHTS_FILE}, {PICKLE_FILE} or their shard indexes): "
             "save the model with save_pretrained into this folder"
         )
     state: dict[str, Tensor] = {}
@@ -245,6 +266,16 @@ def read_hf_weights(folder: Path) -> dict[str, Tensor]:
         except (SafetensorError, OSError) as error:
             raise CheckpointError(f"{str(file)!r} cannot be read as safetensors ({error}): save the model again") from None
     return state
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{str(index)!r} is not a shard index ({error}): save the model again") from None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{str(index)!r} is not a shard index (its weight_map is not a mapping): save the model again")
+    return weight_map
 
 
 def _read_pickle(path: Path) -> dict[str, Tensor]:
@@ -270,6 +301,10 @@ def _normalize_names(state: dict[str, Tensor], model_type: str) -> dict[str, Ten
         if name.startswith(prefix) and not name.startswith(heads):
             name = name[len(prefix):]
         out[name] = tensor
+    # The MLM output bias: transformers 4 ties the decoder's bias to cls.predictions.bias and
+    # saves either; transformers 5 adds only the decoder's (untied when the embeddings are).
+    if "cls.predictions.decoder.bias" in out:
+        out["cls.predictions.bias"] = out.pop("cls.predictions.decoder.bias")
     return out
 
 
@@ -313,7 +348,10 @@ def bert_network(hf: dict[str, Any], state: dict[str, Tensor], folder: Path) -> 
         if hf.get(flag):
             raise _unsupported(folder, flag, True, "lmexp imports BERT as a bidirectional encoder")
     labels = None
-    if "classifier.weight" in state:
+    architectures = hf.get("architectures") or []
+    # classifier.* is also the head of token classification and multiple choice, which lmexp
+    # does not have: their encoder imports, the head is reported as ignored.
+    if "classifier.weight" in state and (not architectures or any("SequenceClassification" in a for a in architectures)):
         labels = _labels(hf, state["classifier.weight"].shape[0], folder)
     width = hf.get("hidden_size", 768)
     dropout = hf.get("hidden_dropout_prob", 0.1)
@@ -325,7 +363,7 @@ def bert_network(hf: dict[str, Any], state: dict[str, Tensor], folder: Path) -> 
         type_vocab_size=hf.get("type_vocab_size", 2), norm_eps=hf.get("layer_norm_eps", 1e-12),
         activation=_activation(folder, "hidden_act", hf.get("hidden_act", "gelu")),
         mlp_ratio=_mlp_ratio(folder, "intermediate_size", hf.get("intermediate_size", 3072), width),
-        dropout=dropout, classifier_dropout=hf.get("classifier_dropout") or dropout,
+        dropout=dropout, classifier_dropout=dropout if hf.get("classifier_dropout") is None else hf["classifier_dropout"],
         tie_embeddings=hf.get("tie_word_embeddings", True), labels=labels,
     )
 
@@ -362,22 +400,25 @@ def gpt2_network(hf: dict[str, Any], state: dict[str, Tensor], folder: Path) -> 
 
 def load_hf_tokenizer(folder: Path, model_type: str) -> Tokenizer:
     """The folder's tokenizer: ``tokenizer.json`` when present, else BERT's ``vocab.txt`` or
-    GPT-2's ``vocab.json`` + ``merges.txt`` with the options of ``tokenizer_config.json``."""
-    if (folder / TOKENIZER_FILE).is_file():
-        try:
-            tokenizer = tokenizer_from_json((folder / TOKENIZER_FILE).read_text(encoding="utf-8"))
-        except Exception as error:  # tokenizers raises a bare Exception for malformed JSON
-            raise CheckpointError(f"{str(folder / TOKENIZER_FILE)!r} cannot be read ({error}): save the tokenizer again") from None
-        # Saved padding or truncation would change every encoding: lmexp pads and cuts batches itself.
-        tokenizer.no_padding()
-        tokenizer.no_truncation()
-        return tokenizer
+    GPT-2's ``vocab.json`` + ``merges.txt``; either way with the options of ``tokenizer_config.json``
+    (lower-casing, accent stripping, a prefix space), which transformers applies too."""
     options = {}
     if (folder / TOKENIZER_CONFIG).is_file():
         try:
             options = json.loads((folder / TOKENIZER_CONFIG).read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise CheckpointError(f"{str(folder / TOKENIZER_CONFIG)!r} is not valid JSON ({error})") from None
+    if (folder / TOKENIZER_FILE).is_file():
+        try:
+            definition = json.loads((folder / TOKENIZER_FILE).read_text(encoding="utf-8"))
+            _apply_options(definition, options)
+            tokenizer = tokenizer_from_json(json.dumps(definition))
+        except Exception as error:  # tokenizers raises a bare Exception for a malformed definition
+            raise CheckpointError(f"{str(folder / TOKENIZER_FILE)!r} cannot be read ({error}): save the tokenizer again") from None
+        # Saved padding or truncation would change every encoding: lmexp pads and cuts batches itself.
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        return tokenizer
     if model_type == "bert" and (folder / "vocab.txt").is_file():
         return _wordpiece_from_vocab(folder / "vocab.txt", options)
     if model_type == "gpt2" and (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
@@ -387,6 +428,19 @@ def load_hf_tokenizer(folder: Path, model_type: str) -> Tokenizer:
         f"{str(folder)!r} has no tokenizer files ({TOKENIZER_FILE}, or {files}): "
         "save the tokenizer into the same folder with tokenizer.save_pretrained"
     )
+
+
+def _apply_options(definition: dict[str, Any], options: dict[str, Any]) -> None:
+    """Where tokenizer_config.json and tokenizer.json disagree, transformers' BERT and GPT-2
+    tokenizers follow tokenizer_config.json: so does lmexp."""
+    normalizer, pre_tokenizer = definition.get("normalizer") or {}, definition.get("pre_tokenizer") or {}
+    if normalizer.get("type") == "BertNormalizer":
+        for option, field in (("do_lower_case", "lowercase"), ("strip_accents", "strip_accents"),
+                              ("tokenize_chinese_chars", "handle_chinese_chars")):
+            if option in options:
+                normalizer[field] = options[option]
+    if pre_tokenizer.get("type") == "ByteLevel" and "add_prefix_space" in options:
+        pre_tokenizer["add_prefix_space"] = options["add_prefix_space"]
 
 
 def _special(options: dict[str, Any], key: str, default: str) -> str:
@@ -399,7 +453,7 @@ def _wordpiece_from_vocab(path: Path, options: dict[str, Any]) -> Tokenizer:
     tokens = path.read_text(encoding="utf-8").split("\n")
     if tokens and tokens[-1] == "":
         tokens.pop()
-    vocab = {token: i for i, token in reversed(list(enumerate(tokens)))}  # the first id of a repeat wins
+    vocab = {token: i for i, token in enumerate(tokens)}  # a repeated line keeps its last id, as in transformers
     unk = _special(options, "unk_token", UNK)
     tokenizer = Tokenizer(models.WordPiece(vocab, unk_token=unk, max_input_chars_per_word=100))
     lowercase = options.get("do_lower_case", True)
@@ -461,6 +515,8 @@ def export_hf(model: nn.Module, config: ModelConfig, folder: str | Path, tokeniz
     else:
         params, hf_config, model_type = gpt2_params(config), _gpt2_config(config), "gpt2"
     tensors: dict[str, Tensor] = {}
+    if config.arch == "bert" and not config.labels:  # the bias the decoder uses, under both names
+        tensors["cls.predictions.decoder.bias"] = state["mlm_head.bias"].detach().float().contiguous().clone()
     for param in params:
         value = state[param.ours].detach().float()
         in_base = not param.theirs[0].startswith(HEAD_NAMES[model_type])  # the pooler is part of BertModel

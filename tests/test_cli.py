@@ -39,7 +39,7 @@ def test_quickstart_trains_saves_exports_generates_and_resumes(tmp_path: Path, c
     # The README's Python example runs as written against this run's export.
     readme = (ROOT / "README.md").read_text()
     blocks = [block.split("```", 1)[0] for block in readme.split("```python\n")[1:]]
-    example = next(block for block in blocks if "load_checkpoint" in block)
+    example = next(block for block in blocks if "runs/quickstart/latest/checkpoints/best" in block)
     exec(compile(example.replace("runs/quickstart/latest/checkpoints/best", str(export)), "README.md", "exec"), {})
     assert capsys.readouterr().out.startswith("The ")
 

@@ -135,7 +135,9 @@ def test_bert_import_matches_transformers(kind: str, tokenizer_dirs: dict[str, P
     with torch.no_grad():
         out = theirs(input_ids=ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True)
         hidden = ours(ids, mask, types)
-        assert max_diff(hidden, out.hidden_states[-1], mask) < TOL
+        assert max_diff(hidden, out.hidden_states[-1]) < TOL  # every position, padding included
+        left = theirs(input_ids=ids.flip(1), attention_mask=mask.flip(1), token_type_ids=types, output_hidden_states=True)
+        assert max_diff(ours(ids.flip(1), mask.flip(1), types), left.hidden_states[-1]) < TOL
         if kind == "BertModel":
             assert max_diff(ours.pool(hidden), out.pooler_output) < TOL
         if kind in ("BertForMaskedLM", "BertForPreTraining"):
@@ -396,3 +398,80 @@ def test_imported_language_models_train_and_test_on_text(objective: str, tokeniz
     run = build("test", args=common, logger=False, run_name="scored")
     result = run.execute()[0]
     assert math.isfinite(result["test/loss"]) and result["test/loss"] > 0
+
+
+def test_untied_bert_imports_and_exports_its_own_decoder_bias(tokenizer_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """transformers 5 keeps an untied decoder's bias apart from cls.predictions.bias."""
+    theirs = transformers.BertForMaskedLM(bert_config(tokenizer_dirs["bert"], tie_word_embeddings=False))
+    loaded = load_checkpoint(save_hf(theirs, tokenizer_dirs["bert"], tmp_path / "untied"))
+    assert not loaded.config.tie_embeddings
+    ids, mask = padded_batch(loaded.config.vocab_size)
+    with torch.no_grad():
+        assert max_diff(loaded.model.mlm_logits(loaded.model(ids, mask)), theirs(input_ids=ids, attention_mask=mask).logits) < TOL
+    folder = export_hf(loaded.model, loaded.config, tmp_path / "out", loaded.tokenizer)
+    again, info = transformers.AutoModelForMaskedLM.from_pretrained(folder, output_loading_info=True)
+    assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    with torch.no_grad():
+        assert max_diff(again.eval()(input_ids=ids, attention_mask=mask).logits, theirs(input_ids=ids, attention_mask=mask).logits) < TOL
+
+
+def test_a_config_without_model_type_imports(tokenizer_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """Old BERT releases' config.json name no model_type (transformers guesses it): nor must lmexp need it."""
+    theirs = transformers.BertModel(bert_config(tokenizer_dirs["bert"]))
+    folder = save_hf(theirs, tokenizer_dirs["bert"], tmp_path / "old")
+    config = json.loads((folder / "config.json").read_text())
+    del config["model_type"], config["architectures"]
+    (folder / "config.json").write_text(json.dumps(config))
+    loaded = load_checkpoint(folder)
+    ids, mask = padded_batch(loaded.config.vocab_size)
+    with torch.no_grad():
+        assert max_diff(loaded.model(ids, mask), theirs(input_ids=ids, attention_mask=mask).last_hidden_state) < TOL
+
+
+def test_a_token_classifier_imports_its_encoder_and_says_the_head_is_ignored(
+        tokenizer_dirs: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    theirs = transformers.BertForTokenClassification(bert_config(tokenizer_dirs["bert"], num_labels=5))
+    with caplog.at_level("WARNING", logger="lmexp.huggingface"):
+        loaded = load_checkpoint(save_hf(theirs, tokenizer_dirs["bert"], tmp_path / "ner"))
+    assert loaded.objective == "masked_lm" and loaded.config.labels is None
+    assert "ignored 2 weight(s) lmexp has no place for: classifier.bias, classifier.weight" in caplog.text
+    ids, mask = padded_batch(loaded.config.vocab_size)
+    with torch.no_grad():
+        expected = theirs(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        assert max_diff(loaded.model(ids, mask), expected) < TOL
+
+
+def test_tokenizer_config_options_win_over_tokenizer_json_as_in_transformers(tokenizer_dirs: dict[str, Path],
+                                                                             tmp_path: Path) -> None:
+    from lmexp.huggingface import load_hf_tokenizer
+
+    folder = tmp_path / "cased"
+    shutil.copytree(tokenizer_dirs["bert"], folder)  # tokenizer.json lower-cases
+    options = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**options, "do_lower_case": False}))
+    texts = sentences(100)
+    theirs = transformers.AutoTokenizer.from_pretrained(folder)(texts)["input_ids"]
+    assert [e.ids for e in load_hf_tokenizer(folder, "bert").encode_batch(texts)] == theirs
+    assert theirs != transformers.AutoTokenizer.from_pretrained(tokenizer_dirs["bert"])(texts)["input_ids"]
+
+
+def test_the_readme_python_example_runs_on_imported_folders(tokenizer_dirs: dict[str, Path], tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [block.split("```", 1)[0] for block in readme.split("```python\n")[1:]]
+    example = next(block for block in blocks if "path/to/bert-folder" in block)
+    bert = transformers.BertModel(bert_config(tokenizer_dirs["bert"]))
+    bert_dir = save_hf(bert, tokenizer_dirs["bert"], tmp_path / "bert")
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=vocab_size(tokenizer_dirs["gpt2"]), n_embd=32, n_layer=2, n_head=2, n_positions=32, bos_token_id=0,
+        eos_token_id=0))
+    gpt2_dir = save_hf(gpt2, tokenizer_dirs["gpt2"], tmp_path / "gpt2")
+    scope: dict = {}
+    exec(compile(example.replace("path/to/bert-folder", str(bert_dir)).replace("path/to/gpt2-folder", str(gpt2_dir)),
+                 "README.md", "exec"), scope)
+    batch = transformers.AutoTokenizer.from_pretrained(bert_dir)("a gem of a film", return_tensors="pt")
+    with torch.no_grad():
+        out = bert(**batch)
+        assert max_diff(scope["hidden"], out.last_hidden_state) < TOL
+        assert max_diff(scope["pooled"], out.pooler_output) < TOL
+        hello = transformers.AutoTokenizer.from_pretrained(gpt2_dir)("Hello", return_tensors="pt")
+        assert max_diff(scope["logits"], gpt2(**hello).logits) < TOL

@@ -174,9 +174,9 @@ class TransformerTrunk(nn.Module):
 
         attention_mask (B, T): 1 for real tokens, 0 for padding that no token may attend to; with
         a cache it covers the new tokens only (the cache keeps the mask of the positions it holds).
-        With padding, positions count from each row's first real token, so a left-padded row gets
-        the same result as its tokens alone; without a mask (nor cached padding), positions are
-        0..T-1 after the cached ones and causal attention keeps its fused kernel.
+        In a causal model with padding, positions count from each row's first real token, so a
+        left-padded row gets the same result as its tokens alone; otherwise positions are 0..T-1
+        after the cached ones (and causal attention keeps its fused kernel).
         """
         B, T = input_ids.shape
         past = self._check_input(B, T, cache)
@@ -184,8 +184,12 @@ class TransformerTrunk(nn.Module):
             key_mask = cache.update_mask(attention_mask, T)  # (B, past + T) or None
         else:
             key_mask = attention_mask.bool() if attention_mask is not None else None
-        # Per-row positions only when a mask is given: the unmasked path stays as cheap as before.
-        positions = (key_mask.long().cumsum(dim=1)[:, past:] - 1).clamp(min=0) if key_mask is not None else None
+        # Per-row positions only for a causal model given a mask (left-padded prompts); the
+        # unmasked path stays as cheap as before. A bidirectional model numbers positions 0..T-1
+        # whatever the padding, as BERT does.
+        positions = None
+        if key_mask is not None and self.causal:
+            positions = (key_mask.long().cumsum(dim=1)[:, past:] - 1).clamp(min=0)
         x = self.tok_emb(input_ids)  # (B, T, C)
         if self.pos_emb is not None:
             if positions is None:
