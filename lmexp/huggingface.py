@@ -163,8 +163,8 @@ def load_hf(folder: str | Path) -> tuple[ModelConfig, nn.Module, Tokenizer, str]
     folder = Path(folder)
     hf_config = read_hf_config(folder)
     model_type = hf_config["model_type"]
-    tokenizer = load_hf_tokenizer(folder, model_type)
     state = _normalize_names(read_hf_weights(folder), model_type)
+    tokenizer = load_hf_tokenizer(folder, model_type)
     config = (bert_network if model_type == "bert" else gpt2_network)(hf_config, state, folder)
     if tokenizer.get_vocab_size() > config.require_vocab_size():
         raise CheckpointError(

@@ -142,9 +142,13 @@ def test_masked_lm_settings(tmp_path, capsys, extra, expected):
 
 
 def test_foreign_export_folder(tmp_path, capsys):
-    (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
+    (tmp_path / "config.json").write_text('{"format": 7}')
     message = one_line_error(capsys, ["generate", "--ckpt", str(tmp_path)])
     assert "is not an lmexp export" in message
+    # A transformers config.json makes it a Hugging Face folder, which needs its weights.
+    (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
+    message = one_line_error(capsys, ["generate", "--ckpt", str(tmp_path)])
+    assert "has no weights (model.safetensors, pytorch_model.bin or their shard indexes)" in message
 
 
 @pytest.mark.parametrize(
