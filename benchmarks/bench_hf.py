@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.bench_sst2 import fine_tune_row, fit  # noqa: E402
+from benchmarks.bench_sst2 import fine_tune_row, fit, sst2_folder  # noqa: E402
 from benchmarks.report import command_line, markdown_table, publish  # noqa: E402
 from lmexp.checkpoints import load_checkpoint  # noqa: E402
 from lmexp.hardware import cpu_has_bf16_units  # noqa: E402
@@ -183,9 +183,7 @@ def main() -> None:
     parser.add_argument("--keep", help="run in this folder and keep it (default: a temporary one)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = parser.parse_args()
-    data = Path(args.data).resolve()
-    if not (data / "train.tsv").is_file() or not (data / "dev.tsv").is_file():
-        raise SystemExit(f"--data {data} must hold SST-2's train.tsv and dev.tsv")
+    data = sst2_folder(args.data)
     bf16 = args.precision == "bf16" or (args.precision == "auto" and cpu_has_bf16_units())
     steps = [f"--trainer.max_steps={args.fine_tune_steps}",
              f"--trainer.val_check_interval={min(250, args.fine_tune_steps // 2)}"] if args.fine_tune_steps else []

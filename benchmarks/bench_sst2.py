@@ -68,6 +68,14 @@ def fit(config: str, folder: Path, name: str, data: Path, extra: list[str]) -> t
     return run, clock, time.perf_counter() - started
 
 
+def sst2_folder(path: str) -> Path:
+    """The ``--data`` folder, which must hold SST-2's train.tsv and dev.tsv."""
+    data = Path(path).resolve()
+    if not (data / "train.tsv").is_file() or not (data / "dev.tsv").is_file():
+        raise SystemExit(f"--data {data} must hold SST-2's train.tsv and dev.tsv")
+    return data
+
+
 def fine_tune_row(label: str, run, clock: TrainingClock, seconds: float) -> list[str]:
     best = run.run_dir / "checkpoints" / "best.ckpt"
     result = run.trainer.test(run.model, datamodule=run.datamodule, ckpt_path=str(best), verbose=False)[0]
@@ -133,9 +141,7 @@ def main() -> None:
     parser.add_argument("--keep", help="run in this folder and keep it (default: a temporary one)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = parser.parse_args()
-    data = Path(args.data).resolve()
-    if not (data / "train.tsv").is_file() or not (data / "dev.tsv").is_file():
-        raise SystemExit(f"--data {data} must hold SST-2's train.tsv and dev.tsv")
+    data = sst2_folder(args.data)
     # A shorter run validates (and keeps its best checkpoint) at least twice.
     steps = lambda n: [f"--trainer.max_steps={n}", f"--trainer.val_check_interval={min(250, n // 2)}"] if n else []  # noqa: E731
     rows: list[list[str]] = []
