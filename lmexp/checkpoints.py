@@ -97,10 +97,7 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
     if path.is_dir():
         from lmexp.huggingface import is_hf_directory, load_hf
 
-        if is_hf_directory(path):
-            config, model, tokenizer, objective = load_hf(path)
-            return LoadedModel(model.eval(), config, tokenizer, objective)
-        return _load_export(path)
+        return load_hf(path) if is_hf_directory(path) else _load_export(path)
     checkpoint = read_checkpoint(path)
     network = checkpoint.get("hyper_parameters", {}).get("network")
     prefix = "model."

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from torch import Tensor, nn
 
+from lmexp.checkpoints import LoadedModel, load_checkpoint
 from lmexp.data.tokenizer import CLS, MASK, PAD, SEP, UNK, tokenizer_from_json
 from lmexp.errors import CheckpointError, ConfigError
 from lmexp.hardware import process_rank
@@ -154,8 +155,8 @@ IGNORED = re.compile(r"(position_ids|token_type_ids|\.attn\.bias|\.attn\.masked_
 # Import
 
 
-def load_hf(folder: str | Path) -> tuple[ModelConfig, nn.Module, Tokenizer, str]:
-    """A transformers folder as (network config, network with its weights, tokenizer, objective).
+def load_hf(folder: str | Path) -> LoadedModel:
+    """A transformers folder as an lmexp network with its weights, config, tokenizer and objective.
 
     Heads the folder lacks (BertModel has no masked-LM head) are initialized and said so; a
     folder whose weights, config or tokenizer do not fit is refused in one line.
@@ -220,7 +221,7 @@ def load_hf(folder: str | Path) -> tuple[ModelConfig, nn.Module, Tokenizer, str]
         objective = "causal_lm"
     else:
         objective = "classification" if config.labels else "masked_lm"
-    return config, model, tokenizer, objective
+    return LoadedModel(model.eval(), config, tokenizer, objective)
 
 
 def read_hf_config(folder: Path) -> dict[str, Any]:
@@ -623,8 +624,6 @@ def export_checkpoint(checkpoint: str, output: str, overwrite: bool = False) -> 
         output: The folder to write: config.json, model.safetensors, tokenizer.json, tokenizer_config.json.
         overwrite: Replace the files of an earlier export in ``output``.
     """
-    from lmexp.checkpoints import load_checkpoint
-
     target = Path(output)
     if (target / CONFIG_FILE).exists() and not overwrite:
         raise ConfigError(f"{output!r} already holds a {CONFIG_FILE}: choose another folder or pass --overwrite true")
