@@ -59,7 +59,10 @@ class LmexpCheckpoint(ModelCheckpoint):
             tokenizer = getattr(trainer.datamodule, "tokenizer", None)
             folder = Path(filepath).with_suffix("")
             inputs = trainer.datamodule.input_settings() if hasattr(trainer.datamodule, "input_settings") else None
-            export_safetensors(module.model, module.network_config, folder, tokenizer, type(module).__name__, inputs)
+            export_safetensors(
+                module.model, module.network_config, folder, tokenizer, type(module).__name__, inputs,
+                getattr(module, "transforms", None),
+            )
 
 
 class CheckpointOnException(pl.Callback):

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from lmexp.errors import CheckpointError, ConfigError
 CHECKPOINT_KEY = "lmexp"  # lmexp's entry in Lightning checkpoints: RNG, schedule, tokenizer
 from lmexp.models import ModelConfig, build_model
 
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 2  # 2: config.json lists the transforms applied ("transforms"); 1 had none
 WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE = "model.safetensors", "config.json", "tokenizer.json"
 
 
@@ -39,6 +40,34 @@ class LoadedModel:
     objective: str | None = None
     inputs: dict[str, Any] | None = None
     """How a classifier's training data framed its inputs (columns, max length), for predict."""
+    transforms: list[dict[str, Any]] = field(default_factory=list)
+    """What was done to the trained weights, in order (pruning, quantization, distillation): each a
+    dict with at least ``method``; one with ``rebuild`` names the pre-load hook that rebuilt the
+    network's layers (quantized linears) before its weights loaded."""
+
+    @property
+    def rebuilt(self) -> bool:
+        """Whether the network's layers are no longer lmexp's own (quantized): it runs, but cannot
+        be trained or have its weights copied into a fresh network."""
+        return any("rebuild" in transform for transform in self.transforms)
+
+
+PRELOAD_HOOKS = "lmexp.preload_hooks"
+"""Entry-point group of pre-load hooks: ``name = "package.module:function"``, where
+``function(model, transform) -> nn.Module`` rebuilds a freshly built network (e.g. swaps its
+linear layers for quantized ones) so that the weights a transform saved load into it."""
+
+
+def preload_hook(name: str) -> Callable[[nn.Module, dict[str, Any]], nn.Module]:
+    """The pre-load hook registered as `name` by an installed package."""
+    found = entry_points(group=PRELOAD_HOOKS, name=name)
+    if not found:
+        known = sorted(point.name for point in entry_points(group=PRELOAD_HOOKS))
+        raise CheckpointError(
+            f"the weights need the pre-load hook {name!r}, which no installed package provides "
+            f"(installed: {', '.join(known) or 'none'}): install the package that wrote them (lmexp with its compression toolkit)"
+        )
+    return next(iter(found)).load()
 
 
 def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
@@ -102,10 +131,11 @@ def load_checkpoint(path: str | Path) -> LoadedModel:
     network = checkpoint.get("hyper_parameters", {}).get("network")
     prefix = "model."
     state = {k[len(prefix):]: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith(prefix)}
-    config, model = _build(network, path, lambda model: model.load_state_dict(state))
     extra = checkpoint.get(CHECKPOINT_KEY, {})
+    transforms = extra.get("transforms", [])
+    config, model = _build(network, path, lambda model: model.load_state_dict(state), transforms)
     tokenizer = tokenizer_from_json(extra["tokenizer"]) if "tokenizer" in extra else None
-    return LoadedModel(model.eval(), config, tokenizer, extra.get("objective"), extra.get("inputs"))
+    return LoadedModel(model.eval(), config, tokenizer, extra.get("objective"), extra.get("inputs"), transforms)
 
 
 def _load_export(folder: Path) -> LoadedModel:
@@ -120,21 +150,38 @@ def _load_export(folder: Path) -> LoadedModel:
             f"{str(folder)!r} is not an lmexp export (its {CONFIG_FILE} has no 'model' entry or "
             f"{WEIGHTS_FILE} is missing): pass a folder written by lmexp, such as checkpoints/best"
         )
-    config, model = _build(meta["model"], folder, lambda model: load_model(model, str(folder / WEIGHTS_FILE)))
+    written = meta.get("format", 1)
+    if not isinstance(written, int) or written > EXPORT_FORMAT:
+        raise CheckpointError(
+            f"{str(folder)!r} was written in export format {written!r}, newer than this lmexp reads "
+            f"(up to {EXPORT_FORMAT}): upgrade lmexp"
+        )
+    transforms = meta.get("transforms", [])
+    config, model = _build(
+        meta["model"], folder, lambda model: load_model(model, str(folder / WEIGHTS_FILE)), transforms
+    )
     tokenizer_path = folder / TOKENIZER_FILE
     tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path.is_file() else None
-    return LoadedModel(model.eval(), config, tokenizer, meta.get("objective"), meta.get("inputs"))
+    return LoadedModel(model.eval(), config, tokenizer, meta.get("objective"), meta.get("inputs"), transforms)
 
 
-def _build(network: Any, path: Path, load_weights: Callable[[nn.Module], Any]) -> tuple[ModelConfig, nn.Module]:
-    """The model a checkpoint or export describes, with its weights; one-line errors otherwise."""
+def _build(
+    network: Any, path: Path, load_weights: Callable[[nn.Module], Any], transforms: list[dict[str, Any]]
+) -> tuple[ModelConfig, nn.Module]:
+    """The model a checkpoint or export describes, rebuilt by the pre-load hooks its transforms
+    name, with its weights; one-line errors otherwise."""
     if not isinstance(network, dict):
         raise CheckpointError(f"{str(path)!r} is not an lmexp checkpoint (no model config inside)")
+    if not isinstance(transforms, list) or not all(isinstance(t, dict) and "method" in t for t in transforms):
+        raise CheckpointError(f"{str(path)!r} has a malformed transforms list: re-export the model")
     try:
         config = ModelConfig().replace(**network)
     except ConfigError as error:
         raise CheckpointError(f"{str(path)!r} has a model config lmexp cannot use ({error})") from None
     model = build_model(config)
+    for transform in transforms:
+        if "rebuild" in transform:
+            model = preload_hook(transform["rebuild"])(model, transform)
     try:
         load_weights(model)
     except RuntimeError as error:
@@ -153,13 +200,15 @@ def export_safetensors(
     tokenizer: Tokenizer | None = None,
     objective: str | None = None,
     inputs: dict[str, Any] | None = None,
+    transforms: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Write ``model.safetensors``, ``config.json`` and ``tokenizer.json`` into ``folder``
-    (``inputs``: how a classifier frames its inputs, kept in ``config.json``)."""
+    (``inputs``: how a classifier frames its inputs; ``transforms``: what was done to the trained
+    weights, see ``LoadedModel.transforms``; both kept in ``config.json``)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_model(model, str(folder / WEIGHTS_FILE))  # handles tied embeddings
-    meta = {"format": EXPORT_FORMAT, "model": config.to_dict(), "objective": objective}
+    meta = {"format": EXPORT_FORMAT, "model": config.to_dict(), "objective": objective, "transforms": transforms or []}
     if inputs is not None:
         meta["inputs"] = inputs
     (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2))

@@ -547,6 +547,12 @@ def check_exportable(config: ModelConfig) -> None:
             f"norm_position={config.norm_position!r} with embedding_norm={config.embedding_norm} is not {target}'s layout "
             f"(norm_position={expected[0]!r}, embedding_norm={expected[1]}): train with the {config.arch} presets' layout"
         )
+    if not config.uniform_layers:
+        raise ConfigError(
+            f"layer_heads={config.layer_heads} / layer_mlp_hidden={config.layer_mlp_hidden} (a structurally pruned "
+            "network) have no place in transformers' BERT or GPT-2 configs, whose blocks are all alike: export the "
+            "network before structured pruning, or use lmexp's own export"
+        )
     if config.arch == "gpt" and config.labels:
         raise ConfigError(
             "a GPT classifier has no transformers equivalent (GPT2ForSequenceClassification's head has no bias and "
@@ -628,4 +634,10 @@ def export_checkpoint(checkpoint: str, output: str, overwrite: bool = False) -> 
     if (target / CONFIG_FILE).exists() and not overwrite:
         raise ConfigError(f"{output!r} already holds a {CONFIG_FILE}: choose another folder or pass --overwrite true")
     loaded = load_checkpoint(checkpoint)
+    if loaded.rebuilt:
+        methods = ", ".join(t["method"] for t in loaded.transforms)
+        raise ConfigError(
+            f"{checkpoint!r} is quantized ({methods}), which transforms' BERT and GPT-2 classes cannot load: "
+            "export the checkpoint before quantization"
+        )
     return export_hf(loaded.model, loaded.config, target, loaded.tokenizer)

@@ -475,3 +475,10 @@ def test_the_readme_python_example_runs_on_imported_folders(tokenizer_dirs: dict
         assert max_diff(scope["pooled"], out.pooler_output) < TOL
         hello = transformers.AutoTokenizer.from_pretrained(gpt2_dir)("Hello", return_tensors="pt")
         assert max_diff(scope["logits"], gpt2(**hello).logits) < TOL
+
+
+def test_a_structurally_pruned_network_is_not_exported_to_transformers():
+    from lmexp.huggingface import check_exportable
+
+    with pytest.raises(ConfigError, match="structurally pruned"):
+        check_exportable(from_name("gpt-tiny", vocab_size=40, layer_heads=[1, 2]))

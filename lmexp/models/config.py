@@ -59,6 +59,12 @@ class ModelConfig:
     classification head on its pooled output (gpt: last real token; bert: [CLS])."""
     classifier_dropout: float = 0.1
     """Dropout on the pooled state before the classification head."""
+    layer_heads: list[int] | None = None
+    """Attention heads of each block, when blocks differ (a head-pruned model); None: n_head in
+    every block. A head stays n_embd/n_head wide, so fewer heads mean narrower projections."""
+    layer_mlp_hidden: list[int] | None = None
+    """MLP hidden width of each block, when blocks differ (a neuron-pruned model); None:
+    mlp_ratio*n_embd in every block."""
 
     def __post_init__(self) -> None:
         check_choice("arch", self.arch, get_args(Arch))
@@ -92,6 +98,17 @@ class ModelConfig:
                 f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
                 "choose n_embd as a multiple of n_head"
             )
+        for name, bound in (("layer_heads", self.n_head), ("layer_mlp_hidden", None)):
+            sizes = getattr(self, name)
+            if sizes is None:
+                continue
+            if len(sizes) != self.n_layer or not all(isinstance(n, int) and n >= 1 for n in sizes):
+                raise ConfigError(
+                    f"{name}={sizes} must list one positive size per block ({self.n_layer}), or be unset"
+                )
+            if bound is not None and max(sizes) > bound:
+                raise ConfigError(f"{name}={sizes} has more than n_head={bound} heads in a block")
+            setattr(self, name, list(sizes))
         if self.position == "rotary" and self.head_dim % 2 != 0:
             raise ConfigError(
                 f"rotary positions need an even head dimension but n_embd/n_head={self.head_dim}: "
@@ -106,6 +123,19 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    def heads_in(self, layer: int) -> int:
+        """Attention heads of block `layer`."""
+        return self.layer_heads[layer] if self.layer_heads is not None else self.n_head
+
+    def mlp_hidden_in(self, layer: int) -> int:
+        """MLP hidden width of block `layer`."""
+        return self.layer_mlp_hidden[layer] if self.layer_mlp_hidden is not None else self.mlp_ratio * self.n_embd
+
+    @property
+    def uniform_layers(self) -> bool:
+        """Whether every block has the full head count and MLP width (no structural pruning)."""
+        return self.layer_heads is None and self.layer_mlp_hidden is None
 
     def require_vocab_size(self) -> int:
         """The vocabulary size, which must be known before any weights are built."""

@@ -51,7 +51,7 @@ class GPT(nn.Module):
         return KVCache(
             c.n_layer,
             batch_size,
-            c.n_head,
+            [c.heads_in(layer) for layer in range(c.n_layer)],
             c.block_size,
             c.head_dim,
             device=device if device is not None else weight.device,

@@ -23,15 +23,16 @@ class KVCache:
         self,
         n_layer: int,
         batch_size: int,
-        n_head: int,
+        n_head: int | list[int],
         max_length: int,
         head_dim: int,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        shape = (batch_size, n_head, max_length, head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        heads = n_head if isinstance(n_head, list) else [n_head] * n_layer  # a list: per layer (pruned heads)
+        shapes = [(batch_size, h, max_length, head_dim) for h in heads]
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for shape in shapes]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for shape in shapes]
         self.batch_size = batch_size
         self.max_length = max_length
         self.length = 0

@@ -52,10 +52,13 @@ class Attention(nn.Module):
         super().__init__()
         self.causal = causal
         self.layer_idx = layer_idx
-        self.n_head = config.n_head
+        self.n_head = config.heads_in(layer_idx)
+        self.head_dim = config.head_dim
+        inner = self.n_head * self.head_dim  # n_embd unless heads were pruned
         self.dropout = config.dropout
-        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.out_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        # One fused projection: rows [0, inner) are queries, then keys, then values, head by head.
+        self.qkv = nn.Linear(config.n_embd, 3 * inner, bias=config.bias)
+        self.out_proj = nn.Linear(inner, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(
@@ -70,9 +73,9 @@ class Attention(nn.Module):
         attn_mask is boolean, True where a query may attend to a key, broadcastable to
         (B, nh, T, S) with S the number of keys (cached plus new); causality is added here.
         """
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        hs = C // self.n_head
+        B, T, _ = x.shape
+        hs = self.head_dim
+        q, k, v = self.qkv(x).split(self.n_head * hs, dim=2)
         q, k, v = (t.view(B, T, self.n_head, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if rope is not None:
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
@@ -93,7 +96,7 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=is_causal,
         )  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * hs)
         return self.resid_dropout(self.out_proj(y))
 
 
@@ -107,9 +110,9 @@ def layer_norm(config: ModelConfig) -> nn.LayerNorm:
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int = 0) -> None:
         super().__init__()
-        hidden = config.mlp_ratio * config.n_embd
+        hidden = config.mlp_hidden_in(layer_idx)
         self.fc_in = nn.Linear(config.n_embd, hidden, bias=config.bias)
         self.act = gelu(config)
         self.out_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
@@ -129,7 +132,7 @@ class Block(nn.Module):
         self.ln1 = layer_norm(config)
         self.attn = Attention(config, causal, layer_idx)
         self.ln2 = layer_norm(config)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, layer_idx)
 
     def forward(
         self,

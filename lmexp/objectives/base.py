@@ -182,10 +182,17 @@ class TrainingObjective(pl.LightningModule):
         self.save_hyperparameters()
         self._pretrained: LoadedModel | None = None  # until its weights are copied into the network
         self.source_tokenizer: Tokenizer | None = None  # the tokenizer the weights were trained with
+        self.transforms: list[dict[str, Any]] = []  # what compression did to the weights (LoadedModel.transforms)
         if pretrained is not None:
             self._pretrained = load_checkpoint(pretrained)
             self.source_tokenizer = self._pretrained.tokenizer
+            self.transforms = list(self._pretrained.transforms)
             network = self._pretrained.config
+            if self._pretrained.rebuilt and network_overrides:
+                raise ConfigError(
+                    f"pretrained checkpoint {pretrained!r} is quantized, so network_overrides={network_overrides} "
+                    "cannot apply: evaluate it as it is, or start from the checkpoint before quantization"
+                )
         self.network_config = resolve_network(network, network_overrides)
         self.check_network(self.network_config)
         self.model: nn.Module | None = None
@@ -229,7 +236,18 @@ class TrainingObjective(pl.LightningModule):
         return f"pretrained checkpoint {self.hparams.pretrained!r}" if self.hparams.pretrained else "the network config"
 
     def _build(self) -> None:
-        self.model = build_model(self.network_config)
+        if self._pretrained is not None and self._pretrained.rebuilt:
+            # Quantized layers are not lmexp's own: run the loaded network itself (evaluation).
+            if self._pretrained.config.labels != self.network_config.labels:
+                raise CheckpointError(
+                    f"pretrained checkpoint {self.hparams.pretrained!r} is quantized for labels "
+                    f"{self._pretrained.config.labels}, not the data's {self.network_config.labels}: evaluate it on "
+                    "data with its labels, or fine-tune the checkpoint before quantization"
+                )
+            self.model = self._pretrained.model
+            self._pretrained = None
+        else:
+            self.model = build_model(self.network_config)
         if self._pretrained is not None:
             self._load_pretrained(self.model, self._pretrained)
             self._pretrained = None  # the weights are copied: free them
@@ -492,6 +510,8 @@ class TrainingObjective(pl.LightningModule):
             extra["tokenizer"] = tokenizer.to_str()
         if hasattr(datamodule, "input_settings"):  # how raw inputs become model inputs, for predict
             extra["inputs"] = datamodule.input_settings()
+        if self.transforms:
+            extra["transforms"] = self.transforms
         checkpoint[CHECKPOINT_KEY] = extra
 
     def _last_step_batch(self) -> int | None:
@@ -507,6 +527,7 @@ class TrainingObjective(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         extra = checkpoint.get(CHECKPOINT_KEY, {})
+        self.transforms = list(extra.get("transforms", []))
         datamodule = getattr(self._trainer, "datamodule", None)
         tokenizer = getattr(datamodule, "tokenizer", None)
         if "tokenizer" in extra and tokenizer is not None:

@@ -333,3 +333,46 @@ def test_post_norm_bert_normalises_each_residual_sum_and_has_no_final_norm():
     pre = build_model(config.replace(norm_position="pre", embedding_norm=False))
     assert pre.trunk.ln_f is not None and pre.trunk.emb_norm is None
     assert count_parameters(pre) == count_parameters(model)  # one LayerNorm moved, none added
+
+
+# --- per-layer shapes (structurally pruned networks) -------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["gpt", "bert"])
+def test_per_layer_heads_and_mlp_widths_shrink_the_weights(arch):
+    config = tiny(arch, layer_heads=[1, 2], layer_mlp_hidden=[24, 128])
+    model = build_model(config)
+    blocks = model.trunk.blocks
+    head_dim = config.head_dim
+    assert blocks[0].attn.qkv.weight.shape == (3 * head_dim, config.n_embd)
+    assert blocks[0].attn.out_proj.weight.shape == (config.n_embd, head_dim)
+    assert blocks[1].attn.qkv.weight.shape == (3 * config.n_embd, config.n_embd)
+    assert blocks[0].mlp.fc_in.weight.shape == (24, config.n_embd)
+    assert blocks[1].mlp.out_proj.weight.shape == (config.n_embd, 128)
+    assert count_parameters(model) < count_parameters(build_model(tiny(arch)))
+    ids = random_ids(2, 8)
+    out = model(ids)
+    assert out.shape[:2] == (2, 8) and torch.isfinite(out).all()
+
+
+def test_per_layer_heads_decode_with_the_kv_cache_as_without():
+    model = build_model(tiny("gpt", layer_heads=[1, 2])).eval()
+    ids = random_ids(1, 6)
+    full = model(ids)
+    cache = model.make_cache(1)
+    steps = [model(ids[:, :4], cache=cache)] + [model(ids[:, i : i + 1], cache=cache) for i in (4, 5)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (dict(layer_heads=[2]), "one positive size per block"),
+        (dict(layer_heads=[0, 2]), "one positive size per block"),
+        (dict(layer_heads=[3, 2]), "more than n_head=2"),
+        (dict(layer_mlp_hidden=[64, 64, 64]), "one positive size per block"),
+    ],
+)
+def test_bad_per_layer_shapes_are_one_line_errors(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny("gpt", **fields)

@@ -1,0 +1,170 @@
+"""What every compression method shares: which layers it may touch, how a network is run on
+calibration batches, and how a compressed variant is written so that lmexp loads it back.
+
+The toolkit is a client of lmexp's public API: networks come from ``lmexp.load_checkpoint``
+and go back out through ``lmexp.export_safetensors``, with the transform recorded in the
+export's ``config.json`` (``LoadedModel.transforms``).
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import json
+import shutil
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lmexp.checkpoints import CONFIG_FILE, LoadedModel, export_safetensors, load_checkpoint
+from lmexp.errors import CheckpointError, ConfigError
+
+BLOCKS = "trunk.blocks."
+"""Prefix of the transformer blocks' modules. Compression touches the linear layers inside them
+(attention ``qkv``/``out_proj``, MLP ``fc_in``/``out_proj``); embeddings and heads (the LM head
+and masked-LM decoder share the token embedding, the pooler and classifier are small and
+sensitive) stay as they are unless a method is told otherwise."""
+
+
+class CompressionError(ConfigError):
+    """A compression request that cannot be carried out as asked; the message says why and what to do."""
+
+
+def load(path: str | Path) -> LoadedModel:
+    """An lmexp checkpoint, export folder or transformers folder as a network to compress."""
+    loaded = load_checkpoint(path)
+    if loaded.config.arch == "lstm":
+        raise CompressionError(
+            f"{str(path)!r} holds an LSTM; the compression toolkit works on transformer blocks: pass a gpt or bert checkpoint"
+        )
+    return loaded
+
+
+def check_fraction(name: str, value: float) -> float:
+    """A fraction in [0, 1) such as a sparsity: 1 would remove everything."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise CompressionError(f"{name}={value!r} is outside [0, 1): use a fraction such as 0.5 for half of the weights")
+    return float(value)
+
+
+def compressible_linears(model: nn.Module, skip: Sequence[str] = ()) -> dict[str, nn.Linear]:
+    """The linear layers inside the transformer blocks, by module name, in order.
+
+    skip: ``fnmatch`` patterns of module names to leave alone, e.g. ``trunk.blocks.0.*`` or
+    ``*.qkv``. Layers outside the blocks (embeddings, tied LM head, pooler, classifier) are
+    never returned.
+    """
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if name.startswith(BLOCKS)
+        and isinstance(module, nn.Linear)
+        and not any(fnmatch.fnmatchcase(name, pattern) for pattern in skip)
+    }
+
+
+def trunk_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The keyword arguments of ``model.trunk`` that a data-module batch provides."""
+    return {key: batch[key] for key in ("input_ids", "attention_mask", "token_type_ids") if key in batch}
+
+
+@torch.no_grad()
+def run_trunk(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> int:
+    """Run the network's transformer trunk over calibration batches (hooks collect what they
+    need); return the number of batches seen."""
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        for batch in batches:
+            model.trunk(**trunk_inputs(batch))
+            seen += 1
+    finally:
+        model.train(was_training)
+    if seen == 0:
+        raise CompressionError("no calibration batches: pass data with at least one batch (--calibration-batches 1 or more)")
+    return seen
+
+
+def copy_loaded(loaded: LoadedModel) -> LoadedModel:
+    """A deep copy to compress, leaving the original network untouched."""
+    return LoadedModel(
+        copy.deepcopy(loaded.model), loaded.config, loaded.tokenizer, loaded.objective,
+        copy.deepcopy(loaded.inputs), copy.deepcopy(loaded.transforms),
+    )
+
+
+def save(loaded: LoadedModel, folder: str | Path, overwrite: bool = False) -> Path:
+    """Write a compressed variant as an lmexp export folder (``model.safetensors``,
+    ``config.json`` with the transforms applied, ``tokenizer.json``) that ``load_checkpoint``,
+    ``lmexp generate``/``test``/``predict`` and ``--model.init_args.pretrained`` take."""
+    folder = Path(folder)
+    if (folder / CONFIG_FILE).exists():
+        if not overwrite:
+            raise CompressionError(f"{str(folder)!r} already holds a {CONFIG_FILE}: choose another folder or pass --overwrite")
+        shutil.rmtree(folder)
+    return export_safetensors(
+        loaded.model, loaded.config, folder, loaded.tokenizer, loaded.objective, loaded.inputs, loaded.transforms
+    )
+
+
+def describe(loaded: LoadedModel) -> str:
+    """One line: architecture, size and what was done to it."""
+    methods = " + ".join(t["method"] for t in loaded.transforms) or "as trained"
+    n = sum(p.numel() for p in loaded.model.parameters())
+    return f"{loaded.config.arch}, {loaded.config.n_layer} layers, {n:,} parameters ({methods})"
+
+
+def sparsity(tensor: Tensor) -> float:
+    """Fraction of exact zeros."""
+    return float((tensor == 0).sum()) / max(tensor.numel(), 1)
+
+
+def sparsity_table(model: nn.Module, skip: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Per compressible layer: name, shape, weights, zeros, sparsity; then a total row."""
+    rows = []
+    for name, linear in compressible_linears(model, skip).items():
+        weight = linear.weight.detach()
+        zeros = int((weight == 0).sum())
+        rows.append({"layer": name, "shape": list(weight.shape), "weights": weight.numel(), "zeros": zeros,
+                     "sparsity": zeros / weight.numel()})
+    total = sum(r["weights"] for r in rows)
+    zeros = sum(r["zeros"] for r in rows)
+    rows.append({"layer": "total", "shape": [], "weights": total, "zeros": zeros, "sparsity": zeros / max(total, 1)})
+    return rows
+
+
+def format_sparsity(rows: list[dict[str, Any]]) -> str:
+    """The sparsity table as aligned text, for the terminal and log files."""
+    width = max(len(r["layer"]) for r in rows)
+    lines = [f"{'layer':<{width}}  {'shape':>11}  {'sparsity':>8}"]
+    for r in rows:
+        shape = "x".join(map(str, r["shape"]))
+        lines.append(f"{r['layer']:<{width}}  {shape:>11}  {r['sparsity']:>8.1%}")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=2))
+
+
+__all__ = [
+    "BLOCKS",
+    "CheckpointError",
+    "CompressionError",
+    "check_fraction",
+    "compressible_linears",
+    "copy_loaded",
+    "describe",
+    "format_sparsity",
+    "load",
+    "run_trunk",
+    "save",
+    "sparsity",
+    "sparsity_table",
+    "trunk_inputs",
+]
