@@ -8,6 +8,7 @@ export's ``config.json`` (``LoadedModel.transforms``).
 
 from __future__ import annotations
 
+import argparse
 import copy
 import fnmatch
 import json
@@ -101,6 +102,11 @@ def save(loaded: LoadedModel, folder: str | Path, overwrite: bool = False) -> Pa
     """Write a compressed variant as an lmexp export folder (``model.safetensors``,
     ``config.json`` with the transforms applied, ``tokenizer.json``) that ``load_checkpoint``,
     ``lmexp generate``/``test``/``predict`` and ``--model.init_args.pretrained`` take."""
+    if any(t["method"] == "dynamic-int8" for t in loaded.transforms):
+        raise CompressionError(
+            "a dynamic-int8 network cannot be saved (torch's packed int8 weights have no safetensors form): save the "
+            "original and apply compression.quantize.dynamic_int8 after loading it, or quantize with --method int8"
+        )
     folder = Path(folder)
     if (folder / CONFIG_FILE).exists():
         if not overwrite:
@@ -147,6 +153,44 @@ def format_sparsity(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def common_arguments(parser: argparse.ArgumentParser, output: bool = True) -> None:
+    """The arguments every method's command shares."""
+    parser.add_argument("--ckpt", required=True, help="the trained network: a .ckpt, an lmexp export folder or a transformers folder")
+    parser.add_argument(
+        "--config", action="append", default=None,
+        help="YAML config(s) whose data section gives calibration / fine-tuning / evaluation data "
+        "(default: the config.yaml of the checkpoint's run folder)",
+    )
+    parser.add_argument("--skip", action="append", default=[], metavar="PATTERN",
+                        help="fnmatch pattern of block layers to leave alone, e.g. 'trunk.blocks.0.*' (repeatable)")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    parser.add_argument("--no-tracking", action="store_true", help="do not record the command in MLflow")
+    if output:
+        parser.add_argument("--out", required=True, help="folder to write the compressed network to (an lmexp export)")
+        parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+
+
+def track(
+    args: argparse.Namespace, params: dict[str, Any], metrics: dict[str, float], artifacts: Sequence[Path] = ()
+) -> None:
+    """Record a compression command as a run of the MLflow experiment ``compression`` (unless
+    ``--no-tracking``), through lmexp's tracker, which keeps records through store outages."""
+    if args.no_tracking:
+        return
+    from lmexp.tracking import MLflowTracker
+
+    out = Path(getattr(args, "out", ".") or ".")
+    tracker = MLflowTracker(args.tracking_uri, experiment_name="compression", run_name=f"{args.command}-{out.name}",
+                            save_dir=str(out))
+    tracker.log_hyperparams({"command": args.command, "checkpoint": str(args.ckpt), **params})
+    if metrics:
+        tracker.log_metrics(metrics)
+    for path in artifacts:
+        if Path(path).exists():
+            tracker.log_artifact(path)
+    tracker.finalize("success")
+
+
 def write_json(path: Path, value: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(value, indent=2))
@@ -157,6 +201,7 @@ __all__ = [
     "CheckpointError",
     "CompressionError",
     "check_fraction",
+    "common_arguments",
     "compressible_linears",
     "copy_loaded",
     "describe",
@@ -166,5 +211,6 @@ __all__ = [
     "save",
     "sparsity",
     "sparsity_table",
+    "track",
     "trunk_inputs",
 ]
