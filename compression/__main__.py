@@ -7,7 +7,7 @@ import importlib
 import logging
 import sys
 
-from lmexp.errors import LmexpError, find_user_error
+from lmexp.errors import find_user_error
 
 # Each method's module adds its own sub-command (``add_command(subparsers)``).
 COMMANDS = ("compression.pruning", "compression.quantize", "compression.distill", "compression.report")

@@ -98,10 +98,29 @@ def copy_loaded(loaded: LoadedModel) -> LoadedModel:
     )
 
 
+def check_output(folder: str | Path, overwrite: bool) -> None:
+    """Refuse to replace an earlier export unless asked: checked before any long work starts."""
+    if (Path(folder) / CONFIG_FILE).exists() and not overwrite:
+        raise CompressionError(f"{str(folder)!r} already holds a {CONFIG_FILE}: choose another folder or pass --overwrite")
+
+
+def run_logger(args: argparse.Namespace) -> Any:
+    """The tracking of a training run a command starts (recovery fine-tuning, distillation):
+    none with --no-tracking, the store --tracking-uri names, else what its config says."""
+    if args.no_tracking:
+        return False
+    if args.tracking_uri:
+        from lmexp.tracking import MLflowTracker
+
+        return MLflowTracker(args.tracking_uri)
+    return None
+
+
 def save(loaded: LoadedModel, folder: str | Path, overwrite: bool = False) -> Path:
     """Write a compressed variant as an lmexp export folder (``model.safetensors``,
     ``config.json`` with the transforms applied, ``tokenizer.json``) that ``load_checkpoint``,
     ``lmexp generate``/``test``/``predict`` and ``--model.init_args.pretrained`` take."""
+    check_output(folder, overwrite)
     if any(t["method"] == "dynamic-int8" for t in loaded.transforms):
         raise CompressionError(
             "a dynamic-int8 network cannot be saved (torch's packed int8 weights have no safetensors form): save the "
@@ -109,8 +128,6 @@ def save(loaded: LoadedModel, folder: str | Path, overwrite: bool = False) -> Pa
         )
     folder = Path(folder)
     if (folder / CONFIG_FILE).exists():
-        if not overwrite:
-            raise CompressionError(f"{str(folder)!r} already holds a {CONFIG_FILE}: choose another folder or pass --overwrite")
         shutil.rmtree(folder)
     return export_safetensors(
         loaded.model, loaded.config, folder, loaded.tokenizer, loaded.objective, loaded.inputs, loaded.transforms
@@ -153,16 +170,17 @@ def format_sparsity(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def common_arguments(parser: argparse.ArgumentParser, output: bool = True) -> None:
-    """The arguments every method's command shares."""
+def common_arguments(parser: argparse.ArgumentParser, output: bool = True, skip: bool = True) -> None:
+    """The arguments every method's command shares (``--skip`` only where layers can be left alone)."""
     parser.add_argument("--ckpt", required=True, help="the trained network: a .ckpt, an lmexp export folder or a transformers folder")
     parser.add_argument(
         "--config", action="append", default=None,
         help="YAML config(s) whose data section gives calibration / fine-tuning / evaluation data "
         "(default: the config.yaml of the checkpoint's run folder)",
     )
-    parser.add_argument("--skip", action="append", default=[], metavar="PATTERN",
-                        help="fnmatch pattern of block layers to leave alone, e.g. 'trunk.blocks.0.*' (repeatable)")
+    if skip:
+        parser.add_argument("--skip", action="append", default=[], metavar="PATTERN",
+                            help="fnmatch pattern of block layers to leave alone, e.g. 'trunk.blocks.0.*' (repeatable)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     parser.add_argument("--no-tracking", action="store_true", help="do not record the command in MLflow")
     if output:
@@ -201,12 +219,14 @@ __all__ = [
     "CheckpointError",
     "CompressionError",
     "check_fraction",
+    "check_output",
     "common_arguments",
     "compressible_linears",
     "copy_loaded",
     "describe",
     "format_sparsity",
     "load",
+    "run_logger",
     "run_trunk",
     "save",
     "sparsity",

@@ -33,7 +33,7 @@ from lightning.pytorch.loggers import Logger
 from torch import Tensor, nn
 
 from compression import core
-from lmexp.checkpoints import CHECKPOINT_KEY, CONFIG_FILE, LoadedModel, load_checkpoint
+from lmexp.checkpoints import CHECKPOINT_KEY, LoadedModel, load_checkpoint
 from lmexp.data.contract import Task
 from lmexp.errors import CheckpointError, check_choice, check_positive
 from lmexp.models import ModelConfig, count_parameters
@@ -611,7 +611,7 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
         "the teacher's data (its run's config.yaml, or --config), and write the student as an lmexp export. "
         "--alpha 0 --hidden-weight 0 trains the same student without the teacher, for comparison.",
     )
-    core.common_arguments(parser)
+    core.common_arguments(parser, skip=False)
     parser.add_argument("--layers", type=int, default=None, help="blocks of the student (default: the teacher's)")
     parser.add_argument("--width", type=int, default=None, help="hidden width n_embd of the student (default: the teacher's)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the config's trainer.max_steps)")
@@ -636,29 +636,15 @@ def run_distill(args: argparse.Namespace) -> None:
     """Distill, then write the student into --out."""
     from compression.data import configs_for
 
-    if args.skip:
-        raise core.CompressionError(
-            f"--skip {' '.join(args.skip)} selects layers to leave alone, but distillation trains a whole new "
-            "student: leave --skip out"
-        )
-    out = Path(args.out)
-    if (out / CONFIG_FILE).exists() and not args.overwrite:  # before training, not after
-        raise core.CompressionError(f"{str(out)!r} already holds a {CONFIG_FILE}: choose another folder or pass --overwrite")
+    core.check_output(args.out, args.overwrite)  # before training, not after
     configs = configs_for(args.ckpt, args.config)
-    if args.no_tracking:
-        logger: Logger | bool | None = False
-    elif args.tracking_uri:
-        from lmexp.tracking import MLflowTracker
-
-        logger = MLflowTracker(args.tracking_uri)
-    else:
-        logger = None  # as the config says
+    logger = core.run_logger(args)
     student = distill(
         args.ckpt, configs, args.runs, layers=args.layers, width=args.width, steps=args.steps, alpha=args.alpha,
         temperature=args.temperature, hidden_weight=args.hidden_weight, student_init=args.init,
         teacher_precision=args.teacher_precision, lr=args.lr, warmup_steps=args.warmup_steps, logger=logger,
     )
-    folder = core.save(student, out, overwrite=args.overwrite)
+    folder = core.save(student, args.out, overwrite=args.overwrite)
     log.info("wrote the student to %s", folder)
     record = student.transforms[-1]
     core.track(args, {key: record[key] for key in record if key != "method"},

@@ -37,11 +37,13 @@ from compression.core import (
     BLOCKS,
     CompressionError,
     check_fraction,
+    check_output,
     common_arguments,
     compressible_linears,
     copy_loaded,
     format_sparsity,
     load,
+    run_logger,
     run_trunk,
     save,
     sparsity_table,
@@ -49,7 +51,7 @@ from compression.core import (
     write_json,
 )
 from compression.data import batches, build_run, configs_for
-from lmexp.checkpoints import CONFIG_FILE, LoadedModel, load_checkpoint
+from lmexp.checkpoints import LoadedModel, load_checkpoint
 from lmexp.models import build_model, count_parameters
 
 log = logging.getLogger(__name__)
@@ -576,8 +578,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
     if args.gradual and (method != "magnitude" or args.fine_tune_steps == 0):
         raise CompressionError("--gradual prunes by global magnitude while fine-tuning: use it with --method magnitude "
                                "and --fine-tune-steps N")
-    if (Path(args.out) / CONFIG_FILE).exists() and not args.overwrite:
-        raise CompressionError(f"{args.out!r} already holds an export: choose another --out or pass --overwrite")
+    check_output(args.out, args.overwrite)
 
 
 def _one_shot(args: argparse.Namespace, loaded: LoadedModel, calibration: Batches | None) -> LoadedModel:
@@ -590,18 +591,6 @@ def _one_shot(args: argparse.Namespace, loaded: LoadedModel, calibration: Batche
     return structured(loaded, args.heads, args.neurons, calibration, args.skip)
 
 
-def _fine_tuning_logger(args: argparse.Namespace) -> Logger | bool | None:
-    """The fine-tuning run's tracking: none with --no-tracking, the store --tracking-uri names,
-    else what its config says."""
-    if args.no_tracking:
-        return False
-    if args.tracking_uri:
-        from lmexp.tracking import MLflowTracker
-
-        return MLflowTracker(args.tracking_uri)
-    return None
-
-
 def run_prune(args: argparse.Namespace) -> None:
     """``python -m compression prune``: prune, optionally fine-tune, save, report the sparsity."""
     _check_arguments(args)
@@ -609,7 +598,7 @@ def run_prune(args: argparse.Namespace) -> None:
     fine_tuning = args.fine_tune_steps > 0
     calibrated = args.method in CALIBRATED and args.calibration_batches > 0 and not args.gradual
     configs = configs_for(args.ckpt, args.config) if fine_tuning or calibrated else []
-    training = {"lr": args.lr, "skip": args.skip, "logger": _fine_tuning_logger(args)}
+    training = {"lr": args.lr, "skip": args.skip, "logger": run_logger(args)}
     if args.gradual:
         result = fine_tune(args.ckpt, configs, args.fine_tune_steps, final_sparsity=args.sparsity, **training)
     else:

@@ -17,6 +17,8 @@ import gc
 import logging
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -140,23 +142,38 @@ def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-class PeakMemory:
-    """Peak resident memory of this process while a block runs, above what it used before:
-    Linux's high-water mark (VmHWM), reset through /proc/self/clear_refs. None elsewhere."""
+def peak_memory(source: Path, method: str | None, batch_file: Path, task: str) -> int | None:
+    """Peak resident memory of a fresh process while it loads a variant and runs one large batch,
+    above what the process held after its imports (Linux's high-water mark, VmHWM). A fresh
+    process, because a freed network's memory stays with this one's allocator. None where
+    /proc is missing or the probe fails."""
+    if not Path("/proc/self/clear_refs").exists():
+        return None
+    code = "from compression.report import _memory_probe; _memory_probe()"
+    result = subprocess.run([sys.executable, "-c", code, str(source), method or "", str(batch_file), task],
+                            capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        log.warning(f"peak memory of {source} not measured: {last}")
+        return None
+    return int(result.stdout.strip().splitlines()[-1])
 
-    def __enter__(self) -> PeakMemory:
-        self.start = None
-        self.peak: int | None = None
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            self.start = _status_kib("VmRSS")
-        except OSError:
-            pass
-        return self
 
-    def __exit__(self, *exc: Any) -> None:
-        if self.start is not None:
-            self.peak = max(_status_kib("VmHWM") - self.start, 0) * 1024
+def _memory_probe() -> None:
+    """The child process of ``peak_memory``: argv = source, in-memory method, batch file, task."""
+    source, method, batch_file, task = sys.argv[1:5]
+    import compression.quantize  # noqa: F401  (bitsandbytes' import is not the network's memory)
+
+    batch = torch.load(batch_file, weights_only=True)
+    gc.collect()
+    before = _status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # restart the high-water mark here
+    loaded = load_checkpoint(source)
+    if method == IN_MEMORY_ONLY:
+        loaded = _dynamic_int8(loaded)
+    with torch.inference_mode():
+        _forward(loaded.model.eval(), task, batch)
+    print((_status_kib("VmHWM") - before) * 1024)
 
 
 def _status_kib(field: str) -> int:
@@ -177,23 +194,35 @@ def _forward(model: nn.Module, task: str, batch: dict[str, Tensor]) -> Tensor:
 
 
 @torch.inference_mode()
-def throughput(model: nn.Module, task: str, batches_: Sequence[dict[str, Tensor]], min_seconds: float) -> float:
-    """Tokens (language models) or examples (classifiers) per second of inference, over at
-    least `min_seconds` after one warm-up pass, cycling through the batches."""
+def throughput(model: nn.Module, task: str, batches_: Sequence[dict[str, Tensor]], seconds: float) -> float:
+    """Tokens (language models) or examples (classifiers) per second of inference over at least
+    `seconds` (and every batch once), after one warm-up pass, cycling through the batches."""
     model.eval()
     _forward(model, task, batches_[0])
     units = 0
-    start = time.perf_counter()
     index = 0
+    start = time.perf_counter()
     while True:
         batch = batches_[index % len(batches_)]
         _forward(model, task, batch)
-        ids = batch["input_ids"]
-        units += ids.shape[0] if task == "classification" else ids.numel()
+        units += batch["input_ids"].shape[0] if task == "classification" else batch["input_ids"].numel()
         index += 1
         elapsed = time.perf_counter() - start
-        if elapsed >= min_seconds and index >= len(batches_[:3]):
+        if elapsed >= seconds and index >= len(batches_):
             return units / elapsed
+
+
+def interleaved_throughput(
+    networks: dict[str, nn.Module], task: str, batches_: Sequence[dict[str, Tensor]], seconds: float, rounds: int
+) -> dict[str, float]:
+    """Each network's best throughput over `rounds` rounds that visit every network in turn (the
+    order rotating), so that a slower or busier stretch of time weighs on all of them alike."""
+    names = list(networks)
+    best = dict.fromkeys(names, 0.0)
+    for round_ in range(rounds):
+        for name in names[round_ % len(names):] + names[: round_ % len(names)]:
+            best[name] = max(best[name], throughput(networks[name], task, batches_, seconds / rounds))
+    return best
 
 
 class UseNetwork(pl.Callback):
@@ -231,11 +260,35 @@ def build_report(
     large_batch: int = 32,
     calibration_batches: int = 8,
     timing_batches: int = 4,
-    min_seconds: float = 2.0,
+    seconds: float = 3.0,
+    rounds: int = 3,
     tracking_uri: str | None = None,
     track: bool = True,
 ) -> list[Row]:
-    """Make, save, reload and measure every variant; write report.md/json and size_quality.png."""
+    """Make, save, reload and measure every variant; write report.md/json and size_quality.png.
+
+    Args:
+        checkpoint: The trained network (the report's first row).
+        methods: Variants to make from it (``method_from_spec`` spellings).
+        out: Folder for the report, its log and the variants (``out/variants/NAME``).
+        configs: YAML whose data section gives the held-out and calibration data (default: the
+            config.yaml of the checkpoint's run folder).
+        variants: ``NAME=PATH`` of variants made elsewhere (recovered, distilled).
+        split: ``val`` or ``test``.
+        large_batch: The larger inference batch of the throughput columns (the other is 1).
+        calibration_batches: Training batches for the activation-aware methods.
+        timing_batches: Held-out batches cycled through while timing.
+        seconds: Timing per network and batch size, split over `rounds` interleaved rounds.
+    """
+    if split not in ("val", "test"):
+        raise CompressionError(f"--split {split!r} is not held out: use val or test")
+    made = {spec: method_from_spec(spec) for spec in methods}  # bad input fails before any work
+    given = _parse_variants(variants)
+    for name in [*made, *given]:
+        if [*made, *given].count(name) > 1 or name == "original":
+            raise CompressionError(f"variant name {name!r} is used twice (or is 'original'): give each variant its own name")
+    configs = configs_for(checkpoint, configs)
+    original = load(checkpoint)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(out / "report.log")
@@ -245,94 +298,107 @@ def build_report(
     package.addHandler(handler)
     package.setLevel(min(package.getEffectiveLevel(), logging.INFO))  # the log file gets the progress
     try:
-        return _build_report(checkpoint, methods, out, configs, variants, split, large_batch,
-                             calibration_batches, timing_batches, min_seconds, tracking_uri, track)
+        rows = _measure(checkpoint, original, made, given, out, configs, split, large_batch, calibration_batches,
+                        timing_batches, seconds, rounds)
+        _write(rows, out, checkpoint, split, large_batch)
+        if track:
+            _track(rows, out, checkpoint, tracking_uri)
+        return rows
     finally:
         package.removeHandler(handler)
         package.setLevel(level)
         handler.close()
 
 
-def _parse_variants(variants: Sequence[str]) -> list[tuple[str, Path]]:
-    parsed = []
+def _parse_variants(variants: Sequence[str]) -> dict[str, Path]:
+    parsed = {}
     for item in variants:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise CompressionError(f"--variant {item!r} must be NAME=PATH, e.g. recovered=out/recovered")
-        parsed.append((name, Path(path)))
+        if not Path(path).exists():
+            raise CompressionError(f"--variant {item!r}: {path!r} does not exist; pass a folder written by a compression command")
+        parsed[name] = Path(path)
     return parsed
 
 
-def _build_report(checkpoint, methods, out, configs, variants, split, large_batch, calibration_batches,
-                  timing_batches, min_seconds, tracking_uri, track) -> list[Row]:
-    if split not in ("val", "test"):
-        raise CompressionError(f"--split {split!r} is not held out: use val or test")
-    made = {spec: method_from_spec(spec) for spec in methods}  # bad spellings fail before any work
-    given = _parse_variants(variants)
-    configs = configs_for(checkpoint, configs)
-    original = load(checkpoint)
-    task = "classification" if original.config.labels else ("masked_lm" if original.config.arch == "bert" else "causal_lm")
+def task_of(config: Any) -> str:
+    return "classification" if config.labels else ("masked_lm" if config.arch == "bert" else "causal_lm")
+
+
+def _measure(checkpoint, original, made, given, out, configs, split, large_batch, calibration_batches,
+             timing_batches, seconds, rounds) -> list[Row]:
+    task = task_of(original.config)
     metric = "acc" if task == "classification" else "ppl"
-    log.info(f"report on {checkpoint}: {len(made) + len(given) + 1} networks, {metric} on the {split} split of "
-             f"{', '.join(map(str, configs))}")
+    total = 1 + len(made) + len(given)
+    log.info(f"report on {checkpoint}: {total} networks, {metric} on the {split} split of {', '.join(map(str, configs))}")
     calibration = batches(checkpoint, configs, "train", calibration_batches) if made else []
-    small = batches(checkpoint, configs, split, timing_batches, batch_size=1)
-    large = batches(checkpoint, configs, split, timing_batches, batch_size=large_batch)
+    timing = {1: batches(checkpoint, configs, split, timing_batches, batch_size=1),
+              large_batch: batches(checkpoint, configs, split, timing_batches, batch_size=large_batch)}
+    probe_batch = out / "variants" / "probe-batch.pt"
+    probe_batch.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(timing[large_batch][0], probe_batch)
 
     # Every network is measured as it loads back from an lmexp export, the original included, so
     # sizes on disk compare like with like (a .ckpt also holds optimizer state).
-    variants_dir = out / "variants"
-    save(original, variants_dir / "original", overwrite=True)
-    candidates: list[tuple[str, Callable[[], LoadedModel]]] = [("original", lambda: original)]
-    candidates += [(spec, lambda method=method: method(original, calibration)) for spec, method in made.items()]
-    rows: list[Row] = []
-    for index, (name, make) in enumerate(candidates + [(name, None) for name, _ in given], 1):
-        where = f"[{index}/{len(candidates) + len(given)}] {name}"
-        log.info(f"{where}: making")
-        folder = dict(given).get(name) if make is None else variants_dir / _folder(name)
-        in_memory = None
-        if make is not None and name != "original":
-            variant = make()
-            if variant.transforms and variant.transforms[-1]["method"] == IN_MEMORY_ONLY:
-                in_memory = variant  # packed int8 weights have no safetensors form: measured in memory
+    sources: dict[str, tuple[Path, str | None]] = {"original": (save(original, out / "variants" / "original", overwrite=True), None)}
+    networks: dict[str, nn.Module] = {}
+    rows: dict[str, Row] = {}
+    for index, name in enumerate(["original", *made, *given], 1):
+        where = f"[{index}/{total}] {name}"
+        if name in made:
+            log.info(f"{where}: making")
+            variant = made[name](original, calibration)
+            method = variant.transforms[-1]["method"] if variant.transforms else None
+            if method == IN_MEMORY_ONLY:  # no safetensors form: measured in memory
+                sources[name] = (sources["original"][0], method)
+                loaded = variant
             else:
-                save(variant, folder, overwrite=True)
+                sources[name] = (save(variant, out / "variants" / _folder(name), overwrite=True), None)
+                loaded = load_checkpoint(sources[name][0])
             del variant
-        gc.collect()
-        with PeakMemory() as memory:
-            loaded = in_memory if in_memory is not None else load_checkpoint(folder)
-            network = loaded.model.eval()
-            rate_large = throughput(network, task, large, min_seconds)
-        rate_small = throughput(network, task, small, min_seconds)
+        else:
+            sources.setdefault(name, (given.get(name, sources["original"][0]), None))
+            loaded = load_checkpoint(sources[name][0])
         log.info(f"{where}: evaluating on the {split} split")
-        metrics = evaluate(checkpoint, network, configs, split)
-        key = f"{split}/{metric}"
-        if key not in metrics:
-            raise CompressionError(f"evaluation gave no {key} (got {', '.join(sorted(metrics))})")
-        value = metrics[key]
+        value = evaluate(checkpoint, loaded.model, configs, split).get(f"{split}/{metric}")
+        if value is None:
+            raise CompressionError(f"evaluating {name} gave no {split}/{metric}: check the config's data section")
         quantized = any("rebuild" in t or t["method"] == IN_MEMORY_ONLY for t in loaded.transforms)
-        params, nonzero = _count(original.model if quantized else network)
-        disk = None if in_memory is not None else (folder_bytes(folder) if folder.is_dir() else folder.stat().st_size)
-        baseline = rows[0].value if rows else value
-        row = Row(name, params, nonzero, weight_bytes(network), disk, memory.peak, metric, value,
-                  value / baseline - 1.0, rate_small, rate_large, loaded.transforms)
-        rows.append(row)
-        log.info(f"{where}: {metric} {value:.4f} ({row.change:+.2%}), linear weights "
-                 f"{row.linear_bytes / 2**20:.2f} MiB, {rate_small:,.0f} / {rate_large:,.0f} "
-                 f"{'examples' if task == 'classification' else 'tokens'}/s at batch 1 / {large_batch}")
-        del network, loaded, in_memory
-        gc.collect()
-    _write(rows, out, checkpoint, task, split, large_batch)
-    if track:
-        _track(rows, out, checkpoint, tracking_uri)
-    return rows
+        params, nonzero = _count(original.model if quantized else loaded.model)
+        source, in_memory = sources[name]
+        disk = None if in_memory else (folder_bytes(source) if source.is_dir() else source.stat().st_size)
+        baseline = rows["original"].value if rows else value
+        rows[name] = Row(name, params, nonzero, weight_bytes(loaded.model), disk, None, metric, value,
+                         value / baseline - 1.0, 0.0, 0.0, loaded.transforms)
+        networks[name] = loaded.model.eval()
+        log.info(f"{where}: {metric} {value:.4f} ({rows[name].change:+.2%}), block linear weights "
+                 f"{rows[name].linear_bytes / 2**20:.2f} MiB")
+    unit = "examples" if task == "classification" else "tokens"
+    for size, data in timing.items():
+        log.info(f"timing all {total} networks at batch {size}: {rounds} interleaved rounds of {seconds / rounds:.1f} s each")
+        rates = interleaved_throughput(networks, task, data, seconds, rounds)
+        for name, rate in rates.items():
+            if size == 1:
+                rows[name].small_batch_rate = rate
+            else:
+                rows[name].large_batch_rate = rate
+    networks.clear()
+    gc.collect()
+    for name, row in rows.items():
+        row.peak_memory_bytes = peak_memory(*sources[name], probe_batch, task)
+        log.info(f"{name}: {row.small_batch_rate:,.0f} / {row.large_batch_rate:,.0f} {unit}/s at batch 1 / "
+                 f"{large_batch}, peak memory {_mib(row.peak_memory_bytes)} MiB")
+    probe_batch.unlink()
+    return list(rows.values())
 
 
 def _folder(spec: str) -> str:
     return spec.replace(":", "-").replace("=", "-")
 
 
-def _write(rows: list[Row], out: Path, checkpoint: str | Path, task: str, split: str, large_batch: int) -> None:
+def _write(rows: list[Row], out: Path, checkpoint: str | Path, split: str, large_batch: int) -> None:
+    task = "classification" if rows[0].metric == "acc" else "language model"
     unit = "examples/s" if task == "classification" else "tokens/s"
     machine = f"{cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {platform.system()}"
     write_json(out / "report.json", {"checkpoint": str(checkpoint), "task": task, "split": split, "machine": machine,
@@ -407,7 +473,7 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
         "report", help="evaluate the original and each compressed variant on the same held-out data",
         description=__doc__.split("\n\n")[1],
     )
-    common_arguments(parser, output=False)
+    common_arguments(parser, output=False, skip=False)
     parser.add_argument("--methods", nargs="*", default=["int8", "nf4", "magnitude=0.5", "wanda=0.5"],
                         help="variants to make: int8 nf4 nf4-dq fp4 dynamic-int8 magnitude=S magnitude-layer=S "
                         "wanda=S 2:4 wanda-2:4 heads=F neurons=F")
@@ -418,15 +484,15 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="the larger inference batch for throughput")
     parser.add_argument("--calibration-batches", type=int, default=8, help="training batches for Wanda / structured")
     parser.add_argument("--timing-batches", type=int, default=4, help="held-out batches cycled for throughput")
-    parser.add_argument("--seconds", type=float, default=2.0, help="time each throughput measurement at least this long")
+    parser.add_argument("--seconds", type=float, default=3.0, help="timing per network and batch size")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (the best one counts)")
     parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> None:
-    if args.skip:
-        raise CompressionError("--skip applies to prune and quantize; the report uses each method's defaults")
     build_report(args.ckpt, args.methods, args.out, args.config, args.variant, args.split, args.batch_size,
-                 args.calibration_batches, args.timing_batches, args.seconds, args.tracking_uri, not args.no_tracking)
+                 args.calibration_batches, args.timing_batches, args.seconds, args.rounds, args.tracking_uri,
+                 not args.no_tracking)
 
 
 __all__ = ["Row", "build_report", "evaluate", "method_from_spec", "table", "throughput", "weight_bytes"]

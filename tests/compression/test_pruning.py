@@ -353,7 +353,7 @@ def test_prune_command_refuses_to_replace_an_export_before_any_work(pretrained, 
     out = core.save(tiny(), tmp_path / "taken")
     assert main(prune_command(pretrained, out, "--method", "magnitude", "--sparsity", "0.5", "--gradual",
                               "--fine-tune-steps", "50")) == 2
-    assert "already holds an export: choose another --out or pass --overwrite" in capsys.readouterr().err
+    assert "already holds a config.json: choose another folder or pass --overwrite" in capsys.readouterr().err
 
 
 def test_prune_command_refuses_2_4_on_a_width_not_divisible_by_4(tmp_path, capsys):

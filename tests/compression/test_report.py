@@ -36,7 +36,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_report_measures_each_variant_against_the_original(trained, tmp_path):
     out = tmp_path / "report"
     rows = build_report(trained, ["int8", "magnitude=0.5", "dynamic-int8"], out, calibration_batches=2,
-                        timing_batches=2, min_seconds=0.05, track=False)
+                        timing_batches=2, seconds=0.1, rounds=2, track=False)
     by_name = {row.name: row for row in rows}
     assert list(by_name) == ["original", "int8", "magnitude=0.5", "dynamic-int8"]
     original = by_name["original"]
@@ -65,10 +65,10 @@ def test_report_takes_variants_made_elsewhere_and_logs_to_mlflow(trained, tmp_pa
     from mlflow import MlflowClient
 
     first = tmp_path / "first"
-    build_report(trained, ["magnitude=0.25"], first, timing_batches=1, min_seconds=0.01, track=False)
+    build_report(trained, ["magnitude=0.25"], first, timing_batches=1, seconds=0.02, rounds=1, track=False)
     out = tmp_path / "second"
     rows = build_report(trained, [], out, variants=[f"quarter={first / 'variants' / 'magnitude-0.25'}"],
-                        timing_batches=1, min_seconds=0.01, tracking_uri=isolated_tracking)
+                        timing_batches=1, seconds=0.02, rounds=1, tracking_uri=isolated_tracking)
     assert [r.name for r in rows] == ["original", "quarter"]
     assert rows[1].transforms[-1]["method"] == "magnitude" and rows[1].nonzero < rows[0].nonzero
     client = MlflowClient(isolated_tracking)
