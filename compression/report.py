@@ -30,7 +30,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from compression.core import CompressionError, common_arguments, compressible_linears, load, save, write_json
+from compression.core import BLOCKS, CompressionError, common_arguments, load, save, write_json
 from compression.data import batches, build_run, configs_for
 from lmexp.checkpoints import LoadedModel, load_checkpoint
 from lmexp.hardware import cpu_model
@@ -119,15 +119,17 @@ class Row:
 # ------------------------------------------------------------------------ measurements
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of the transformer blocks' linear layers as stored (int8 codes, packed 4-bit with
-    their scales, or float weights), from the state dict."""
-    names = tuple(f"{name}." for name in compressible_linears(model))
+    their scales, torch's packed int8, or float weights), biases included, from the state dict."""
+    names = tuple(
+        f"{name}." for name, module in model.named_modules()
+        if name.startswith(BLOCKS) and (isinstance(module, nn.Linear) or hasattr(module, "_packed_params"))
+    )
     total = 0
     for key, value in model.state_dict().items():
-        if isinstance(value, Tensor) and key.startswith(names):
-            total += value.numel() * value.element_size()
-        elif key.startswith(names) and hasattr(value, "_packed_params"):  # torch dynamic-int8
-            weight, bias = value._packed_params._weight_bias()
-            total += weight.numel() * weight.element_size() + (bias.numel() * bias.element_size() if bias is not None else 0)
+        if key.startswith(names):
+            for tensor in value if isinstance(value, tuple) else (value,):  # torch's packed (weight, bias)
+                if isinstance(tensor, Tensor):
+                    total += tensor.numel() * tensor.element_size()
     return total
 
 

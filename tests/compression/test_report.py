@@ -51,6 +51,7 @@ def test_report_measures_each_variant_against_the_original(trained, tmp_path):
     assert original.nonzero - pruned.nonzero == pytest.approx(original.linear_bytes / 4 / 2, rel=0.02)
     assert pruned.value > original.value  # pruning without recovery costs quality
     assert by_name["dynamic-int8"].disk_bytes is None  # in memory only
+    assert 0.24 < by_name["dynamic-int8"].linear_bytes / original.linear_bytes < 0.30  # packed int8 counted
     # every saved variant loads back with its transform recorded
     saved = json.loads((out / "variants" / "int8" / "config.json").read_text())
     assert saved["transforms"][-1]["method"] == "int8"
