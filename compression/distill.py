@@ -33,7 +33,7 @@ from lightning.pytorch.loggers import Logger
 from torch import Tensor, nn
 
 from compression import core
-from lmexp.checkpoints import CHECKPOINT_KEY, LoadedModel, load_checkpoint
+from lmexp.checkpoints import LoadedModel, load_checkpoint
 from lmexp.data.contract import Task
 from lmexp.errors import CheckpointError, check_choice, check_positive
 from lmexp.models import ModelConfig, count_parameters
@@ -436,13 +436,12 @@ class Distillation:
         return torch.stack(losses).mean()
 
     # ------------------------------------------------------------- checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        # The student is an ordinary network of its task: lmexp tools that read the objective
-        # see the task's own objective, not the training method.
-        task_objective = next(cls for cls in type(self).__mro__
-                              if issubclass(cls, TrainingObjective) and not issubclass(cls, Distillation))
-        checkpoint[CHECKPOINT_KEY]["objective"] = task_objective.__name__
+    @property
+    def objective_name(self) -> str:
+        """The student is an ordinary network of its task: checkpoints and exports name the task's
+        own objective, not the training method."""
+        return next(cls for cls in type(self).__mro__
+                    if issubclass(cls, TrainingObjective) and not issubclass(cls, Distillation)).__name__
 
 
 def _load_teacher(path: str) -> LoadedModel:

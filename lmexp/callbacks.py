@@ -60,7 +60,7 @@ class LmexpCheckpoint(ModelCheckpoint):
             folder = Path(filepath).with_suffix("")
             inputs = trainer.datamodule.input_settings() if hasattr(trainer.datamodule, "input_settings") else None
             export_safetensors(
-                module.model, module.network_config, folder, tokenizer, type(module).__name__, inputs,
+                module.model, module.network_config, folder, tokenizer, module.objective_name, inputs,
                 getattr(module, "transforms", None),
             )
 

@@ -210,6 +210,12 @@ class TrainingObjective(pl.LightningModule):
     def block_size(self) -> int:
         return self.network_config.block_size
 
+    @property
+    def objective_name(self) -> str:
+        """The objective checkpoints and exports record: what loads the network back (predict,
+        prompting) reads it. A training method on top of a task (distillation) names the task's."""
+        return type(self).__name__
+
     def check_network(self, config: ModelConfig) -> None:
         """Refuse a network this objective cannot train (override); the error names the fix."""
 
@@ -501,7 +507,7 @@ class TrainingObjective(pl.LightningModule):
                 if position == (self.trainer.current_epoch, last_step):
                     rng = {**rng, **state}
         extra: dict[str, Any] = {
-            "rng": rng, "objective": type(self).__name__, "schedule_steps": self._schedule_steps,
+            "rng": rng, "objective": self.objective_name, "schedule_steps": self._schedule_steps,
         }
         tokenizer = getattr(datamodule, "tokenizer", None)
         if tokenizer is None:

@@ -301,6 +301,9 @@ def test_causal_lm_distillation_and_its_baseline_end_to_end(teachers, tmp_path: 
     assert all(key.startswith("model.") for key in saved["state_dict"])
     assert not any("teacher" in key for key in saved["state_dict"])
     assert load_checkpoint(record["checkpoint"]).config.n_layer == 2
+    # The best export written during training names the task's objective too, as the .ckpt does.
+    assert Path(record["checkpoint"]).name == "best.ckpt"
+    assert load_checkpoint(Path(record["checkpoint"]).with_suffix("")).objective == "CausalLM"
     assert digest(ckpt) == teacher_digest
     export = load_checkpoint(core.save(student, tmp_path / "export"))
     assert export.config.n_layer == 2 and export.transforms[-1]["method"] == "distill"
