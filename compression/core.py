@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from lmexp.checkpoints import CONFIG_FILE, LoadedModel, export_safetensors, load_checkpoint
 from lmexp.errors import CheckpointError, ConfigError
+from lmexp.hardware import process_rank
 
 BLOCKS = "trunk.blocks."
 """Prefix of the transformer blocks' modules. Compression touches the linear layers inside them
@@ -96,6 +97,12 @@ def copy_loaded(loaded: LoadedModel) -> LoadedModel:
         copy.deepcopy(loaded.model), loaded.config, loaded.tokenizer, loaded.objective,
         copy.deepcopy(loaded.inputs), copy.deepcopy(loaded.transforms),
     )
+
+
+def is_main_process() -> bool:
+    """Whether this process writes results: rank 0 of a multi-process (DDP) training run, where
+    every rank runs the whole command and trains, but only one may save the network."""
+    return process_rank() == 0
 
 
 def check_output(folder: str | Path, overwrite: bool) -> None:
@@ -225,6 +232,7 @@ __all__ = [
     "copy_loaded",
     "describe",
     "format_sparsity",
+    "is_main_process",
     "load",
     "run_logger",
     "run_trunk",

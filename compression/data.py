@@ -20,6 +20,9 @@ from compression.core import CompressionError
 from lmexp.runs import Run, build
 
 Split = Literal["train", "val", "test"]
+ONE_PROCESS = {"trainer.devices": 1, "trainer.num_nodes": 1, "trainer.strategy": "auto"}
+"""Overrides for runs that only read data or evaluate: a config made for DDP would otherwise
+start more processes, each re-running the whole command."""
 _STAGE = {"train": "fit", "val": "validate", "test": "test"}
 
 
@@ -73,7 +76,7 @@ def batches(
     (the training split for calibration, val/test for evaluation)."""
     if split not in _STAGE:
         raise CompressionError(f"split={split!r} is unknown: use train, val or test")
-    overrides: dict[str, Any] = {"trainer.logger": False}
+    overrides: dict[str, Any] = {"trainer.logger": False, **ONE_PROCESS}
     if batch_size is not None:
         overrides["data.init_args.batch_size"] = batch_size
     with tempfile.TemporaryDirectory(prefix="lmexp-compression-") as root:

@@ -643,6 +643,8 @@ def run_distill(args: argparse.Namespace) -> None:
         temperature=args.temperature, hidden_weight=args.hidden_weight, student_init=args.init,
         teacher_precision=args.teacher_precision, lr=args.lr, warmup_steps=args.warmup_steps, logger=logger,
     )
+    if not core.is_main_process():  # the other ranks of a DDP run: rank 0 writes the student
+        return
     folder = core.save(student, args.out, overwrite=args.overwrite)
     log.info("wrote the student to %s", folder)
     record = student.transforms[-1]

@@ -42,6 +42,7 @@ from compression.core import (
     compressible_linears,
     copy_loaded,
     format_sparsity,
+    is_main_process,
     load,
     run_logger,
     run_trunk,
@@ -609,6 +610,8 @@ def run_prune(args: argparse.Namespace) -> None:
             with tempfile.TemporaryDirectory(prefix="lmexp-pruned-") as pruned:
                 save(result, pruned, overwrite=True)
                 result = fine_tune(pruned, configs, args.fine_tune_steps, keep_sparsity=True, **training)
+    if not is_main_process():  # the other ranks of a DDP fine-tuning run: rank 0 writes the result
+        return
     folder = save(result, args.out, args.overwrite)
     table = sparsity_table(result.model)  # skipped layers too, to show them dense
     before, after = count_parameters(loaded.model), count_parameters(result.model)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from compression.core import BLOCKS, CompressionError, common_arguments, load, save, write_json
-from compression.data import batches, build_run, configs_for
+from compression.data import ONE_PROCESS, batches, build_run, configs_for
 from lmexp.checkpoints import LoadedModel, load_checkpoint
 from lmexp.hardware import cpu_model
 
@@ -245,7 +245,7 @@ def evaluate(original: str | Path, network: nn.Module, configs: Sequence[Path], 
     verb = {"val": "validate", "test": "test"}[split]
     with tempfile.TemporaryDirectory(prefix="lmexp-report-") as root:
         run = build_run(verb, original, configs, {"trainer.logger": False, "trainer.default_root_dir": root,
-                                                  "trainer.enable_progress_bar": False},
+                                                  "trainer.enable_progress_bar": False, **ONE_PROCESS},
                         callbacks=[UseNetwork(network)], logger=False)
         run.execute()
         return {k: float(v) for k, v in run.trainer.callback_metrics.items()}

@@ -1,0 +1,57 @@
+"""Compression commands that train (recovery fine-tuning, distillation) under 2-process DDP:
+every rank runs the command, rank 0 alone writes the result."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from compression.core import sparsity_table
+from lmexp.checkpoints import load_checkpoint
+from lmexp.runs import build
+from tests.conftest import make_corpus
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.distributed
+def test_distillation_and_recovery_fine_tuning_run_on_two_ddp_processes(tmp_path: Path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(make_corpus(300))
+    config = tmp_path / "gpt.yaml"
+    config.write_text(yaml.safe_dump({
+        "seed_everything": 1,
+        "trainer": {"max_steps": 6, "val_check_interval": 3, "check_val_every_n_epoch": None, "limit_val_batches": 2,
+                    "enable_progress_bar": False, "enable_model_summary": False,
+                    "default_root_dir": str(tmp_path / "runs")},
+        "model": {"class_path": "lmexp.CausalLM", "init_args": {"network": "gpt-tiny", "warmup_steps": 1}},
+        "data": {"class_path": "lmexp.TextDataModule", "init_args": {"source": str(corpus), "batch_size": 8}},
+    }))
+    ddp = tmp_path / "ddp.yaml"
+    ddp.write_text(yaml.safe_dump({"trainer": {"accelerator": "cpu", "devices": 2, "strategy": "ddp"}}))
+    run = build("fit", configs=[config], logger=False, run_name="teacher")
+    run.execute()
+    teacher = run.run_dir / "checkpoints" / "best.ckpt"
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    common = ["--ckpt", str(teacher), "--config", str(config), "--config", str(ddp), "--no-tracking"]
+    commands = {
+        "student": ["distill", *common, "--out", str(tmp_path / "student"), "--layers", "1", "--steps", "4"],
+        "pruned": ["prune", *common, "--out", str(tmp_path / "pruned"), "--method", "magnitude", "--sparsity", "0.5",
+                   "--fine-tune-steps", "4"],
+    }
+    for name, arguments in commands.items():
+        result = subprocess.run([sys.executable, "-m", "compression", *arguments], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=240)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    student = load_checkpoint(tmp_path / "student")
+    assert student.config.n_layer == 1 and student.transforms[-1]["method"] == "distill"
+    pruned = load_checkpoint(tmp_path / "pruned")
+    assert sparsity_table(pruned.model)[-1]["sparsity"] == pytest.approx(0.5, abs=0.005)  # zeros kept through DDP
+    assert [t["method"] for t in pruned.transforms][:1] == ["magnitude"]
