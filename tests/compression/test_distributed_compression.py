@@ -40,14 +40,14 @@ def test_distillation_and_recovery_fine_tuning_run_on_two_ddp_processes(tmp_path
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     common = ["--ckpt", str(teacher), "--config", str(config), "--config", str(ddp), "--no-tracking"]
-    commands = {
-        "student": ["distill", *common, "--out", str(tmp_path / "student"), "--layers", "1", "--steps", "4"],
-        "pruned": ["prune", *common, "--out", str(tmp_path / "pruned"), "--method", "magnitude", "--sparsity", "0.5",
-                   "--fine-tune-steps", "4"],
-    }
-    for name, arguments in commands.items():
+    commands = [
+        ["distill", *common, "--out", str(tmp_path / "student"), "--layers", "1", "--steps", "4"],
+        ["prune", *common, "--out", str(tmp_path / "pruned"), "--method", "magnitude", "--sparsity", "0.5",
+         "--fine-tune-steps", "4"],
+    ]
+    for arguments in commands:
         result = subprocess.run([sys.executable, "-m", "compression", *arguments], cwd=tmp_path, env=env,
-                                capture_output=True, text=True, timeout=240)
+                                capture_output=True, text=True, timeout=240, check=False)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "Traceback" not in result.stderr, result.stderr[-3000:]
     student = load_checkpoint(tmp_path / "student")

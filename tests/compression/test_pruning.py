@@ -27,9 +27,8 @@ from compression.pruning import (
     wanda,
 )
 from lmexp.checkpoints import LoadedModel, export_safetensors, load_checkpoint
+from tests.compression.conftest import train_tiny_gpt
 from lmexp.models import build_model, count_parameters, from_name
-from lmexp.runs import build
-from tests.conftest import make_corpus
 
 VOCAB = 50
 
@@ -65,20 +64,8 @@ def logits(loaded: LoadedModel, ids: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A gpt-tiny trained for a few steps on a tiny corpus; its run folder holds config.yaml."""
-    folder = tmp_path_factory.mktemp("pruning")
-    corpus = folder / "corpus.txt"
-    corpus.write_text(make_corpus(60))
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("LMEXP_CACHE_DIR", str(folder / "cache"))
-        run = build("fit", args=[
-            "--model=lmexp.CausalLM", "--model.network=gpt-tiny", "--model.warmup_steps=2",
-            "--data=lmexp.TextDataModule", f"--data.source={corpus}", "--data.batch_size=8",
-            "--trainer.max_steps=10", "--trainer.val_check_interval=10", "--trainer.check_val_every_n_epoch=null",
-            "--trainer.limit_val_batches=2", "--trainer.enable_progress_bar=false",
-            "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={folder / 'runs'}",
-        ], logger=False, run_name="gpt")
-        run.execute()
-    return run.run_dir / "checkpoints" / "best.ckpt"
+    return train_tiny_gpt(tmp_path_factory.mktemp("pruning"), 60, "--trainer.max_steps=10",
+                          "--trainer.val_check_interval=10", "--trainer.limit_val_batches=2")
 
 
 def config_of(checkpoint: Path) -> list[Path]:

@@ -10,27 +10,15 @@ import pytest
 from compression.__main__ import main
 from compression.core import CompressionError
 from compression.report import build_report, method_from_spec
-from lmexp.runs import build
-from tests.conftest import make_corpus
+from tests.compression.conftest import train_tiny_gpt
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer GPT, 64 wide (shapes bitsandbytes' CPU 4-bit kernel takes), trained briefly."""
-    folder = tmp_path_factory.mktemp("report")
-    corpus = folder / "corpus.txt"
-    corpus.write_text(make_corpus(300))
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("LMEXP_CACHE_DIR", str(folder / "cache"))
-        run = build("fit", args=[
-            "--model=lmexp.CausalLM", "--model.network=gpt-tiny", '--model.network_overrides={"n_embd": 64}',
-            "--model.warmup_steps=5", "--model.lr=3e-3", "--data=lmexp.TextDataModule", f"--data.source={corpus}",
-            "--data.batch_size=16", "--trainer.max_steps=40", "--trainer.val_check_interval=20",
-            "--trainer.check_val_every_n_epoch=null", "--trainer.enable_progress_bar=false",
-            "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={folder}",
-        ], logger=False, run_name="gpt")
-        run.execute()
-    return run.run_dir / "checkpoints" / "best.ckpt"
+    return train_tiny_gpt(tmp_path_factory.mktemp("report"), 300, '--model.network_overrides={"n_embd": 64}',
+                          "--model.lr=3e-3", "--data.batch_size=16", "--trainer.max_steps=40",
+                          "--trainer.val_check_interval=20")
 
 
 def test_report_measures_each_variant_against_the_original(trained, tmp_path):
