@@ -31,6 +31,10 @@ and masked-LM decoder share the token embedding, the pooler and classifier are s
 sensitive) stay as they are unless a method is told otherwise."""
 
 
+EXPERIMENT = "compression"
+"""MLflow experiment and run-folder group of everything the toolkit runs and records."""
+
+
 class CompressionError(ConfigError):
     """A compression request that cannot be carried out as asked; the message says why and what to do."""
 
@@ -205,7 +209,7 @@ def track(
     from lmexp.tracking import MLflowTracker
 
     out = Path(getattr(args, "out", ".") or ".")
-    tracker = MLflowTracker(args.tracking_uri, experiment_name="compression", run_name=f"{args.command}-{out.name}",
+    tracker = MLflowTracker(args.tracking_uri, experiment_name=EXPERIMENT, run_name=f"{args.command}-{out.name}",
                             save_dir=str(out))
     tracker.log_hyperparams({"command": args.command, "checkpoint": str(args.ckpt), **params})
     if metrics:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from torch import Tensor
 
-from compression.core import CompressionError
+from compression.core import EXPERIMENT, CompressionError
 from lmexp.runs import Run, build
 
 Split = Literal["train", "val", "test"]
@@ -61,7 +61,11 @@ def build_run(
     overrides: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> Run:
-    """A run of `configs` on the network in `checkpoint` (see ``lmexp.runs.build`` for kwargs)."""
+    """A run of `configs` on the network in `checkpoint` (see ``lmexp.runs.build`` for kwargs),
+    in the experiment ``compression`` unless told otherwise: its folder is
+    ``runs/compression/<time>`` (or under the config's ``default_root_dir``) and its MLflow runs sit
+    beside the compression commands' own records."""
+    kwargs.setdefault("experiment", EXPERIMENT)
     return build(verb, configs=configs, overrides=pretrained_overrides(checkpoint, overrides), **kwargs)
 
 

@@ -33,6 +33,7 @@ from lightning.pytorch.loggers import Logger
 from torch import Tensor, nn
 
 from compression import core
+from compression.core import EXPERIMENT
 from lmexp.checkpoints import LoadedModel, load_checkpoint
 from lmexp.data.contract import Task
 from lmexp.errors import CheckpointError, check_choice, check_positive
@@ -535,7 +536,7 @@ def distill(
         teacher_path: The trained network (``.ckpt``, lmexp export or transformers folder).
         configs: YAML configs whose data and trainer sections the run uses.
         out: Folder the distillation run's folder (checkpoints, ``config.yaml``) is made in;
-            default: the config's, ``runs/<experiment>``.
+            default: the config's ``default_root_dir``, else ``runs/compression``.
         layers: Blocks of the student (default: the teacher's).
         width: Hidden width of the student (default: the teacher's).
         steps: Training steps (default: the config's ``trainer.max_steps``).
@@ -581,7 +582,7 @@ def distill(
         "distilling %s into a student of %d layers and %d dims (alpha %s, temperature %s, hidden weight %s, init %s)",
         core.describe(teacher), planned.n_layer, planned.n_embd, alpha, temperature, hidden_weight, student_init,
     )
-    run = build("fit", configs, overrides=settings, callbacks=callbacks, logger=logger)
+    run = build("fit", configs, overrides=settings, callbacks=callbacks, logger=logger, experiment=EXPERIMENT)
     run.execute()
     checkpoint = run.trainer.checkpoint_callback
     saved = (checkpoint.best_model_path or checkpoint.last_model_path) if checkpoint is not None else ""
@@ -627,7 +628,7 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--warmup-steps", type=int, default=None, help="warmup steps (default: the config's)")
     parser.add_argument("--runs", default=None,
                         help="folder the distillation run's folder (checkpoints, config.yaml) is made in "
-                        "(default: the config's, runs/<experiment>)")
+                        "(default: the config's default_root_dir, else runs/compression)")
     parser.set_defaults(func=run_distill)
 
 

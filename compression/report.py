@@ -30,7 +30,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from compression.core import BLOCKS, CompressionError, common_arguments, load, save, write_json
+from compression.core import BLOCKS, EXPERIMENT, CompressionError, common_arguments, load, save, write_json
 from compression.data import ONE_PROCESS, batches, build_run, configs_for
 from lmexp.checkpoints import LoadedModel, load_checkpoint
 from lmexp.hardware import cpu_model
@@ -457,7 +457,7 @@ def plot(rows: Sequence[Row], path: Path, title: str) -> None:
 def _track(rows: list[Row], out: Path, checkpoint: str | Path, tracking_uri: str | None) -> None:
     from lmexp.tracking import MLflowTracker
 
-    tracker = MLflowTracker(tracking_uri, experiment_name="compression", run_name=f"report-{Path(checkpoint).stem}",
+    tracker = MLflowTracker(tracking_uri, experiment_name=EXPERIMENT, run_name=f"report-{Path(checkpoint).stem}",
                             save_dir=str(out))
     tracker.log_hyperparams({"checkpoint": str(checkpoint), "variants": [r.name for r in rows]})
     for r in rows:
