@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -266,6 +267,7 @@ def build_report(
     rounds: int = 3,
     tracking_uri: str | None = None,
     track: bool = True,
+    measure_memory: bool = True,
 ) -> list[Row]:
     """Make, save, reload and measure every variant; write report.md/json and size_quality.png.
 
@@ -281,6 +283,8 @@ def build_report(
         calibration_batches: Training batches for the activation-aware methods.
         timing_batches: Held-out batches cycled through while timing.
         seconds: Timing per network and batch size, split over `rounds` interleaved rounds.
+        measure_memory: Start a fresh process per network for its peak memory (a few seconds
+            each); off, the column stays empty.
     """
     if split not in ("val", "test"):
         raise CompressionError(f"--split {split!r} is not held out: use val or test")
@@ -301,7 +305,7 @@ def build_report(
     package.setLevel(min(package.getEffectiveLevel(), logging.INFO))  # the log file gets the progress
     try:
         rows = _measure(checkpoint, original, made, given, out, configs, split, large_batch, calibration_batches,
-                        timing_batches, seconds, rounds)
+                        timing_batches, seconds, rounds, measure_memory)
         _write(rows, out, checkpoint, split, large_batch)
         if track:
             _track(rows, out, checkpoint, tracking_uri)
@@ -329,7 +333,7 @@ def task_of(config: Any) -> str:
 
 
 def _measure(checkpoint, original, made, given, out, configs, split, large_batch, calibration_batches,
-             timing_batches, seconds, rounds) -> list[Row]:
+             timing_batches, seconds, rounds, measure_memory) -> list[Row]:
     task = task_of(original.config)
     metric = "acc" if task == "classification" else "ppl"
     total = 1 + len(made) + len(given)
@@ -387,8 +391,13 @@ def _measure(checkpoint, original, made, given, out, configs, split, large_batch
                 rows[name].large_batch_rate = rate
     networks.clear()
     gc.collect()
+    if measure_memory:
+        log.info(f"peak memory: one fresh process per network, {os.cpu_count() or 1} at a time")
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # separate processes: no interference
+            peaks = pool.map(lambda name: peak_memory(*sources[name], probe_batch, task), list(rows))
+            for row, peak in zip(rows.values(), peaks):
+                row.peak_memory_bytes = peak
     for name, row in rows.items():
-        row.peak_memory_bytes = peak_memory(*sources[name], probe_batch, task)
         log.info(f"{name}: {row.small_batch_rate:,.0f} / {row.large_batch_rate:,.0f} {unit}/s at batch 1 / "
                  f"{large_batch}, peak memory {_mib(row.peak_memory_bytes)} MiB")
     probe_batch.unlink()
@@ -488,13 +497,14 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--timing-batches", type=int, default=4, help="held-out batches cycled for throughput")
     parser.add_argument("--seconds", type=float, default=3.0, help="timing per network and batch size")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (the best one counts)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory column (a process per network)")
     parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> None:
     build_report(args.ckpt, args.methods, args.out, args.config, args.variant, args.split, args.batch_size,
                  args.calibration_batches, args.timing_batches, args.seconds, args.rounds, args.tracking_uri,
-                 not args.no_tracking)
+                 not args.no_tracking, not args.no_memory)
 
 
 __all__ = ["Row", "build_report", "evaluate", "method_from_spec", "table", "throughput", "weight_bytes"]

@@ -27,8 +27,8 @@ from compression.pruning import (
     wanda,
 )
 from lmexp.checkpoints import LoadedModel, export_safetensors, load_checkpoint
-from tests.compression.conftest import train_tiny_gpt
 from lmexp.models import build_model, count_parameters, from_name
+from tests.compression.conftest import train_tiny_gpt
 
 VOCAB = 50
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from compression.__main__ import main
-from compression.core import CompressionError
+from compression.core import CompressionError, load, save
+from compression.pruning import magnitude
 from compression.report import build_report, method_from_spec
 from tests.compression.conftest import train_tiny_gpt
 
@@ -27,6 +28,7 @@ def test_report_measures_each_variant_against_the_original(trained, tmp_path):
                         timing_batches=2, seconds=0.1, rounds=2, track=False)
     by_name = {row.name: row for row in rows}
     assert list(by_name) == ["original", "int8", "magnitude=0.5", "dynamic-int8"]
+    assert all(row.peak_memory_bytes > 0 for row in rows)  # each from its own process
     original = by_name["original"]
     assert original.change == 0 and original.metric == "ppl" and original.value > 1
     # int8 keeps the same weights in a quarter of the bytes (plus per-row scales)
@@ -53,12 +55,12 @@ def test_report_measures_each_variant_against_the_original(trained, tmp_path):
 def test_report_takes_variants_made_elsewhere_and_logs_to_mlflow(trained, tmp_path, isolated_tracking):
     from mlflow import MlflowClient
 
-    first = tmp_path / "first"
-    build_report(trained, ["magnitude=0.25"], first, timing_batches=1, seconds=0.02, rounds=1, track=False)
+    quarter = save(magnitude(load(trained), 0.25), tmp_path / "quarter")
     out = tmp_path / "second"
-    rows = build_report(trained, [], out, variants=[f"quarter={first / 'variants' / 'magnitude-0.25'}"],
-                        timing_batches=1, seconds=0.02, rounds=1, tracking_uri=isolated_tracking)
+    rows = build_report(trained, [], out, variants=[f"quarter={quarter}"], timing_batches=1, seconds=0.02, rounds=1,
+                        tracking_uri=isolated_tracking, measure_memory=False)
     assert [r.name for r in rows] == ["original", "quarter"]
+    assert all(r.peak_memory_bytes is None for r in rows)  # not asked for
     assert rows[1].transforms[-1]["method"] == "magnitude" and rows[1].nonzero < rows[0].nonzero
     client = MlflowClient(isolated_tracking)
     experiment = client.get_experiment_by_name("compression")
