@@ -152,11 +152,6 @@ def describe(loaded: LoadedModel) -> str:
     return f"{loaded.config.arch}, {loaded.config.n_layer} layers, {n:,} parameters ({methods})"
 
 
-def sparsity(tensor: Tensor) -> float:
-    """Fraction of exact zeros."""
-    return float((tensor == 0).sum()) / max(tensor.numel(), 1)
-
-
 def sparsity_table(model: nn.Module, skip: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Per compressible layer: name, shape, weights, zeros, sparsity; then a total row."""
     rows = []
@@ -241,7 +236,6 @@ __all__ = [
     "run_logger",
     "run_trunk",
     "save",
-    "sparsity",
     "sparsity_table",
     "track",
     "trunk_inputs",
