@@ -5,9 +5,9 @@ from lmexp.objectives.causal_lm import CausalLM
 from lmexp.objectives.classification import SequenceClassification
 from lmexp.objectives.language_model import LanguageModelObjective
 from lmexp.objectives.masked_lm import MaskedLM
-from lmexp.objectives.schedule import warmup_cosine
+from lmexp.objectives.schedule import warmup_cosine, warmup_stable_decay
 
 __all__ = [
     "CausalLM", "LanguageModelObjective", "MaskedLM", "SequenceClassification", "TrainingObjective",
-    "resolve_network", "warmup_cosine",
+    "resolve_network", "warmup_cosine", "warmup_stable_decay",
 ]

@@ -24,7 +24,8 @@ from lmexp.data.contract import DataContract, Task
 from lmexp.errors import CheckpointError, ConfigError, check_positive
 from lmexp.hardware import cpu_has_bf16_units
 from lmexp.models import ModelConfig, build_model, count_parameters, from_name
-from lmexp.objectives.schedule import warmup_cosine
+from lmexp.objectives.optimizers import MuonWithAdamW, hidden_matrices
+from lmexp.objectives.schedule import Schedule, lr_multiplier
 
 
 def logs_this_step(trainer: pl.Trainer) -> bool:
@@ -139,11 +140,20 @@ class TrainingObjective(pl.LightningModule):
         weight_decay: AdamW decay on weight matrices; biases, norms and embeddings get none.
         betas: AdamW betas.
         warmup_steps: Linear warmup length in optimizer steps.
-        max_steps: Length of the cosine decay; ``None`` uses the trainer's planned step count.
+        max_steps: Length of the schedule; ``None`` uses the trainer's planned step count.
         min_lr_ratio: The floor of the decay as a fraction of ``lr``.
-        optimizer: ``adamw`` (torch) or ``adamw8bit`` (bitsandbytes: optimizer state in 8 bits,
-            about a quarter of AdamW's state memory, at some speed cost on CPU).
+        optimizer: ``adamw`` (torch), ``adamw8bit`` (bitsandbytes: optimizer state in 8 bits,
+            about a quarter of AdamW's state memory, at some speed cost on CPU) or ``muon``
+            (``torch.optim.Muon`` on the weight matrices inside the transformer blocks, AdamW on
+            embeddings, heads, norms and biases).
         fused_adamw: Use the fused AdamW kernel (CPU and CUDA); ignored by ``adamw8bit``.
+        muon_lr: Muon's peak learning rate; ``None``: ``lr`` (Muon's step is scaled to AdamW's
+            update size, so one rate suits both).
+        muon_momentum: Muon's momentum.
+        schedule: ``cosine`` (warmup, then a cosine decay to the floor) or ``wsd``
+            (warmup-stable-decay: warmup, the peak held, a linear decay over the last
+            ``decay_fraction`` of the steps).
+        decay_fraction: Share of the steps ``wsd`` spends decaying.
         compile: Compile the network with ``torch.compile`` before training.
     """
 
@@ -160,9 +170,13 @@ class TrainingObjective(pl.LightningModule):
         warmup_steps: int = 100,
         max_steps: int | None = None,
         min_lr_ratio: float = 0.1,
-        optimizer: Literal["adamw", "adamw8bit"] = "adamw",
+        optimizer: Literal["adamw", "adamw8bit", "muon"] = "adamw",
         fused_adamw: bool = True,
         compile: bool = False,
+        muon_lr: float | None = None,
+        muon_momentum: float = 0.95,
+        schedule: Schedule = "cosine",
+        decay_fraction: float = 0.2,
     ) -> None:
         super().__init__()
         if lr <= 0:
@@ -171,8 +185,16 @@ class TrainingObjective(pl.LightningModule):
             raise ConfigError(f"min_lr_ratio={min_lr_ratio} must be in [0, 1], e.g. 0.1")
         if warmup_steps < 0:
             raise ConfigError(f"warmup_steps={warmup_steps} must be >= 0")
-        if optimizer not in ("adamw", "adamw8bit"):
-            raise ConfigError(f"optimizer={optimizer!r} is unknown: use 'adamw' or 'adamw8bit'")
+        if optimizer not in ("adamw", "adamw8bit", "muon"):
+            raise ConfigError(f"optimizer={optimizer!r} is unknown: use 'adamw', 'adamw8bit' or 'muon'")
+        if muon_lr is not None and muon_lr <= 0:
+            raise ConfigError(f"muon_lr={muon_lr} must be positive (or unset to use lr), e.g. 5e-3")
+        if not 0.0 <= muon_momentum < 1.0:
+            raise ConfigError(f"muon_momentum={muon_momentum} must be in [0, 1), e.g. 0.95")
+        if schedule not in ("cosine", "wsd"):
+            raise ConfigError(f"schedule={schedule!r} is unknown: use 'cosine' or 'wsd' (warmup-stable-decay)")
+        if not 0.0 < decay_fraction <= 1.0:
+            raise ConfigError(f"decay_fraction={decay_fraction} must be in (0, 1], e.g. 0.2")
         if weight_decay < 0:
             raise ConfigError(f"weight_decay={weight_decay} is negative: use 0 (none) or more, e.g. 0.1")
         if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
@@ -375,6 +397,8 @@ class TrainingObjective(pl.LightningModule):
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         betas = tuple(self.hparams.betas)
+        if self.hparams.optimizer == "muon":
+            return self._muon_with_adamw(betas)
         if self.hparams.optimizer == "adamw8bit":
             try:
                 from bitsandbytes.optim import AdamW8bit
@@ -385,6 +409,26 @@ class TrainingObjective(pl.LightningModule):
             return AdamW8bit(self.parameter_groups(), lr=self.hparams.lr, betas=betas)
         return torch.optim.AdamW(
             self.parameter_groups(), lr=self.hparams.lr, betas=betas, fused=self.hparams.fused_adamw or None
+        )
+
+    def _muon_with_adamw(self, betas: tuple[float, float]) -> MuonWithAdamW:
+        matrices = {id(p) for p in hidden_matrices(self)}
+        if not matrices:
+            raise ConfigError(
+                f"optimizer='muon' trains the weight matrices of transformer blocks, and the "
+                f"{self.network_config.arch} network has none: use optimizer 'adamw'"
+            )
+        muon_groups, adamw_groups = [], []
+        for group in self.parameter_groups():
+            muon = [p for p in group["params"] if id(p) in matrices]
+            rest = [p for p in group["params"] if id(p) not in matrices]
+            if muon:
+                muon_groups.append({**group, "params": muon})
+            if rest:
+                adamw_groups.append({**group, "params": rest})
+        return MuonWithAdamW(
+            muon_groups, adamw_groups, lr=self.hparams.lr, muon_lr=self.hparams.muon_lr or self.hparams.lr,
+            betas=betas, momentum=self.hparams.muon_momentum, fused=self.hparams.fused_adamw or None,
         )
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -408,8 +452,10 @@ class TrainingObjective(pl.LightningModule):
                 f"warmup_steps={self.hparams.warmup_steps} is not below the {total} training steps: "
                 "lower model.warmup_steps or train longer"
             )
-        warmup, floor = self.hparams.warmup_steps, self.hparams.min_lr_ratio
-        scheduler = LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total, floor))
+        hp = self.hparams
+        scheduler = LambdaLR(
+            optimizer, lr_multiplier(hp.schedule, hp.warmup_steps, total, hp.min_lr_ratio, hp.decay_fraction)
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(
