@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 Schedule = Literal["cosine", "wsd"]
@@ -42,7 +43,7 @@ def warmup_stable_decay(
 
 def lr_multiplier(
     schedule: Schedule, warmup_steps: int, total_steps: int, min_lr_ratio: float, decay_fraction: float
-):
+) -> Callable[[int], float]:
     """The schedule as a function of the step, for ``LambdaLR``."""
     if schedule == "wsd":
         return lambda step: warmup_stable_decay(step, warmup_steps, total_steps, min_lr_ratio, decay_fraction)
