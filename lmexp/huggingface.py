@@ -540,6 +540,16 @@ def check_exportable(config: ModelConfig) -> None:
         raise ConfigError(f"position={config.position!r} has no place in transformers' BERT or GPT-2: train with position: learned")
     if not config.bias:
         raise ConfigError("bias=False has no place in transformers' BERT or GPT-2 (they always have biases): train with bias: true")
+    if config.qk_norm:
+        raise ConfigError(
+            "qk_norm=True has no place in transformers' BERT or GPT-2 (their attention does not normalise queries and "
+            "keys): train with qk_norm: false, or use lmexp's own export"
+        )
+    if config.activation not in ("gelu", "gelu_tanh"):
+        raise ConfigError(
+            f"activation={config.activation!r} is not exported to transformers' BERT or GPT-2 (lmexp exports gelu and "
+            "gelu_tanh only): train with activation: gelu or gelu_tanh, or use lmexp's own export"
+        )
     expected = ("post", True) if config.arch == "bert" else ("pre", False)
     target = "BERT" if config.arch == "bert" else "GPT-2"
     if (config.norm_position, config.embedding_norm) != expected:

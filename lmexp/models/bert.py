@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from lmexp.models.config import ModelConfig
 from lmexp.models.heads import ClassificationHead
-from lmexp.models.layers import TransformerTrunk, gelu, init_gpt2_weights, layer_norm
+from lmexp.models.layers import TransformerTrunk, activation, init_gpt2_weights, layer_norm
 
 
 class MaskedLMHead(nn.Module):
@@ -17,7 +17,7 @@ class MaskedLMHead(nn.Module):
         super().__init__()
         vocab_size = config.require_vocab_size()
         self.dense = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.act = gelu(config)
+        self.act = activation(config)
         self.ln = layer_norm(config)
         self.decoder = nn.Linear(config.n_embd, vocab_size, bias=False)
         if config.tie_embeddings:

@@ -11,7 +11,7 @@ from lmexp.errors import ConfigError, check_choice, check_positive
 Arch = Literal["gpt", "bert", "lstm"]
 Position = Literal["learned", "rotary"]
 NormPosition = Literal["pre", "post"]
-Activation = Literal["gelu", "gelu_tanh"]
+Activation = Literal["gelu", "gelu_tanh", "relu2"]
 
 
 @dataclass
@@ -46,12 +46,14 @@ class ModelConfig:
     """Where each block normalises: pre (inside the residual branches, then a final LayerNorm:
     GPT-2, stable for deep stacks) or post (after each residual sum, no final LayerNorm: BERT)."""
     norm_eps: float = 1e-5
-    """Epsilon of every LayerNorm (GPT-2: 1e-5; BERT: 1e-12)."""
+    """Epsilon of every LayerNorm (GPT-2: 1e-5; BERT: 1e-12) and of qk_norm's RMSNorms."""
     embedding_norm: bool = False
     """LayerNorm on the summed embeddings before the first block (BERT)."""
     activation: Activation = "gelu"
-    """Activation of the MLPs and of BERT's masked-LM transform: exact gelu (BERT) or gelu_tanh,
-    the tanh approximation (GPT-2's gelu_new)."""
+    """Activation of the MLPs and of BERT's masked-LM transform: exact gelu (BERT), gelu_tanh, the
+    tanh approximation (GPT-2's gelu_new), or relu2, squared ReLU relu(x)**2 (Primer, modded-nanoGPT)."""
+    qk_norm: bool = False
+    """RMSNorm queries and keys per head: keeps attention logits bounded, allowing higher learning rates."""
     activation_checkpointing: bool = False
     """Recompute each transformer block in the backward pass to save activation memory."""
     labels: list[str] | None = None

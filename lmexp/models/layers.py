@@ -60,6 +60,10 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, 3 * inner, bias=config.bias)
         self.out_proj = nn.Linear(inner, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        # QK-norm: RMSNorm over each head's queries and keys (one learned scale per head dimension,
+        # shared by the heads), so their dot products stay bounded. Off, no modules (nor weights).
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else None
 
     def forward(
         self,
@@ -77,6 +81,9 @@ class Attention(nn.Module):
         hs = self.head_dim
         q, k, v = self.qkv(x).split(self.n_head * hs, dim=2)
         q, k, v = (t.view(B, T, self.n_head, hs).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if self.q_norm is not None:
+            # Before rotary positions, and before the cache: cached keys are stored normalised.
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         past = 0
@@ -100,8 +107,17 @@ class Attention(nn.Module):
         return self.resid_dropout(self.out_proj(y))
 
 
-def gelu(config: ModelConfig) -> nn.GELU:
-    """The config's GELU: exact, or the tanh approximation (GPT-2's gelu_new)."""
+class SquaredReLU(nn.Module):
+    """relu(x)**2 (Primer, modded-nanoGPT)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(x).square()
+
+
+def activation(config: ModelConfig) -> nn.Module:
+    """The config's activation: exact GELU, its tanh approximation (GPT-2's gelu_new), or squared ReLU."""
+    if config.activation == "relu2":
+        return SquaredReLU()
     return nn.GELU(approximate="tanh" if config.activation == "gelu_tanh" else "none")
 
 
@@ -114,7 +130,7 @@ class MLP(nn.Module):
         super().__init__()
         hidden = config.mlp_hidden_in(layer_idx)
         self.fc_in = nn.Linear(config.n_embd, hidden, bias=config.bias)
-        self.act = gelu(config)
+        self.act = activation(config)
         self.out_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -274,6 +290,8 @@ def init_gpt2_weights(model: nn.Module, n_layer: int) -> None:
             nn.init.ones_(module.weight)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.RMSNorm):  # qk_norm's
+            nn.init.ones_(module.weight)
     for module in model.modules():
         if isinstance(module, (Attention, MLP)):
             nn.init.normal_(module.out_proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
