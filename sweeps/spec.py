@@ -38,7 +38,7 @@ SAMPLERS = ("tpe", "random", "grid", "gp", "cmaes", "nsga2")
 PRUNERS = ("none", "median", "successive_halving", "hyperband", "threshold")
 DIRECTIONS = ("minimize", "maximize")
 # Measures every trial reports besides its logged metrics: the cost side of a Pareto front.
-MEASURES = ("n_parameters", "train_seconds")
+MEASURES = ("n_parameters", "train_seconds", "seconds_to_target")
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,20 @@ class Objective:
     """best: the best value of any validation (what the best checkpoint scored); last: the final one."""
 
 
+@dataclass(frozen=True)
+class Target:
+    """A value of a logged metric that ends a trial: the first validation reaching it stops the run
+    and its training time so far (validation excluded) is the trial's ``seconds_to_target``."""
+
+    metric: str = "val/loss"
+    value: float = 0.0
+    direction: str = "minimize"
+    """minimize: reached at or below ``value``; maximize: at or above."""
+
+    def reached(self, measured: float) -> bool:
+        return measured <= self.value if self.direction == "minimize" else measured >= self.value
+
+
 @dataclass
 class SweepSpec:
     """A parsed, checked sweep file."""
@@ -110,6 +124,7 @@ class SweepSpec:
     storage: str | None = None
     tracking_uri: str | None = None
     source: str | None = None
+    target: Target | None = None
 
     @property
     def multi_objective(self) -> bool:
@@ -131,6 +146,7 @@ class SweepSpec:
             "params": [asdict(p) for p in self.params],
             "groups": [asdict(g) for g in self.groups],
             "objectives": [asdict(o) for o in self.objectives],
+            **({"target": asdict(self.target)} if self.target else {}),
         }
         return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -142,6 +158,7 @@ class SweepSpec:
             "objectives": [asdict(o) for o in self.objectives], "n_trials": self.n_trials, "timeout": self.timeout,
             "sampler": self.sampler, "pruner": self.pruner, "workers": self.workers, "threads": self.threads,
             "storage": self.storage, "tracking_uri": self.tracking_uri, "source": self.source,
+            "target": asdict(self.target) if self.target else None,
         }
 
     @classmethod
@@ -150,6 +167,7 @@ class SweepSpec:
         values["params"] = [Param(**{**p, "choices": tuple(p.get("choices", ()))}) for p in values.get("params", [])]
         values["groups"] = [Group(**g) for g in values.get("groups", [])]
         values["objectives"] = [Objective(**o) for o in values.get("objectives", [])]
+        values["target"] = Target(**values["target"]) if values.get("target") else None
         return cls(**values)
 
 
@@ -169,7 +187,7 @@ def load_spec(path: str | Path) -> SweepSpec:
 
 
 _TOP_LEVEL = {"study", "fit", "space", "objectives", "n_trials", "timeout", "sampler", "pruner", "workers", "threads",
-              "storage", "tracking_uri"}
+              "storage", "tracking_uri", "target"}
 
 
 def parse_spec(data: Mapping[str, Any], default_study: str = "sweep", source: str | None = None) -> SweepSpec:
@@ -189,6 +207,9 @@ def parse_spec(data: Mapping[str, Any], default_study: str = "sweep", source: st
     metrics = [o.metric for o in objectives]
     if len(set(metrics)) != len(metrics):
         raise ConfigError(f"sweep objectives name a metric twice: {metrics}")
+    target = _target(data.get("target"))
+    if "seconds_to_target" in metrics and target is None:
+        raise ConfigError("objective seconds_to_target needs a target: add 'target: {metric: val/loss, value: 1.9}'")
     n_trials = data.get("n_trials")
     timeout = data.get("timeout")
     if n_trials is not None and (not isinstance(n_trials, int) or n_trials < 1):
@@ -213,6 +234,7 @@ def parse_spec(data: Mapping[str, Any], default_study: str = "sweep", source: st
         study=study, configs=[str(c) for c in configs], overrides=overrides, params=params, groups=groups,
         objectives=objectives, n_trials=n_trials, timeout=timeout, sampler=sampler, pruner=pruner, workers=workers,
         threads=threads, storage=data.get("storage"), tracking_uri=data.get("tracking_uri"), source=source,
+        target=target,
     )
 
 
@@ -294,6 +316,21 @@ def _objective(value: Any) -> Objective:
     if objective.reduce not in ("best", "last"):
         raise ConfigError(f"objective {objective.metric}: reduce={objective.reduce!r} must be best or last")
     return objective
+
+
+def _target(value: Any) -> Target | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("value"), (int, float)) or isinstance(value["value"], bool):
+        raise ConfigError(f"target {value!r}: expected {{metric: val/loss, value: 1.9}} with a numeric value")
+    unknown = sorted(set(value) - {"metric", "value", "direction"})
+    if unknown:
+        raise ConfigError(f"target: unknown setting(s) {', '.join(unknown)}; use metric, value and direction")
+    target = Target(metric=str(value.get("metric", "val/loss")), value=float(value["value"]),
+                    direction=value.get("direction", "minimize"))
+    if target.direction not in DIRECTIONS:
+        raise ConfigError(f"target {target.metric}: direction={target.direction!r} must be minimize or maximize")
+    return target
 
 
 def _named(kind: str, value: Any, names: tuple[str, ...]) -> dict[str, Any]:

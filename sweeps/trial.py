@@ -26,7 +26,7 @@ from lmexp.errors import find_user_error
 from lmexp.models import count_parameters
 from lmexp.runs import build
 from lmexp.tracking import MLflowTracker, tracker_of
-from sweeps.spec import SweepSpec
+from sweeps.spec import MEASURES, Objective, SweepSpec
 
 
 class ReportToStudy(pl.Callback):
@@ -41,6 +41,12 @@ class ReportToStudy(pl.Callback):
         self.spec = SweepSpec.from_dict(job["spec"])
         self.objectives = self.spec.objectives
         self.monitor = self.objectives[0].metric
+        self.watched = list(self.objectives)  # metrics read after each validation
+        if self.spec.target is not None:
+            target = self.spec.target
+            self.watched.append(Objective(target.metric, target.direction))
+            if self.monitor in MEASURES:  # seconds_to_target: report the target's metric as the run goes
+                self.monitor = target.metric
         # Optuna keeps intermediate values of single-objective studies only; reported with or
         # without a pruner, they draw the learning curves of the report.
         self.reporting = not self.spec.multi_objective
@@ -50,7 +56,10 @@ class ReportToStudy(pl.Callback):
         self.reason = ""
         self.pruned_at: int | None = None
         self.train_seconds = 0.0
+        self.validation_seconds = 0.0
+        self.seconds_to_target: float | None = None
         self._train_start: float | None = None
+        self._validation_start = 0.0
         self._trial: Any = None
         self.n_parameters: int | None = None
 
@@ -79,10 +88,15 @@ class ReportToStudy(pl.Callback):
         if self._train_start is not None:
             self.train_seconds = time.perf_counter() - self._train_start
 
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._validation_start = time.perf_counter()
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
+        self.validation_seconds += time.perf_counter() - self._validation_start
         self._collect(trainer)
+        reached = self._reached_target(trainer)
         prune = False
         diverged = False
         if trainer.is_global_zero and self.monitor in self.last:
@@ -94,7 +108,7 @@ class ReportToStudy(pl.Callback):
                 trial.report(value, step=trainer.global_step)
                 # At the last step the trial is trained: pruning it would save nothing and lose it.
                 last_step = 0 < trainer.max_steps <= trainer.global_step
-                prune = self.spec.pruning and not last_step and trial.should_prune()
+                prune = self.spec.pruning and not (last_step or reached) and trial.should_prune()
         prune, diverged = trainer.strategy.broadcast((prune, diverged), src=0)
         if diverged:
             self.state, self.reason = "failed", f"{self.monitor} is not finite at step {trainer.global_step}"
@@ -104,11 +118,24 @@ class ReportToStudy(pl.Callback):
             self.reason = f"pruned at step {trainer.global_step}"
             trainer.should_stop = True
 
+    def _reached_target(self, trainer: pl.Trainer) -> bool:
+        """Stop the run at the first validation that reaches the spec's target (rank 0 decides)."""
+        target = self.spec.target
+        if target is None or self._train_start is None:
+            return False
+        value = self.last.get(target.metric)
+        reached = trainer.is_global_zero and value is not None and math.isfinite(value) and target.reached(value)
+        if not trainer.strategy.broadcast(reached, src=0):
+            return False
+        self.seconds_to_target = time.perf_counter() - self._train_start - self.validation_seconds
+        trainer.should_stop = True
+        return True
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._collect(trainer, validation=False)
 
     def _collect(self, trainer: pl.Trainer, validation: bool = True) -> None:
-        for objective in self.objectives:
+        for objective in self.watched:
             name = objective.metric
             value = trainer.callback_metrics.get(name)
             if value is None:
@@ -121,10 +148,19 @@ class ReportToStudy(pl.Callback):
             self.best[name] = better(self.best.get(name, value), value)
 
     def measured(self) -> dict[str, Any]:
-        return {
+        measured = {
             "state": self.state, "reason": self.reason, "best": self.best, "last": self.last,
             "n_parameters": self.n_parameters, "train_seconds": self.train_seconds, "pruned_at": self.pruned_at,
         }
+        if self.spec.target is not None:
+            measured["reached_target"] = self.seconds_to_target is not None
+            # A run that never reached the target would have needed more than all of its training
+            # time: it counts as twice that, behind any run that reached it in as long.
+            measured["seconds_to_target"] = (
+                self.seconds_to_target if self.seconds_to_target is not None
+                else 2 * max(self.train_seconds - self.validation_seconds, 0.0)
+            )
+        return measured
 
 
 def write_result(job: dict[str, Any], values: dict[str, Any]) -> None:

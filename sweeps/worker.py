@@ -224,6 +224,8 @@ class Worker:
         for key in MEASURES:
             if result.get(key) is not None:
                 trial.set_user_attr(key, result[key])
+        if "reached_target" in result:
+            trial.set_user_attr("reached_target", result["reached_target"])
         if result.get("run_id"):
             trial.set_user_attr("mlflow_run_id", result["run_id"])
         trial.set_user_attr("log", str(log_path))

@@ -47,6 +47,10 @@ def spec_with(space=None, **settings):
     (None, {"n_trials": 0}, "n_trials=0 must be a positive integer"),
     (None, {"trials": 3}, "sweep setting(s) trials unknown"),
     (None, {"objectives": [{"metric": "val/loss", "direction": "down"}]}, "direction='down' must be minimize or maximize"),
+    (None, {"objectives": ["seconds_to_target"]}, "objective seconds_to_target needs a target"),
+    (None, {"target": {"metric": "val/loss", "value": "low"}}, "with a numeric value"),
+    (None, {"target": {"value": 1.9, "when": "early"}}, "target: unknown setting(s) when"),
+    (None, {"target": {"value": 0.9, "direction": "up"}}, "direction='up' must be minimize or maximize"),
 ])
 def test_bad_sweep_files_are_one_line_errors(space, settings, expected):
     with pytest.raises(ConfigError) as caught:
@@ -168,6 +172,15 @@ def test_objective_values_come_from_metrics_or_measures():
     assert objective_values(last, result) == ([1.6], "")
     values, reason = objective_values(spec_with(objectives=["val/acc"]), result)
     assert values == [] and "'val/acc' was never logged" in reason
+
+
+def test_a_target_is_reached_from_its_side_and_survives_the_trip_to_a_trial():
+    spec = spec_with(objectives=["seconds_to_target"], target={"metric": "val/loss", "value": 1.9})
+    assert spec.target.reached(1.9) and spec.target.reached(1.5) and not spec.target.reached(1.91)
+    accuracy = spec_with(target={"metric": "val/acc", "value": 0.8, "direction": "maximize"}).target
+    assert accuracy.reached(0.85) and not accuracy.reached(0.7)
+    assert type(spec).from_dict(spec.to_dict()).target == spec.target
+    assert spec.space_signature() != spec_with(objectives=["seconds_to_target"], target={"value": 1.8}).space_signature()
 
 
 def test_the_shipped_sweep_files_check_against_their_fit_configs(monkeypatch):

@@ -85,6 +85,23 @@ def test_a_failing_trial_is_one_failed_trial_not_a_dead_study(workdir):
     assert all(Path(t.user_attrs["log"]).is_file() for t in failed)
 
 
+@pytest.mark.parametrize("target", [10.0, 0.001])
+def test_time_to_target_stops_at_the_target_or_counts_a_miss_double(workdir, target):
+    sweep = write_sweep(workdir, "ttt", n_trials=1, objectives=["seconds_to_target"],
+                        target={"metric": "val/loss", "value": target}, space={"model.init_args.lr": {"choices": [3e-3]}})
+    sweeps_command("run", "--config", str(sweep))
+    (trial,) = trials_of("ttt", f"sqlite:///{workdir / 'optuna.db'}")
+    assert trial.state == TrialState.COMPLETE and trial.value == trial.user_attrs["seconds_to_target"] > 0
+    if target == 10.0:  # every loss of the run is below 10: it stops at its first validation (step 10 of 20)
+        assert trial.user_attrs["reached_target"] is True
+        assert trial.value < trial.user_attrs["train_seconds"]
+        assert list(trial.intermediate_values) == [10]  # the target's metric drew the curve
+    else:
+        assert trial.user_attrs["reached_target"] is False
+        assert trial.value > trial.user_attrs["train_seconds"]  # twice its training time, validation left out
+        assert list(trial.intermediate_values) == [10, 20]
+
+
 def test_several_objectives_give_a_pareto_front(workdir):
     sweep = write_sweep(workdir, "front", n_trials=3, objectives=["val/loss", {"metric": "n_parameters"}])
     sweeps_command("run", "--config", str(sweep))
