@@ -25,6 +25,8 @@ DESCRIPTION = (
     "predict: label a table of texts with a fine-tuned classifier (lmexp predict --help); "
     "prompt: classify by prompting a GPT, zero- or few-shot (lmexp prompt --help); "
     "export: write a checkpoint as a Hugging Face transformers folder (lmexp export --help); "
+    "probe: time a run's training steps in 32-true and bf16-mixed and print what --trainer.precision auto "
+    "would choose (lmexp probe --help); "
     "runs: list tracked runs (lmexp runs --help)."
 )
 
@@ -357,10 +359,17 @@ def _predict_verb() -> Any:
     return run_predict
 
 
-# Verbs that need no trainer (nor Lightning's import time): name -> its entry point, imported on use.
+def _probe_verb() -> Any:
+    from lmexp.precision import run_probe
+
+    return run_probe
+
+
+# Verbs that need no trainer (nor Lightning's import time, but for probe): name -> its entry point,
+# imported on use.
 PLAIN_VERBS = {
     "generate": lambda: run_generate, "runs": lambda: run_runs, "predict": _predict_verb, "prompt": _prompt_verb,
-    "export": lambda: run_export,
+    "export": lambda: run_export, "probe": _probe_verb,
 }
 
 

@@ -19,6 +19,7 @@ from lmexp.cli import DESCRIPTION, OneLineErrors
 from lmexp.crossval import CrossValidation, tracking_uri_of
 from lmexp.mlflow_store import check_experiment_name
 from lmexp.objectives import TrainingObjective
+from lmexp.precision import AUTO, PRECISION_HELP, PRECISION_TYPE, PrecisionChoice, resolve_auto_precision
 from lmexp.runs import (
     TRACKING_KEY, Run, RunRecorder, continued_run_dir, default_experiment, new_run_dir, resolve_named_checkpoint,
 )
@@ -28,7 +29,18 @@ NAMED_CHECKPOINTS = ("last", "best", "hpc")  # --ckpt_path values that name a fi
 
 
 class LmexpArgumentParser(OneLineErrors, LightningArgumentParser):
-    """Lightning's parser, reporting a bad flag or value in one line."""
+    """Lightning's parser, reporting a bad flag or value in one line; ``trainer.precision`` also
+    takes ``auto`` (resolved by measurement before the trainer is made: lmexp.precision)."""
+
+    def add_class_arguments(self, class_type: Any, nested_key: str | None = None, *args: Any, **kwargs: Any) -> list[str]:
+        trainer = nested_key == "trainer" and isinstance(class_type, type) and issubclass(class_type, pl.Trainer)
+        if not trainer:
+            return super().add_class_arguments(class_type, nested_key, *args, **kwargs)
+        kwargs["skip"] = {*(kwargs.get("skip") or ()), "precision"}
+        added = super().add_class_arguments(class_type, nested_key, *args, **kwargs)
+        self.groups[nested_key].add_argument("--trainer.precision", type=PRECISION_TYPE, default=None,
+                                             help=PRECISION_HELP)
+        return [*added, "trainer.precision"]
 
 
 def _not_an_advertisement(record: logging.LogRecord) -> bool:
@@ -65,6 +77,7 @@ class LmexpCLI(LightningCLI):
         self.built: Run | CrossValidation | None = None
         self.new_run_dir: Path | None = None
         self.continues_run = False
+        self.precision_choice: PrecisionChoice | None = None  # what trainer.precision=auto chose
         try:
             self._build(args, callbacks, exit_on_error)
         except BaseException:
@@ -157,12 +170,16 @@ class LmexpCLI(LightningCLI):
         if self.check_only or self.folds > 1:
             # Model, data and callbacks are made (their __init__ checks what the schema cannot, such
             # as network_overrides' field names); no trainer, run folder or tracking.
-            self.parser.instantiate_classes(self.config)
+            self.config_init = self.parser.instantiate_classes(self.config)
             return
         super().instantiate_classes()
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         config = self._get(self.config_init, "trainer", default={})
+        if config.get("precision") == AUTO:  # Lightning takes no "auto": measure and decide here
+            self.precision_choice = resolve_auto_precision(self.model, self.datamodule, config,
+                                                           self.config_dict.get("seed_everything"))
+            kwargs["precision"] = self.precision_choice.precision
         logger = config.get("logger") if self.logger_override is None else self.logger_override
         if logger in (True, None):
             logger = MLflowTracker()
@@ -184,7 +201,8 @@ class LmexpCLI(LightningCLI):
         if logger is not False and not any(isinstance(c, LearningRateMonitor) for c in configured):
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         callbacks.append(RunRecorder(self.run_dir, self.experiment, self.config_dict, self.config_yaml,
-                                     self.config[self.subcommand].ckpt_path, self.source_run.get("run_id")))
+                                     self.config[self.subcommand].ckpt_path, self.source_run.get("run_id"),
+                                     self.precision_choice.params() if self.precision_choice else None))
         return super().instantiate_trainer(logger=logger, callbacks=callbacks, **kwargs)
 
     def _bind_tracker(self, tracker: MLflowTracker) -> None:

@@ -356,16 +356,19 @@ class RunRecorder(pl.Callback):
     Every logger gets the flattened config as hyperparameters; an ``MLflowTracker`` also gets
     tags (objective, preset, dataset, tokenizer, git), system info, data statistics, the model's
     resolved config and size, the tokenizer, samples, the best export and a loss-curve PNG.
+    ``run_params`` are further params of the run (what ``trainer.precision=auto`` measured and chose).
     """
 
     def __init__(self, run_dir: Path, experiment: str, config: dict[str, Any], config_yaml: str,
-                 ckpt_path: str | None = None, source_run_id: str | None = None) -> None:
+                 ckpt_path: str | None = None, source_run_id: str | None = None,
+                 run_params: Mapping[str, str] | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.experiment = experiment
         self.config = config
         self.config_yaml = config_yaml
         self.ckpt_path = ckpt_path
         self.source_run_id = source_run_id
+        self.run_params = dict(run_params or {})
         self._model_recorded = False
         self._recording = False
 
@@ -401,7 +404,7 @@ class RunRecorder(pl.Callback):
         if self.source_run_id and self.source_run_id != tracker.resume_run_id:
             tags["evaluated_run_id" if stage != "fit" else "started_from_run_id"] = self.source_run_id
         tracker.set_tags(tags)
-        params = system_info(trainer)
+        params = {**system_info(trainer), **self.run_params}
         cache = getattr(datamodule, "cache", None)
         if cache is not None:
             cleaning = cache.meta.get("cleaning", {})

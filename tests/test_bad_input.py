@@ -263,7 +263,7 @@ def test_generate_on_a_file_that_is_not_a_checkpoint(tmp_path, capsys, kind):
     [
         (["--model.lr", "abc"], "--model.lr: expected float, got 'abc' (see lmexp fit --help)"),
         (["--data.batch_size", "x"], "--data.batch_size: expected int, got 'x'"),
-        (["--model.optimizer", "sgd"], "--model.optimizer: expected one of 'adamw', 'adamw8bit', got 'sgd'"),
+        (["--model.optimizer", "sgd"], "--model.optimizer: expected one of 'adamw', 'adamw8bit', 'muon', got 'sgd'"),
         (["--trainer.max_stepz", "5"], "unrecognized arguments: --trainer.max_stepz 5 (see lmexp fit --help)"),
         # Lightning's own check of a trainer setting, raised as the Trainer is built.
         (["--trainer.max_steps", "-5"], "`max_steps` must be a non-negative integer or -1"),
