@@ -9,12 +9,14 @@ that the trainer, the LR schedule, gradient clipping and checkpoints see a singl
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
+from lmexp.hardware import cpu_has_bf16_units
 from lmexp.models.layers import Block
 
 
@@ -35,6 +37,58 @@ def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
     return matrices
 
 
+def orthogonalize_fp32(update: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+    """Muon's quintic Newton-Schulz iteration, as torch's, in fp32 instead of bf16."""
+    a, b, c = group["ns_coefficients"]
+    x = update.float()
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=group["eps"])
+    for _ in range(group["ns_steps"]):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+class Fp32Muon(torch.optim.Muon):
+    """``torch.optim.Muon`` with its Newton-Schulz iteration in fp32, for CPUs without bf16 units.
+
+    torch always orthogonalizes in bf16, which such CPUs emulate: a 4-layer, 128-dim GPT's
+    matrices took 1.6 s a step on an AVX2-only CPU, against 0.13 s in fp32. The update is otherwise
+    torch's (momentum, Nesterov, the learning-rate adjustment, decoupled decay) and the state is
+    the same ``momentum_buffer``, so checkpoints move between the two.
+    """
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, decay, momentum = group["lr"], group["weight_decay"], group["momentum"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(param.grad, memory_format=torch.preserve_format)
+                buffer = state["momentum_buffer"]
+                buffer.lerp_(param.grad, 1 - momentum)
+                update = param.grad.lerp(buffer, momentum) if group["nesterov"] else buffer
+                update = orthogonalize_fp32(update, group)
+                A, B = param.shape[:2]
+                scale = (
+                    0.2 * math.sqrt(max(A, B))
+                    if group["adjust_lr_fn"] == "match_rms_adamw"
+                    else math.sqrt(max(1, A / B))
+                )
+                param.mul_(1 - lr * decay)
+                param.add_(update.to(param.dtype), alpha=-lr * scale)
+        return loss
+
+
 class MuonWithAdamW(torch.optim.Optimizer):
     """Muon over ``muon_groups`` and AdamW over ``adamw_groups``, stepped together.
 
@@ -42,7 +96,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
     sets both learning rates; the state is one dict shared by both (their parameters are
     disjoint), so ``state_dict``/``load_state_dict`` and device moves work as for any optimizer.
     Muon's step size is adjusted to match AdamW's update RMS (``match_rms_adamw``), so the same
-    learning rate and weight decay suit both halves.
+    learning rate and weight decay suit both halves. On a CPU without bf16 units Muon
+    orthogonalizes in fp32 (``Fp32Muon``).
     """
 
     def __init__(
@@ -55,7 +110,10 @@ class MuonWithAdamW(torch.optim.Optimizer):
         momentum: float = 0.95,
         fused: bool | None = None,
     ) -> None:
-        self.muon = torch.optim.Muon(list(muon_groups), lr=muon_lr, momentum=momentum, adjust_lr_fn="match_rms_adamw")
+        muon_groups = list(muon_groups)
+        on_cpu = all(p.device.type == "cpu" for group in muon_groups for p in group["params"])
+        muon = Fp32Muon if on_cpu and not cpu_has_bf16_units() else torch.optim.Muon
+        self.muon = muon(muon_groups, lr=muon_lr, momentum=momentum, adjust_lr_fn="match_rms_adamw")
         self.adamw = torch.optim.AdamW(list(adamw_groups), lr=lr, betas=betas, fused=fused)
         super().__init__(self.muon.param_groups + self.adamw.param_groups, defaults={})
         self._link()

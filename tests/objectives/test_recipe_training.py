@@ -11,7 +11,7 @@ import torch
 from lmexp import CausalLM, TextDataModule
 from lmexp.errors import ConfigError
 from lmexp.objectives import warmup_cosine, warmup_stable_decay
-from lmexp.objectives.optimizers import MuonWithAdamW
+from lmexp.objectives.optimizers import Fp32Muon, MuonWithAdamW
 
 
 def test_wsd_warms_up_holds_the_peak_then_decays_linearly_to_the_floor():
@@ -113,3 +113,32 @@ def test_muon_refuses_a_network_without_transformer_blocks():
     objective = CausalLM("lstm-small", network_overrides={"vocab_size": 40}, optimizer="muon")
     with pytest.raises(ConfigError, match="optimizer='muon' .* lstm network has none: use optimizer 'adamw'"):
         objective.build_optimizer()
+
+
+def test_fp32_muon_takes_torchs_step_up_to_bf16_rounding():
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(48, 16)), torch.nn.Parameter(torch.randn(16, 40))]
+    twins = [torch.nn.Parameter(w.detach().clone()) for w in weights]
+    starts = [w.detach().clone() for w in weights]
+    settings = {"lr": 0.02, "weight_decay": 0.1, "momentum": 0.95, "adjust_lr_fn": "match_rms_adamw"}
+    ours, torchs = Fp32Muon(weights, **settings), torch.optim.Muon(twins, **settings)
+    for _ in range(3):
+        grads = [torch.randn_like(w) for w in weights]
+        for params, optimizer in ((weights, ours), (twins, torchs)):
+            for param, grad in zip(params, grads):
+                param.grad = grad.clone()
+            optimizer.step()
+    for mine, theirs, start in zip(weights, twins, starts):
+        moved = (theirs.detach() - start).abs().max()
+        # torch orthogonalizes in bf16 (about 3 significant digits): the two agree to that precision.
+        assert (mine.detach() - theirs.detach()).abs().max() < 0.02 * moved
+    assert set(ours.state[weights[0]]) == set(torchs.state[twins[0]]) == {"momentum_buffer"}
+
+
+def test_muon_orthogonalizes_in_fp32_on_a_cpu_without_bf16_units(monkeypatch):
+    from lmexp.objectives import optimizers
+
+    monkeypatch.setattr(optimizers, "cpu_has_bf16_units", lambda: False)
+    assert type(muon_objective().build_optimizer().muon) is Fp32Muon
+    monkeypatch.setattr(optimizers, "cpu_has_bf16_units", lambda: True)
+    assert type(muon_objective().build_optimizer().muon) is torch.optim.Muon
