@@ -565,14 +565,17 @@ def main() -> None:
         "--results-dir", type=Path, default=ROOT / "benchmarks" / "results", help="where the plot and the JSON go"
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, checkpoints)")
+    parser.add_argument("--no-nanogpt", action="store_true",
+                        help="lmexp runs only (comparing lmexp options with each other on the same evaluation)")
+    parser.add_argument("--title", default=None, help="title of the BENCHMARKS.md entry")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
         worker(args.worker)
         return
-    if args.nanogpt_dir is None or args.source is None:
-        parser.error("--nanogpt-dir and --source are required")
+    if args.source is None or (args.nanogpt_dir is None and not args.no_nanogpt):
+        parser.error("--source and (unless --no-nanogpt) --nanogpt-dir are required")
 
     from benchmarks.report import BENCHMARKS_FILE, append_entry, markdown_table
 
@@ -594,15 +597,18 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-nanogpt-"))
     print(f"work folder (logs): {work}", flush=True)
     train_text, val_text = split_text(args.source)
-    prepare_nanogpt_data(args.nanogpt_dir.resolve(), args.source, val_text)
+    if not args.no_nanogpt:
+        prepare_nanogpt_data(args.nanogpt_dir.resolve(), args.source, val_text)
     files = {"train_file": str(work / "train.txt"), "val_file": str(work / "val.txt")}
     Path(files["train_file"]).write_text(train_text, encoding="utf-8")
     Path(files["val_file"]).write_text(val_text, encoding="utf-8")
     os.environ["LMEXP_CACHE_DIR"] = str(work / "cache")
 
-    args.nanogpt_dir = args.nanogpt_dir.resolve()
-    runs = [run_nanogpt(args, size, eval_interval, work)]
-    print({k: v for k, v in runs[0].items() if k not in ("curve", "train_loss")}, flush=True)
+    runs = []
+    if not args.no_nanogpt:
+        args.nanogpt_dir = args.nanogpt_dir.resolve()
+        runs.append(run_nanogpt(args, size, eval_interval, work))
+        print({k: v for k, v in runs[0].items() if k not in ("curve", "train_loss")}, flush=True)
     for spec in specs:
         runs.append(run_lmexp(args, spec, files, eval_tokens, work))
         print({k: v for k, v in runs[-1].items() if k != "curve"}, flush=True)
@@ -613,7 +619,7 @@ def main() -> None:
                 flush=True,
             )
 
-    nano = runs[0]
+    nano = None if args.no_nanogpt else runs[0]
     base = next((r for r in runs if r["name"] == baseline), None)
     rows = [
         [
@@ -626,7 +632,7 @@ def main() -> None:
             f"{r['train_s']:.1f}",
             f"{1000 * r['train_s'] / max(r['steps'], 1):.1f}",
             f"{r['process_s']:.1f}",
-            ratio(r, nano),
+            *([] if nano is None else [ratio(r, nano)]),
             ratio(r, base) if r["kind"] == "lmexp" else "",
         ]
         for r in runs
@@ -642,18 +648,19 @@ def main() -> None:
             "train s (no eval)",
             "ms/step",
             "process s",
-            "time vs nanoGPT",
+            *([] if nano is None else ["time vs nanoGPT"]),
             f"time vs {baseline}" if baseline else "time vs baseline",
         ],
         rows,
     )
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    image = args.results_dir / f"nanogpt_{args.size}.png"
+    stem = f"nanogpt_{args.size}" if nano is not None else f"lmexp_options_{args.size}"
+    image = args.results_dir / f"{stem}.png"
     plot(runs, args.size, args.target, image)
     command = "python benchmarks/bench_nanogpt.py " + shlex.join(sys.argv[1:])
     from lmexp.hardware import cpu_model
 
-    results_file = args.results_dir / f"nanogpt_{args.size}.json"
+    results_file = args.results_dir / f"{stem}.json"
     results_file.write_text(
         json.dumps(
             {
@@ -673,16 +680,20 @@ def main() -> None:
     )
     shown = image.resolve().relative_to(ROOT) if image.resolve().is_relative_to(ROOT) else image.resolve()
     lmexp_runs = [r for r in runs if r["kind"] == "lmexp"]
-    notes = (
-        f"\n\nnanoGPT: median iteration {nano['median_iter_ms']:.1f} ms; its val loss is its own estimate "
+    nano_note = "" if nano is None else (
+        f"nanoGPT: median iteration {nano['median_iter_ms']:.1f} ms; its val loss is its own estimate "
         f"({args.nanogpt_eval_iters or size['eval_iters']} batches of {size['batch_size']} random {size['block_size']}"
-        f"-character windows of val.bin), every {eval_interval} steps. lmexp: mean cross entropy over "
+        f"-character windows of val.bin), every {eval_interval} steps. "
+    )
+    notes = (
+        f"\n\n{nano_note}lmexp: mean cross entropy over "
         + ", ".join(f"{r['name']} {r['val_windows']:,} windows of {r['block_size']}" for r in lmexp_runs)
         + f" of the same val text, every {eval_tokens:,} training tokens. Train s excludes evaluations; process s "
         f"runs from process start to the final evaluation. Curves: ![val loss, {args.size}]({shown})"
     )
+    title = f"Time to val loss {args.target} against nanoGPT's train.py, Tiny Shakespeare {args.size}"
     append_entry(
-        f"Time to val loss {args.target} against nanoGPT's train.py, Tiny Shakespeare {args.size}",
+        args.title or (title if nano is not None else f"Time to val loss {args.target}, lmexp options, {args.size}"),
         command,
         table + notes,
         Path(args.output or BENCHMARKS_FILE),
