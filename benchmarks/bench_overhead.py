@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--lmexp-args", nargs="*", default=[], help="extra CLI overrides for the lmexp jobs")
     parser.add_argument("--top", type=int, default=12, help="profile rows shown")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per job")
+    parser.add_argument("--title", default="Framework overhead per step on the recipe model")
     parser.add_argument("--output", default=None, help="markdown file to append to (default BENCHMARKS.md)")
     args = parser.parse_args()
 
@@ -101,7 +102,7 @@ def main() -> None:
                   "the heaviest actions that run every step, in ms per step (nested actions overlap).\n\n")
         table += markdown_table(["action", "ms/step", "calls"], prof)
     command = "python benchmarks/bench_overhead.py " + " ".join(sys.argv[1:])
-    append_entry("Framework overhead per step on the recipe model", command, table, Path(args.output or BENCHMARKS_FILE))
+    append_entry(args.title, command, table, Path(args.output or BENCHMARKS_FILE))
 
 
 if __name__ == "__main__":

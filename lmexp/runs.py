@@ -48,6 +48,9 @@ from lmexp.tracking import MLflowTracker, tracker_of
 VERBS = ("fit", "validate", "test")
 RUN_DIR_VARIABLE = "LMEXP_RUN_DIR"  # tells the other ranks of a DDP run which folder rank 0 chose
 TRACKING_KEY = "lmexp_run"  # checkpoint entry: the MLflow run a resumed fit continues
+# Longest wait, before the first training step, for MLflow's start to finish: beside the first
+# steps it took 20-30% of their speed on 2 cores (BENCHMARKS.md, bench_overhead.py).
+SETTLE_SECONDS = 30.0
 
 
 @dataclass
@@ -429,6 +432,11 @@ class RunRecorder(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._record_model(trainer, pl_module)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        tracker = tracker_of(trainer)
+        if tracker is not None and trainer.is_global_zero and not tracker.settle(SETTLE_SECONDS):
+            rank_zero_info(f"MLflow is still starting after {SETTLE_SECONDS} s: training starts beside it")
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._record_model(trainer, pl_module)

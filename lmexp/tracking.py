@@ -213,6 +213,17 @@ class MLflowTracker(Logger):
         self._queue.put(_STOP)  # the thread ends; logging again (a test after a fit) reopens the run
         self._thread.join(timeout=10)
 
+    def settle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the records so far to be sent (or journaled),
+        without giving up on the store; True if they were. Training waits here so that MLflow's
+        start (its import, the store's set-up, the run's params and files) does not run beside
+        the first steps, where it takes a core from the training threads."""
+        if self._thread is None or not self._thread.is_alive():
+            return True
+        done = threading.Event()
+        self._queue.put(("flush", done))
+        return done.wait(timeout)
+
     def flush(self, timeout: float = 120.0) -> None:
         """Wait until every record so far is sent or kept in the journal.
 

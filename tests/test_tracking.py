@@ -295,6 +295,51 @@ def test_the_tracker_never_makes_training_wait_for_the_store(tmp_path: Path, mon
     tracker.finalize("success")
 
 
+def test_training_waits_a_bounded_time_for_mlflows_start_and_never_gives_up_on_it(tmp_path: Path, monkeypatch):
+    """Training starts once the start-up records are sent (they would otherwise run beside the
+    first steps); a store slower than the wait is waited for no longer, and still gets them."""
+    import threading
+
+    from lmexp import mlflow_store
+    from lmexp.tracking import MLflowTracker
+
+    release, applied = threading.Event(), []
+
+    def slow_connect(self):
+        release.wait(30)
+        self.client, self.run_id = object(), "the-run"
+
+    monkeypatch.setattr(mlflow_store.TrackingStore, "connect", slow_connect)
+    monkeypatch.setattr(mlflow_store.TrackingStore, "apply", lambda self, record: applied.append(record["kind"]))
+    tracker = MLflowTracker(tracking_uri="http://127.0.0.1:9", experiment_name="e", run_name="r", save_dir=str(tmp_path))
+    tracker.log_hyperparams({"lr": 0.1})
+    assert tracker.settle(0.2) is False and applied == []  # still starting: the wait ends, the tracker goes on
+    release.set()
+    assert tracker.settle(30) is True and applied  # sent: nothing was dropped by the timed-out wait
+    assert not tracker._abandoned
+    tracker.finalize("success")
+
+
+def test_a_fit_starts_training_after_the_tracker_has_sent_its_start(tmp_path: Path, monkeypatch):
+    import lightning.pytorch as pl
+
+    from lmexp.tracking import MLflowTracker
+
+    calls = []
+    original = MLflowTracker.settle
+    monkeypatch.setattr(MLflowTracker, "settle", lambda self, timeout: calls.append(timeout) or original(self, timeout))
+
+    class FirstStep(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 0:
+                calls.append("first step")
+
+    from lmexp.runs import SETTLE_SECONDS, build
+
+    build("fit", args=tracked_args(tmp_path, steps=3)[1:], callbacks=[FirstStep()]).execute()
+    assert calls == [SETTLE_SECONDS, "first step"]
+
+
 def test_a_finished_runs_client_does_not_reopen_it(tmp_path: Path):
     from lmexp.runs import build
 
