@@ -37,6 +37,14 @@ def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
     return matrices
 
 
+def run_closure(closure: Callable[[], float] | None) -> float | None:
+    """What an optimizer's step does first: re-evaluate the loss with gradients on, if asked."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def orthogonalize_fp32(update: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
     """Muon's quintic Newton-Schulz iteration, as torch's, in fp32 instead of bf16."""
     a, b, c = group["ns_coefficients"]
@@ -62,10 +70,7 @@ class Fp32Muon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for group in self.param_groups:
             lr, decay, momentum = group["lr"], group["weight_decay"], group["momentum"]
             for param in group["params"]:
@@ -131,10 +136,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         self.muon.step()
         self.adamw.step()
         return loss

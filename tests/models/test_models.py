@@ -203,8 +203,9 @@ def test_bert_is_bidirectional_and_heads_have_right_shapes():
 
 
 @pytest.mark.parametrize("position", ["learned", "rotary"])
-def test_bert_padding_is_ignored(position):
-    model = BERT(tiny("bert", position=position)).eval()
+@pytest.mark.parametrize("options", [{}, {"qk_norm": True, "activation": "relu2"}], ids=["plain", "qk_norm-relu2"])
+def test_bert_padding_is_ignored(position, options):
+    model = BERT(tiny("bert", position=position, **options)).eval()
     ids = random_ids(2, 10)
     mask = torch.ones(2, 10, dtype=torch.long)
     mask[0, 7:] = 0
