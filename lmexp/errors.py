@@ -46,3 +46,7 @@ def find_user_error(err: BaseException) -> LmexpError | None:
         seen.add(id(current))
         current = current.__cause__ or current.__context__
     return None
+
+
+class StorageError(LmexpError, OSError):
+    """A file could not be written (disk full, no permission): names the path and what it needed."""
