@@ -18,6 +18,8 @@ from typing import Any, NoReturn
 
 from lmexp.errors import LmexpError, find_user_error
 
+INCOMPLETE = 3  # exit status of a run or worker that left its study short of n_trials
+
 
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
@@ -108,16 +110,20 @@ def run_command(args: argparse.Namespace) -> None:
 
     report(study, spec, out)
     parent.log_artifacts(out)
-    parent.end("KILLED" if stopped else "FINISHED")
+    short = incomplete(study, spec, f"python -m sweeps run --config {args.config} --resume")
+    parent.end("KILLED" if stopped else "FAILED" if short else "FINISHED")
     print(f"study {spec.study}: {len(study.trials)} trials in {elapsed:.0f} s; report in {out}; "
           f"dashboard: optuna-dashboard {shown_url(storage_url)}", flush=True)
     if stopped:
         print(f"interrupted: continue with python -m sweeps run --config {args.config} --resume", file=sys.stderr)
         raise SystemExit(130)
+    if short:
+        print(short, file=sys.stderr)
+        raise SystemExit(INCOMPLETE)
 
 
 def worker_command(args: argparse.Namespace) -> None:
-    from sweeps.study import check_space, default_storage, load, open_storage, stored_spec
+    from sweeps.study import check_space, default_storage, load, open_storage, shown_url, stored_spec
 
     storage_url = args.storage or default_storage()
     storage = open_storage(storage_url, heartbeat_seconds=args.heartbeat)
@@ -129,6 +135,11 @@ def worker_command(args: argparse.Namespace) -> None:
     root = study_root(config, spec.study)
     if _work(spec, study, storage, storage_url, root, threads, config, index=index, heartbeat=args.heartbeat):
         raise SystemExit(130)
+    short = incomplete(study, spec, f"python -m sweeps run --config FILE --resume, or python -m sweeps worker "
+                                    f"--study {spec.study} --storage {shown_url(storage_url)}")
+    if short:
+        print(short, file=sys.stderr)
+        raise SystemExit(INCOMPLETE)
 
 
 def report_command(args: argparse.Namespace) -> None:
@@ -145,6 +156,21 @@ def report_command(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------- helpers
+def incomplete(study: Any, spec: Any, resume: str) -> str:
+    """One line saying how many trials a study lacks and how to continue it; empty when none."""
+    from optuna.trial import TrialState
+
+    from sweeps.study import missing_trials
+
+    missing = missing_trials(study, spec)
+    if not missing:
+        return ""
+    running = [str(t.number) for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+    still = f" (trial {', '.join(running)} still running)" if running else ""
+    return (f"error: study {spec.study} is incomplete: {missing} of its {spec.n_trials} trials are missing{still}; "
+            f"continue it with {resume}")
+
+
 def study_root(config: dict[str, Any], study: str) -> Path:
     """Where a study's trial folders go: the fit config's default_root_dir, else runs/<study>."""
     root = (config.get("trainer") or {}).get("default_root_dir") or Path("runs") / study
@@ -192,7 +218,7 @@ def _spawn_workers(spec: Any, storage_url: str, threads: int, heartbeat: int) ->
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    failed = [code for code in codes if code not in (0, 130)]
+    failed = [code for code in codes if code not in (0, 130, INCOMPLETE)]  # the run says what is missing
     if failed:
         print(f"warning: {len(failed)} worker(s) ended with status {failed}", file=sys.stderr)
     return bool(stopped) or 130 in codes

@@ -21,15 +21,20 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from sweeps.spec import SweepSpec
+from sweeps.study import retried_trial_number
 
 log = logging.getLogger(__name__)
 
 
 def trial_rows(study: optuna.Study, spec: SweepSpec) -> list[dict[str, Any]]:
-    """One row per trial: number, state, values, parameters, size, time and why it failed."""
+    """One row per trial: number, state, the trial it retries, values, parameters, size, time and why it failed."""
     rows = []
-    for trial in study.get_trials(deepcopy=False):
+    trials = study.get_trials(deepcopy=False)
+    retries = {t.number: retried_trial_number(t) for t in trials}
+    for trial in trials:
         row: dict[str, Any] = {"trial": trial.number, "state": trial.state.name.lower()}
+        if any(n is not None for n in retries.values()):  # a dead worker's trial, run again as this one
+            row["retry_of"] = retries[trial.number]
         values = trial.values or [None] * len(spec.objectives)
         for objective, value in zip(spec.objectives, values):
             row[objective.metric] = value

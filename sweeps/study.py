@@ -279,20 +279,26 @@ def record_heartbeat(storage: optuna.storages.BaseStorage, trial_id: int) -> Non
         storage.set_trial_user_attr(trial_id, HEARTBEAT_ATTR, time.time())
 
 
-def fail_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStorage, heartbeat_seconds: int | None) -> None:
-    """Fail the running trials whose worker stopped beating and queue each to run again.
+def fail_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStorage,
+                      heartbeat_seconds: int | None) -> list[int]:
+    """Fail the running trials whose worker stopped beating and queue each to run again; return
+    the numbers of the trials failed (the caller ends their MLflow runs, which no one else will).
 
     Database storages do it with Optuna's own heartbeat and ``RetryHeartbeatStaleTrialCallback``;
     for a journal storage a trial is stale when its heartbeat attribute is older than
     ``STALE_AFTER_BEATS`` beats, and its parameters are queued again with ``enqueue_trial``.
     """
     if isinstance(storage, RDBStorage):
+        running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        if not running:
+            return []
         optuna.storages.fail_stale_trials(study)
-        return
+        return [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number in running]
     if not heartbeat_seconds:
-        return
+        return []
     study_id = storage.get_study_id_from_name(study.study_name)
     now = time.time()
+    failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         beat = trial.user_attrs.get(HEARTBEAT_ATTR)
         if beat is None or now - beat < STALE_AFTER_BEATS * heartbeat_seconds:
@@ -305,6 +311,14 @@ def fail_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStorage,
         except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
             continue  # another worker failed it first
         study.enqueue_trial(trial.params, user_attrs={RETRY_OF_ATTR: trial.number}, skip_if_exists=False)
+        failed.append(trial.number)
+    return failed
+
+
+def heartbeat_age(trial: FrozenTrial) -> float | None:
+    """Seconds since a journal study's running trial last beat (None where Optuna keeps the beats)."""
+    beat = trial.user_attrs.get(HEARTBEAT_ATTR)
+    return None if beat is None else max(0.0, time.time() - beat)
 
 
 def retried_trial_number(trial: FrozenTrial) -> int | None:
@@ -320,3 +334,25 @@ def counted_trials(trials: Sequence[FrozenTrial]) -> int:
     interrupted = sum(1 for t in trials if t.state == TrialState.FAIL and t.user_attrs.get(FAIL_REASON_ATTR) == INTERRUPTED)
     started = sum(1 for t in trials if t.state != TrialState.WAITING)
     return started - retries - interrupted
+
+
+
+def finished_trials(trials: Sequence[FrozenTrial]) -> int:
+    """Trials that are done for good: complete, pruned, or failed for a reason of their own
+    (not interrupted by Ctrl-C, not a dead worker's trial that a retry runs again)."""
+    retried = {retried_trial_number(t) for t in trials} - {None}
+
+    def done(trial: FrozenTrial) -> bool:
+        if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+            return True
+        return (trial.state == TrialState.FAIL and trial.number not in retried
+                and trial.user_attrs.get(FAIL_REASON_ATTR) != INTERRUPTED)
+
+    return sum(1 for t in trials if done(t))
+
+
+def missing_trials(study: optuna.Study, spec: SweepSpec) -> int:
+    """How many trials the study still lacks to reach ``n_trials`` (0 once a grid is done)."""
+    if spec.n_trials is None or exhausted(study):
+        return 0
+    return max(0, spec.n_trials - finished_trials(study.get_trials(deepcopy=False)))

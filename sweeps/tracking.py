@@ -71,7 +71,7 @@ class StudyRun:
         return self._client
 
     def _safely(self, action: str, *calls: tuple[Any, ...]) -> None:
-        if self.run_id is None or self.client is None:
+        if self.client is None:
             return
         try:
             for method, *args in calls:
@@ -82,19 +82,23 @@ class StudyRun:
                 log.warning(f"MLflow: could not {action} in {self.tracking_uri}: {str(err).splitlines()[0]}")
 
     def trial_finished(self, study: optuna.Study, outcome: Outcome) -> None:
-        """Tag the trial's run with its state and value; put the study's best so far on the parent."""
+        """Tag the trial's run with its state and value (a failed trial's run ends FAILED or KILLED);
+        put the study's best so far on the parent."""
         from optuna.trial import TrialState
 
         if self.client is None:  # tracking off
             return
-        trial_run = outcome.result.get("run_id")
-        if trial_run:
+        if outcome.state == TrialState.FAIL:
+            self.end_trial_run(study.study_name, outcome.number, outcome.reason, outcome.end_status,
+                               outcome.result.get("run_id"))
+        elif outcome.result.get("run_id"):
             tags = {"optuna.state": outcome.state.name}
             if outcome.values:
                 tags["optuna.values"] = ", ".join(f"{v:.6g}" for v in outcome.values)
-            if outcome.reason:
-                tags["optuna.reason"] = outcome.reason[:500]
-            self._safely("tag the trial's run", *[(self.client.set_tag, trial_run, k, v) for k, v in tags.items()])
+            self._safely("tag the trial's run", *[(self.client.set_tag, outcome.result["run_id"], k, v)
+                                                  for k, v in tags.items()])
+        if self.run_id is None:  # the study's own run was never made
+            return
         trials = study.get_trials(deepcopy=False)
         counts = {state: sum(1 for t in trials if t.state == state)
                   for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
@@ -117,12 +121,41 @@ class StudyRun:
             calls.append((self.client.set_tag, self.run_id, "pareto_front_trials", front))
         self._safely("update the study's run", *calls)
 
+    def end_trial_run(self, study_name: str, number: int, reason: str, status: str = "FAILED",
+                      run_id: str | None = None) -> None:
+        """Mark a failed trial's run FAILED or KILLED. A trial process killed by a signal, or a dead
+        worker's trial, cannot end its own run, which would otherwise stay RUNNING forever. Without
+        the ``run_id`` the trial reported, its run is found by its ``optuna.*`` tags."""
+        if self.client is None:  # tracking off
+            return
+
+        def end() -> None:
+            runs = [self.client.get_run(run_id)] if run_id else self._trial_runs(study_name, number)
+            for run in runs:
+                self.client.set_tag(run.info.run_id, "optuna.state", "FAIL")
+                if reason:
+                    self.client.set_tag(run.info.run_id, "optuna.reason", reason[:500])
+                if run.info.status not in ("FAILED", "KILLED"):  # a finished run whose metric is missing too
+                    self.client.set_terminated(run.info.run_id, status)
+
+        self._safely("end the failed trial's run", (end,))
+
+    def _trial_runs(self, study_name: str, number: int) -> list[Any]:
+        experiment = self.client.get_experiment_by_name(study_name)
+        if experiment is None:
+            return []
+        found = [f"tags.`optuna.trial` = '{number}'", f"tags.`optuna.study` = '{study_name}'",
+                 "attributes.status = 'RUNNING'"]
+        if self.run_id:  # only this study's runs, should an older study of the same name have tracked here
+            found.append(f"tags.`mlflow.parentRunId` = '{self.run_id}'")
+        return self.client.search_runs([experiment.experiment_id], filter_string=" and ".join(found))
+
     def log_artifacts(self, folder: Path, artifact_path: str = "report") -> None:
-        if self.client is not None:
+        if self.client is not None and self.run_id:
             self._safely("upload the report", (self.client.log_artifacts, self.run_id, str(folder), artifact_path))
 
     def end(self, status: str = "FINISHED") -> None:
-        if self.client is not None:
+        if self.client is not None and self.run_id:
             self._safely("end the study's run", (self.client.set_terminated, self.run_id, status))
 
 

@@ -36,7 +36,9 @@ from sweeps.study import (
     counted_trials,
     exhausted,
     fail_stale_trials,
+    heartbeat_age,
     record_heartbeat,
+    retried_trial_number,
     shown_url,
     suggest,
 )
@@ -51,6 +53,7 @@ class Outcome:
     reason: str
     seconds: float
     result: dict[str, Any]
+    end_status: str = "FAILED"  # how a failed trial's MLflow run ends: FAILED, or KILLED by a signal or Ctrl-C
 
 
 class Worker:
@@ -73,6 +76,8 @@ class Worker:
         self.tracking = StudyRun.attach(spec, study.user_attrs.get(PARENT_RUN_ATTR))
         self._child: subprocess.Popen | None = None
         self.stopped = False  # by Ctrl-C or SIGTERM
+        self._grid_done_said = False
+        self._waited: tuple[set[int], float] = (set(), 0.0)  # the trials last named in a waiting line, and when
 
     # ------------------------------------------------------------------------------ the loop
     def run(self) -> list[Outcome]:
@@ -88,6 +93,8 @@ class Worker:
                     break
                 trial = self._ask()
                 if trial is None:
+                    if self._wait_for_others():
+                        continue  # asked again: the trial waited for is done, or failed and queued again
                     break
                 outcomes.append(self._run(trial))
                 if self._hopeless(outcomes):
@@ -118,15 +125,61 @@ class Worker:
     def _ask(self) -> optuna.Trial | None:
         # Counting and asking under one lock: workers on this host never start more than n_trials.
         with self._trial_slot():
-            fail_stale_trials(self.study, self.storage, self.heartbeat_seconds)  # a dead worker's: failed, queued again
-            if self.spec.n_trials is not None:
-                trials = self.study.get_trials(deepcopy=False)
-                if counted_trials(trials) >= self.spec.n_trials:
-                    return None
-            if exhausted(self.study):
-                self.say(f"{self.name}: every point of the grid has been tried")
+            self._fail_stale_trials()
+            trials = self.study.get_trials(deepcopy=False)
+            if self.spec.n_trials is not None and counted_trials(trials) >= self.spec.n_trials:
                 return None
-            return self.study.ask()
+            queued = any(t.state == TrialState.WAITING for t in trials)  # a retry runs even when the grid is done
+            if not queued and exhausted(self.study):
+                if not self._grid_done_said:
+                    self._grid_done_said = True
+                    self.say(f"{self.name}: every point of the grid has been tried")
+                return None
+            trial = self.study.ask()
+            if self.heartbeat_seconds:  # alive from the start: a trial with no beat is never taken for stale
+                record_heartbeat(self.storage, self._trial_id(trial.number))
+            return trial
+
+    def _trial_id(self, number: int) -> int:
+        return self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
+
+    def _fail_stale_trials(self) -> None:
+        """Fail the trials of dead workers (each is queued to run again) and end their MLflow runs."""
+        for number in fail_stale_trials(self.study, self.storage, self.heartbeat_seconds):
+            trial = self.storage.get_trial(self._trial_id(number))
+            reason = trial.user_attrs.get(FAIL_REASON_ATTR) or "its worker stopped beating"
+            self.say(f"{self.name}: trial {number} of {trial.user_attrs.get('worker', 'a worker')} failed: {reason}; "
+                     "it runs again")
+            self.tracking.end_trial_run(self.study.study_name, number, reason, "KILLED",
+                                        trial.user_attrs.get("mlflow_run_id"))
+
+    def _wait_for_others(self, report_every: float = 30.0) -> bool:
+        """While trials of other workers run, wait one poll and return True; False when none runs.
+
+        The study is done only when every trial has ended: a live worker's trial is counted, and a
+        dead worker's goes stale here, is failed and queued again, and this worker runs it. Without
+        heartbeats a dead worker cannot be told from a slow one, so nothing is waited for.
+        """
+        running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if not running or self.stopped:
+            return False
+        if not self.heartbeat_seconds:
+            self.say(f"{self.name}: not waiting for trial(s) {', '.join(str(t.number) for t in running)} of other "
+                     "workers: heartbeats are off (--heartbeat 0), so a dead worker's trial cannot be told apart")
+            return False
+        numbers = {t.number for t in running}
+        named, when = self._waited
+        if numbers != named or time.monotonic() - when >= report_every:
+            self._waited = (numbers, time.monotonic())
+            for trial in running:
+                age = heartbeat_age(trial)
+                since = (f"last heartbeat {age:.0f} s ago" if age is not None else
+                         f"running {time.time() - trial.datetime_start.timestamp():.0f} s"
+                         if trial.datetime_start else "running")
+                self.say(f"{self.name}: waiting for trial {trial.number} "
+                         f"({trial.user_attrs.get('worker', 'another worker')}, {since})")
+        time.sleep(min(float(self.heartbeat_seconds), 5.0))
+        return True
 
     @contextlib.contextmanager
     def _trial_slot(self) -> Iterator[None]:
@@ -144,7 +197,7 @@ class Worker:
         overrides = suggest(trial, self.spec)
         trial.set_user_attr("overrides", overrides)
         trial.set_user_attr("worker", self.name)
-        trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, trial.number)
+        trial_id = self._trial_id(trial.number)
         run_name = self._run_name(trial.number)
         log_path = self.root / "logs" / f"{run_name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -170,6 +223,9 @@ class Worker:
         tags = {"optuna.study": self.study.study_name, "optuna.trial": str(trial.number),
                 "optuna.storage": shown_url(self.storage_url), "sweep.worker": self.name}
         tags.update({f"optuna.param.{k}": str(v) for k, v in trial.params.items()})
+        retry_of = retried_trial_number(self.storage.get_trial(trial_id))
+        if retry_of is not None:
+            tags["sweep.retry_of"] = str(retry_of)
         if self.tracking.run_id:
             tags["mlflow.parentRunId"] = self.tracking.run_id
         return {
@@ -233,7 +289,8 @@ class Worker:
             trial.set_user_attr(FAIL_REASON_ATTR, reason)
         state = {"complete": TrialState.COMPLETE, "pruned": TrialState.PRUNED}.get(state_name, TrialState.FAIL)
         self.study.tell(trial, values if state == TrialState.COMPLETE else None, state=state)
-        outcome = Outcome(trial.number, state, values, reason, seconds, result)
+        killed = reason == INTERRUPTED or code < 0
+        outcome = Outcome(trial.number, state, values, reason, seconds, result, "KILLED" if killed else "FAILED")
         self.tracking.trial_finished(self.study, outcome)
         self.say(self._line(trial, outcome, log_path))
         return outcome

@@ -1,0 +1,151 @@
+"""A study run to ``n_trials`` ends with ``n_trials`` finished trials, whatever befell its workers.
+
+The trial processes are stand-ins (``Worker._launch`` replaced): they make the MLflow run a real
+trial makes and end as told, so these tests take seconds, not trainings.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+import sweeps.__main__ as cli
+from sweeps.report import trial_rows
+from sweeps.spec import load_spec
+from sweeps.study import (
+    PARENT_RUN_ATTR, create_or_resume, finished_trials, open_storage, record_heartbeat, retried_trial_number, suggest,
+)
+from sweeps.tracking import StudyRun
+from sweeps.worker import Worker
+from tests.sweeps.conftest import write_sweep
+
+
+def fake_trial(code: int = 0, report_run: bool = True) -> Callable[..., int]:
+    """A ``Worker._launch`` whose trial makes its MLflow run (tagged as a trial's), then ends with
+    exit status ``code``: 0 completes it, a negative one is a kill that leaves its run RUNNING."""
+
+    def launch(self: Worker, job_path: Path, log_path: Path, trial_id: int) -> int:
+        job = json.loads(Path(job_path).read_text())
+        client = MlflowClient(job["tracking_uri"])
+        experiment = client.get_experiment_by_name(job["study"])
+        run = client.create_run(experiment.experiment_id, tags=job["tags"])
+        result: dict[str, Any] = {"state": "running", "run_id": run.info.run_id} if report_run else {}
+        if code == 0:
+            client.set_terminated(run.info.run_id, "FINISHED")
+            result.update({"state": "complete", "best": {"val/loss": 1.0}, "last": {"val/loss": 1.0}})
+        Path(job["result"]).write_text(json.dumps(result))
+        return code
+
+    return launch
+
+
+def make_worker(workdir: Path, name: str, n_trials: int, heartbeat: int = 1) -> Worker:
+    """A worker of a new journal study, tracked under the study's MLflow run."""
+    url = f"journal:{workdir / 'optuna.journal'}"
+    spec = load_spec(write_sweep(workdir, name, n_trials=n_trials, storage=url))
+    storage = open_storage(url, heartbeat_seconds=heartbeat)
+    study = create_or_resume(spec, storage, url, resume=False)
+    study.set_user_attr(PARENT_RUN_ATTR, StudyRun.start(spec, url).run_id)
+    root = workdir / "runs" / name
+    root.mkdir(parents=True)
+    return Worker(study, spec, storage, url, root, threads=1, name="worker 0", heartbeat_seconds=heartbeat)
+
+
+def other_workers_trial(worker: Worker) -> tuple[optuna.Trial, int, str]:
+    """A trial that another worker runs: RUNNING, beating now, with its MLflow run open."""
+    trial = worker.study.ask()
+    suggest(trial, worker.spec)
+    trial_id = worker.storage.get_trial_id_from_study_id_trial_number(worker.study_id, trial.number)
+    worker.storage.set_trial_user_attr(trial_id, "worker", "worker 9")
+    record_heartbeat(worker.storage, trial_id)
+    client = MlflowClient(worker.tracking.tracking_uri)
+    experiment = client.get_experiment_by_name(worker.study.study_name)
+    run = client.create_run(experiment.experiment_id, tags={
+        "optuna.study": worker.study.study_name, "optuna.trial": str(trial.number),
+        "mlflow.parentRunId": worker.tracking.run_id})
+    return trial, trial_id, run.info.run_id
+
+
+def test_a_dead_workers_last_trial_is_waited_for_failed_and_run_again(workdir, isolated_tracking, monkeypatch, capsys):
+    monkeypatch.setattr(Worker, "_launch", fake_trial())
+    worker = make_worker(workdir, "dead-other", n_trials=2)
+    dead, _, dead_run = other_workers_trial(worker)  # its worker is gone: no beat after this one
+
+    with open(worker.root / "sweep.log", "a", encoding="utf-8") as worker.log:
+        worker.run()  # its own trial is done long before the dead one goes stale (4 beats of 1 s)
+
+    trials = worker.study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert finished_trials(trials) == 2
+    assert retried_trial_number(trials[2]) == 0 and trials[2].params == dead.params
+    out = capsys.readouterr().out
+    assert "waiting for trial 0 (worker 9, last heartbeat" in out
+    assert "waiting for trial 0 (worker 9" in (worker.root / "sweep.log").read_text()
+    client = MlflowClient(isolated_tracking)
+    assert client.get_run(dead_run).info.status == "KILLED"  # found by its tags, ended by this worker
+    retry_runs = client.search_runs([client.get_experiment_by_name("dead-other").experiment_id],
+                                    filter_string="tags.`optuna.trial` = '2'")
+    assert [r.data.tags.get("sweep.retry_of") for r in retry_runs] == ["0"]
+    rows = {row["trial"]: row for row in trial_rows(worker.study, worker.spec)}
+    assert rows[2]["retry_of"] == 0 and rows[1]["retry_of"] is None
+
+
+def test_a_live_workers_trial_is_waited_for_and_counted(workdir, monkeypatch, capsys):
+    monkeypatch.setattr(Worker, "_launch", fake_trial())
+    worker = make_worker(workdir, "live-other", n_trials=2)
+    _, trial_id, _ = other_workers_trial(worker)
+    storage = worker.storage
+
+    def other_worker() -> None:  # beats, then completes its trial a few beats after this worker's is done
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any(
+                t.state == TrialState.COMPLETE for t in worker.study.get_trials(deepcopy=False)):
+            record_heartbeat(storage, trial_id)
+            time.sleep(0.3)
+        for _ in range(8):
+            record_heartbeat(storage, trial_id)
+            time.sleep(0.3)
+        storage.set_trial_state_values(trial_id, TrialState.COMPLETE, [2.0])
+
+    thread = threading.Thread(target=other_worker)
+    thread.start()
+    worker.run()
+    thread.join()
+
+    assert "waiting for trial 0 (worker 9, last heartbeat" in capsys.readouterr().out
+    trials = worker.study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE]  # no retry of a live trial
+
+
+@pytest.mark.parametrize("report_run", [True, False], ids=["run-id-reported", "found-by-tags"])
+def test_a_killed_trial_process_ends_its_mlflow_run(workdir, isolated_tracking, monkeypatch, report_run):
+    monkeypatch.setattr(Worker, "_launch", fake_trial(code=-9, report_run=report_run))
+    worker = make_worker(workdir, f"killed-{report_run}", n_trials=1)
+    worker.run()
+    (trial,) = worker.study.get_trials()
+    assert trial.state == TrialState.FAIL and "SIGKILL" in trial.user_attrs["fail_reason"]
+    client = MlflowClient(isolated_tracking)
+    (run,) = client.search_runs([client.get_experiment_by_name(worker.study.study_name).experiment_id],
+                                filter_string="tags.`optuna.trial` = '0'")
+    assert run.info.status == "KILLED" and run.data.tags["optuna.state"] == "FAIL"
+
+
+def test_a_study_left_short_of_n_trials_makes_run_exit_non_zero(workdir, monkeypatch, capsys):
+    monkeypatch.setattr(Worker, "_launch", fake_trial(code=1))  # every trial fails: the worker gives up after 3
+    sweep = write_sweep(workdir, "short", n_trials=5)
+    with pytest.raises(SystemExit) as ended:
+        cli.main(["run", "--config", str(sweep)])
+    assert ended.value.code == cli.INCOMPLETE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "study short is incomplete: 2 of its 5 trials are missing" in err[0]
+    assert f"python -m sweeps run --config {sweep} --resume" in err[0]
