@@ -57,6 +57,15 @@ def supports_attention_mask(model: nn.Module) -> bool:
     return "attention_mask" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
+def first_nonfinite(model: nn.Module) -> str | None:
+    """The name of the first weight holding NaN or inf, if any: such a network (trained past a
+    divergence) yields NaN logits, which sampling cannot draw from."""
+    for name, tensor in model.named_parameters():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
 @torch.inference_mode()
 def generate(
     model: nn.Module,

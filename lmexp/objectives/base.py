@@ -22,6 +22,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from lmexp.checkpoints import CHECKPOINT_KEY, LoadedModel, load_checkpoint
 from lmexp.data.contract import DataContract, Task
 from lmexp.errors import CheckpointError, ConfigError, check_positive
+from lmexp.faults import poisoned
 from lmexp.hardware import cpu_has_bf16_units
 from lmexp.models import ModelConfig, build_model, count_parameters, from_name
 from lmexp.objectives.optimizers import MuonWithAdamW, hidden_matrices
@@ -487,7 +488,10 @@ class TrainingObjective(pl.LightningModule):
         if log and self._trainer is not None and batch_idx % self.trainer.accumulate_grad_batches == 0:
             self._log_throughput()  # here, not after the batch, so the progress bar reads it now
         self._log_train_now = log
-        return self.compute_loss(batch, "train")
+        loss = self.compute_loss(batch, "train")
+        if poisoned("train.loss", self.global_step):  # LMEXP_FAULT=train.loss@N:nan|diverge (lmexp.faults)
+            loss = loss * float("nan")
+        return loss
 
     def log_train(self, name: str, value: torch.Tensor, batch_size: int, prog_bar: bool = False) -> None:
         """Log a training value on the steps Lightning writes, as a CPU copy: Lightning turns every
