@@ -7,15 +7,20 @@ import contextlib
 import json
 import logging
 import os
+import socket
+import sqlite3
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from lmexp.errors import ConfigError
+from lmexp.atomic import fsync_folder, remove_stale_temporaries, storage_error, temporary_sibling, write_text
+from lmexp.errors import ConfigError, LmexpError, StorageError
+from lmexp.faults import fault_point
 
 JOURNAL_NAME = "tracking-journal.jsonl"
+PROCESS_TAGS = ("lmexp.pid", "lmexp.host")  # which process writes a run: a RUNNING run whose process is gone was killed
 MAX_KEY_LENGTH, MAX_PARAM_LENGTH, MAX_EXPERIMENT_NAME = 250, 6000, 500  # MLflow's limits
 _STORE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "file")
 
@@ -120,6 +125,106 @@ def _store_lock(uri: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+class DamagedStoreError(StorageError):
+    """An SQLite tracking store MLflow cannot open: an interrupted migration, not a database."""
+
+
+def _damaged(path: Path, why: str) -> DamagedStoreError:
+    return DamagedStoreError(
+        f"tracking store {path} is damaged ({why}): move it aside (mv {path} {path}.broken) and rerun, "
+        "or set MLFLOW_TRACKING_URI to another store"
+    )
+
+
+def _tables(path: Path) -> set[str] | None:
+    """The tables of an SQLite file (None when there is no file); a file that is no database is damaged."""
+    if not path.exists():
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=30)) as db:  # a SELECT: the file stays as it is
+            return {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.OperationalError as err:
+        if "locked" in str(err):
+            raise  # busy, not broken: the caller retries later
+        raise _damaged(path, _first_line(err)) from None
+    except sqlite3.DatabaseError as err:
+        raise _damaged(path, _first_line(err)) from None
+
+
+def check_store(path: Path) -> None:
+    """Refuse, in one line, a store a killed migration left half made (MLflow's own error there is
+    "table _alembic_tmp_runs already exists", then the same on every run, forever)."""
+    tables = _tables(path) or set()
+    if any(name.startswith("_alembic_tmp_") for name in tables):
+        raise _damaged(path, "a migration of its tables was interrupted")
+    if tables and "alembic_version" not in tables:
+        raise _damaged(path, "it holds tables but no MLflow schema version: not an MLflow store")
+
+
+def ensure_store(uri: str) -> None:
+    """Make sure an SQLite store exists whole: created complete or not at all, never half.
+
+    MLflow migrates a new database in place, in many steps: a kill in between leaves a file every
+    later client fails on, and two processes migrating one file at once collide. Here a new store
+    is made and migrated in a temporary file beside it, under the store's lock, and renamed into
+    place; a store found damaged is refused in one line. Other stores are left to their server.
+    """
+    path = sqlite_path(uri)
+    if path is None:
+        return
+    with _store_lock(uri):
+        if not _tables(path):  # no file, or an empty one (nothing in it to lose)
+            _create_store(path)
+    check_store(path)
+
+
+def _create_store(path: Path) -> None:
+    _quiet_mlflow()
+    from mlflow.store.tracking import DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    remove_stale_temporaries(path.parent)  # what a creation killed earlier left
+    temporary = temporary_sibling(path)
+
+    def remove_temporary() -> None:
+        for leftover in path.parent.glob(temporary.name + "*"):  # the file and SQLite's journal
+            leftover.unlink(missing_ok=True)
+
+    remove_temporary()
+    try:
+        store = SqlAlchemyStore(f"sqlite:///{temporary}", DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH)
+        fault_point("store.create", path=path)
+        store.engine.dispose()
+        with open(temporary, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+        fsync_folder(path.parent)
+    except OSError as err:
+        remove_temporary()
+        raise storage_error(err, path) from None
+    except BaseException:
+        remove_temporary()
+        raise
+
+
+def store_error(uri: str, err: BaseException) -> BaseException:
+    """What to raise for an MLflow failure on ``uri``: an outage or an lmexp error as it is, a
+    failing SQLite store as a one-line error naming the file and the fix."""
+    path = sqlite_path(uri)
+    if isinstance(err, LmexpError) or is_unreachable(err) or path is None:
+        return err
+    try:
+        check_store(path)
+    except DamagedStoreError as damaged:
+        return damaged
+    except sqlite3.Error:
+        return err
+    return DamagedStoreError(
+        f"tracking store {path} cannot be used ({_first_line(err)}): move it aside (mv {path} {path}.broken) "
+        "and rerun, or set MLFLOW_TRACKING_URI to another store"
+    )
+
+
 def _quiet_mlflow() -> None:
     """MLflow announces database creation and migrations at INFO: noise in a training log."""
     for name in ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration", "mlflow.tracking.fluent"):
@@ -143,6 +248,12 @@ class TrackingStore:
 
     def connect(self) -> None:
         """Create the experiment and the run, or reopen the run this one continues."""
+        try:
+            self._connect()
+        except Exception as err:
+            raise store_error(self.tracking_uri, err) from None
+
+    def _connect(self) -> None:
         if http_store(self.tracking_uri):
             # MLflow retries a failed request for minutes by default; here a failure only means
             # "keep the records and try again later", so fail fast.
@@ -151,6 +262,7 @@ class TrackingStore:
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
             # One warning of ours says the store is unreachable, not one of urllib3's per retry.
             logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+        ensure_store(self.tracking_uri)
         _quiet_mlflow()
         from mlflow import MlflowClient
 
@@ -165,6 +277,9 @@ class TrackingStore:
                 self.run_id = None
             else:
                 client.update_run(self.run_id, status="RUNNING")
+                for key in PROCESS_TAGS:  # the process that now writes the run
+                    if key in self.tags:
+                        client.set_tag(self.run_id, key, self.tags[key])
                 self.logged_params = dict(run.data.params)
                 self.resumed = True
         if self.run_id is None:
@@ -289,49 +404,88 @@ def write_loss_curve(history: Mapping[str, list[tuple[int, float]]], path: Path,
 
 
 def read_journal(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """A journal's header (the run it belongs to) and its records, in order."""
-    try:
-        lines = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"journal {str(path)!r} is not a tracking journal ({err})") from None
-    if not lines or lines[0].get("kind") != "run":
+    """A journal's header (the run it belongs to) and its records, in order.
+
+    A last line cut short (the process was killed while appending it) is left out: every line
+    before it is whole. A bad line anywhere else means the file is not a journal."""
+    texts = [(number, line) for number, line in
+             enumerate(Path(path).read_text(encoding="utf-8", errors="replace").splitlines(), 1) if line.strip()]
+    lines = []
+    for index, (number, text) in enumerate(texts):
+        try:
+            lines.append(json.loads(text))
+        except json.JSONDecodeError as err:
+            if index == len(texts) - 1 and index > 0:
+                log.warning(f"journal {path}: its last line (line {number}) was cut short; the lines before it are read")
+                break
+            raise ConfigError(f"journal {str(path)!r} is not a tracking journal: line {number} is not a record "
+                              f"({err}); pass the tracking-journal.jsonl a run's warning named") from None
+    if not lines or not isinstance(lines[0], dict) or lines[0].get("kind") != "run":
         raise ConfigError(f"journal {str(path)!r} is not a tracking journal: its first line names no run")
     return lines[0], lines[1:]
 
 
 def write_journal(path: Path, header: dict[str, Any], records: list[dict[str, Any]]) -> None:
     """Replace a journal atomically: a process killed while writing leaves the old one whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}")
-    temporary.write_text("".join(json.dumps(record) + "\n" for record in [header, *records]), encoding="utf-8")
-    os.replace(temporary, path)
+    write_text(path, "".join(json.dumps(record) + "\n" for record in [header, *records]), fault="journal.write")
 
 
 def append_journal(path: Path, records: list[dict[str, Any]]) -> None:
+    """Add records and fsync: a kill cuts at most the last line, which ``read_journal`` leaves out."""
+    text = "".join(json.dumps(record) + "\n" for record in records)
     with open(path, "a", encoding="utf-8") as f:
-        f.writelines(json.dumps(record) + "\n" for record in records)
+        f.write(text[: len(text) // 2])
+        f.flush()
+        fault_point("journal.write", path=path)
+        f.write(text[len(text) // 2:])
+        f.flush()
+        os.fsync(f.fileno())
 
 
-def sync_journal(path: str | Path) -> str:
+def process_gone(tags: Mapping[str, str]) -> bool:
+    """True when the process that wrote a run (its ``lmexp.pid`` on ``lmexp.host``) no longer runs
+    on this host; False when it runs, is elsewhere, or is not known."""
+    pid, host = tags.get("lmexp.pid", ""), tags.get("lmexp.host")
+    if not pid.isdigit() or host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def sync_journal(path: str | Path, tracking_uri: str | None = None) -> str:
     """Send a journal left by a run whose tracking store was unreachable; returns the run id.
 
     The run it names is continued when the store has it, else created (once: the journal then
-    names it). Records the store refuses are skipped with a warning. If the store fails part of
-    the way, the journal keeps exactly what is still unsent, so running sync again neither loses
-    nor repeats a record. The journal is removed once every record is sent.
+    names it). ``tracking_uri`` sends it to another store than the one it names (a new run there).
+    Records the store refuses are skipped with a warning. If the store fails part of the way, the
+    journal keeps exactly what is still unsent, so running sync again neither loses nor repeats a
+    record. The journal is removed once every record is sent. A run whose journal holds no end and
+    whose process is gone was killed: it is ended KILLED rather than left RUNNING.
     """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"journal {str(path)!r} does not exist: pass the file named in the run's warning")
     header, records = read_journal(path)
-    store = TrackingStore(header["tracking_uri"], header["experiment"], header["run_name"], header["run_id"],
-                          header.get("tags"), header.get("start_time"))
+    uri = check_tracking_uri(tracking_uri) if tracking_uri else header["tracking_uri"]
+    run_id = header["run_id"] if uri == header["tracking_uri"] else None  # an id of the named store only
+    store = TrackingStore(uri, header["experiment"], header["run_name"], run_id, header.get("tags"),
+                          header.get("start_time"))
     try:
         store.connect()
+    except LmexpError:
+        raise
     except Exception as err:
         raise ConfigError(f"tracking store {store.tracking_uri} still unreachable ({_first_line(err)}): "
                           f"nothing sent; try again later") from None
-    header = {**header, "run_id": store.run_id}
+    header = {**header, "tracking_uri": uri, "run_id": store.run_id}
+    if not any(record["kind"] == "end" for record in records) and process_gone(header.get("tags") or {}):
+        last = max((record.get("time", 0) for record in records), default=0)
+        records = [*records, {"kind": "end", "status": "KILLED", "time": last or int(time.time() * 1000)}]
     for sent, record in enumerate(records):
         try:
             store.apply(record)
@@ -352,14 +506,32 @@ def _first_line(err: BaseException) -> str:
 
 
 def list_runs(tracking_uri: str | None = None, experiment: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
-    """The newest runs of a store, newest first: name, status, times, key metrics, checkpoint."""
-    import datetime
+    """The newest runs of a store, newest first: name, status, times, key metrics, checkpoint.
 
+    A RUNNING run whose process is gone from this host shows as ``KILLED?`` (the store is not
+    changed: a resumed fit continues that run); a run that did not finish shows its
+    ``interrupted.ckpt`` when its run folder has one."""
     uri = check_tracking_uri(tracking_uri or default_tracking_uri())
     path = sqlite_path(uri)
     if path is not None and not path.is_file():
         raise ConfigError(f"no tracking store at {str(path)!r} yet: train a run first (lmexp fit --config CONFIG), "
                           "or pass --tracking_uri / set MLFLOW_TRACKING_URI")
+    try:
+        return _list_runs(uri, experiment, limit)
+    except LmexpError:
+        raise
+    except Exception as err:
+        failure = store_error(uri, err)
+        if isinstance(failure, LmexpError):
+            raise failure from None
+        state = "unreachable" if is_unreachable(err) else "failed"
+        raise ConfigError(f"tracking store {uri} {state} ({_first_line(err)}): check it, or pass --tracking_uri") from None
+
+
+def _list_runs(uri: str, experiment: str | None, limit: int) -> list[dict[str, Any]]:
+    import datetime
+
+    ensure_store(uri)
     _quiet_mlflow()
     from mlflow import MlflowClient
 
@@ -377,13 +549,15 @@ def list_runs(tracking_uri: str | None = None, experiment: str | None = None, li
     for run in runs:
         info, data = run.info, run.data
         ended = info.end_time or (None if info.status == "RUNNING" else info.start_time)
+        interrupted = Path(data.tags["run_dir"]) / "checkpoints" / "interrupted.ckpt" if "run_dir" in data.tags else None
+        resumable = str(interrupted) if interrupted and info.status != "FINISHED" and interrupted.is_file() else None
         rows.append({
             "run": info.run_name, "run_id": info.run_id, "experiment": names.get(info.experiment_id),
-            "status": info.status,
+            "status": "KILLED?" if info.status == "RUNNING" and process_gone(data.tags) else info.status,
             "started": datetime.datetime.fromtimestamp(info.start_time / 1000).strftime("%Y-%m-%d %H:%M"),
             "minutes": round((ended - info.start_time) / 60000, 1) if ended else None,
             "steps": data.tags.get("global_step"),
             **{key: data.metrics.get(key) for key in ("train/loss", "val/loss", "test/loss")},
-            "checkpoint": data.tags.get("checkpoint.best") or data.tags.get("checkpoint_loaded"),
+            "checkpoint": resumable or data.tags.get("checkpoint.best") or data.tags.get("checkpoint_loaded"),
         })
     return rows

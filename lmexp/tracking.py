@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import queue
+import socket
 import threading
 import time
 from collections.abc import Mapping
@@ -28,8 +29,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 
 from lmexp.errors import ConfigError
 from lmexp.mlflow_store import (
-    JOURNAL_NAME, TrackingStore, append_journal, check_experiment_name, check_tracking_uri, default_tracking_uri,
-    flatten, is_unreachable, read_journal, write_journal,
+    JOURNAL_NAME, DamagedStoreError, TrackingStore, append_journal, check_experiment_name, check_tracking_uri,
+    default_tracking_uri, flatten, is_unreachable, read_journal, write_journal, write_loss_curve,
 )
 
 _END_STATUS = {"success": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
@@ -91,6 +92,7 @@ class MLflowTracker(Logger):
         self._connected = threading.Event()
         self._pending: collections.deque[dict[str, Any]] = collections.deque()
         self._offline_since: float | None = None
+        self._problem = "unreachable"  # or "damaged": what the warnings call the store while offline
         self._next_retry = 0.0
         self._warned = False
         self._ended = True
@@ -213,16 +215,26 @@ class MLflowTracker(Logger):
         self._queue.put(_STOP)  # the thread ends; logging again (a test after a fit) reopens the run
         self._thread.join(timeout=10)
 
+    @property
+    def offline(self) -> bool:
+        """True while the store cannot be reached or used: records go to the journal."""
+        return self._offline_since is not None
+
     def settle(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the records so far to be sent (or journaled),
         without giving up on the store; True if they were. Training waits here so that MLflow's
         start (its import, the store's set-up, the run's params and files) does not run beside
-        the first steps, where it takes a core from the training threads."""
+        the first steps, where it takes a core from the training threads. A store found
+        unreachable ends the wait at once: its records wait in the journal, training need not."""
         if self._thread is None or not self._thread.is_alive():
             return True
         done = threading.Event()
         self._queue.put(("flush", done))
-        return done.wait(timeout)
+        deadline = time.monotonic() + timeout
+        while not done.wait(min(0.05, max(deadline - time.monotonic(), 0))):
+            if self.offline or time.monotonic() >= deadline:
+                return False
+        return True
 
     def flush(self, timeout: float = 120.0) -> None:
         """Wait until every record so far is sent or kept in the journal.
@@ -246,7 +258,7 @@ class MLflowTracker(Logger):
             self._write_journal()
         unsent = sum(1 for record in self._pending if record["kind"] != "connect")
         if unsent:
-            message = (f"MLflow tracking store {self.tracking_uri} unreachable: {unsent} records of run "
+            message = (f"MLflow tracking store {self.tracking_uri} {self._problem}: {unsent} records of run "
                        f"{self.run_name!r} are kept in {self.journal_path}; send them with: "
                        f"lmexp runs sync {self.journal_path}")
             # One warning per outage: the first one already named the journal.
@@ -270,9 +282,11 @@ class MLflowTracker(Logger):
         if self._thread is not None and self._thread.is_alive():
             return
         if self._store is None:
+            # The process and host: ``lmexp runs`` tells a RUNNING run whose process is gone (killed).
+            tags = {**self.tags, "lmexp.pid": str(os.getpid()), "lmexp.host": socket.gethostname()}
             self._store = TrackingStore(
                 self.tracking_uri, self.experiment_name or "Default", self.run_name, self.resume_run_id,
-                {**self.tags, "mlflow.runName": self.run_name} if self.run_name else self.tags,
+                {**tags, "mlflow.runName": self.run_name} if self.run_name else tags,
             )
             self._adopt_journal()
         self._ended = False
@@ -327,6 +341,7 @@ class MLflowTracker(Logger):
                 self._pending.append(item)
                 if self._offline_since:
                     append_journal(self.journal_path, [item])
+                    self._draw_offline([item])
             self._drain()
 
     def _drain(self, force: bool = False) -> None:
@@ -360,28 +375,48 @@ class MLflowTracker(Logger):
             self.journal_path.unlink(missing_ok=True)
             if self._offline_since:
                 took = time.monotonic() - self._offline_since
-                self._offline_since = None
+                self._offline_since, self._problem = None, "unreachable"
                 log.warning(f"MLflow tracking store reachable again after {took:.0f}s: {sent} kept records sent")
 
     def _go_offline(self, err: BaseException, rewrite: bool) -> None:
         self._next_retry = time.monotonic() + self.retry_seconds
+        self._offline_since = self._offline_since or time.monotonic()
+        damaged = isinstance(err, DamagedStoreError)
         if rewrite:  # what is still unsent, in order (a retry may have sent a part)
             self._write_journal()
-        if self._offline_since:
-            return
-        self._offline_since = time.monotonic()
+        if self._problem == "damaged" or (self._warned and not damaged):
+            return  # one warning per outage; a damaged store is named once
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        if not self._warned:
-            self._warned = True
+        self._warned = True
+        if damaged:
+            self._problem = "damaged"
+            rank_zero_warn(
+                f"{first}; training goes on and its records are kept in {self.journal_path} "
+                f"(send them once the store is fixed: lmexp runs sync {self.journal_path}, "
+                f"or elsewhere with --tracking_uri URI)"
+            )
+        else:
             rank_zero_warn(
                 f"MLflow tracking store {self.tracking_uri} unreachable ({first}); training goes on and its "
                 f"records are kept in {self.journal_path}, sent when the store is back "
                 f"(or later with: lmexp runs sync {self.journal_path})"
             )
 
+    def _draw_offline(self, records: list[dict[str, Any]]) -> None:
+        """The loss curve the store's thread would draw, drawn here from the local history:
+        the run folder gets its ``loss_curve.png`` even while the store is away."""
+        for record in records:
+            if record["kind"] == "loss_curve":
+                history = {key: [(int(step), value) for step, value in points] for key, points in record["local"].items()}
+                with contextlib.suppress(Exception):  # a plot must never stop training
+                    write_loss_curve(history, Path(record["path"]),
+                                     title=f"{self.experiment_name} / {self.run_name}")
+
     def _write_journal(self) -> None:
         store = self._store
         header = {"kind": "run", "tracking_uri": store.tracking_uri, "experiment": store.experiment_name,
                   "run_name": store.run_name, "run_id": store.run_id, "tags": store.tags,
                   "start_time": store.start_time}
-        write_journal(self.journal_path, header, [r for r in list(self._pending) if r["kind"] != "connect"])
+        records = [r for r in list(self._pending) if r["kind"] != "connect"]
+        write_journal(self.journal_path, header, records)
+        self._draw_offline(records)

@@ -3,6 +3,7 @@ stop statuses, outages of a tracking server, and one-line errors for bad trackin
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -382,7 +383,7 @@ def _tracker(folder: Path, **kwargs):
     from lmexp.tracking import MLflowTracker
 
     return MLflowTracker(tracking_uri="http://127.0.0.1:9", experiment_name="e", run_name="r", save_dir=str(folder),
-                         retry_seconds=0.2, **kwargs)
+                         **{"retry_seconds": 0.2, **kwargs})
 
 
 def test_a_resumed_fit_sends_the_journal_an_earlier_process_left_into_its_run(tmp_path: Path, monkeypatch):
@@ -502,3 +503,194 @@ def test_a_tracking_server_run_and_an_outage_in_the_middle_of_one(tmp_path: Path
         assert not journal.exists()
     finally:
         _stop_server(server)
+
+
+# ------------------------------------------------------------ damaged stores, journals, dead runs
+def _store_copy(folder: Path, isolated_tracking: str) -> tuple[str, Path]:
+    """A complete SQLite store of our own: a copy of the session's (its migrations already ran)."""
+    import shutil
+
+    client(isolated_tracking).search_experiments()  # the session store exists
+    path = folder / "mlflow.db"
+    shutil.copy(isolated_tracking[len("sqlite:///"):], path)
+    return f"sqlite:///{path}", path
+
+
+def _half_migrate(path: Path) -> None:
+    """What a kill in the middle of MLflow's alembic migrations leaves: a batch table never renamed."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        (head,) = db.execute("SELECT version_num FROM alembic_version").fetchone()
+        db.execute("UPDATE alembic_version SET version_num = ?", (_previous_revision(head),))
+        db.execute("CREATE TABLE _alembic_tmp_runs (run_uuid VARCHAR(32) NOT NULL, step BIGINT)")
+        db.commit()
+
+
+def _previous_revision(revision: str) -> str:
+    import mlflow.store.db_migrations
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    config = Config()
+    config.set_main_option("script_location", os.path.dirname(mlflow.store.db_migrations.__file__))
+    return ScriptDirectory.from_config(config).get_revision(revision).down_revision
+
+
+@pytest.mark.parametrize("damage", ["half-migrated", "not-a-database"])
+def test_a_damaged_store_is_one_line_from_runs_and_sync(tmp_path: Path, capsys, isolated_tracking: str, damage: str):
+    uri, path = _store_copy(tmp_path, isolated_tracking)
+    if damage == "half-migrated":
+        _half_migrate(path)
+    else:
+        path.write_bytes(b"this is not an SQLite file" * 100)
+    capsys.readouterr()  # MLflow's own log of the session store's creation
+    err = one_line_error(capsys, ["runs", "--tracking_uri", uri])
+    assert "damaged" in err and str(path) in err and "mv " in err
+    journal = _journal(tmp_path, [_metric(0)], uri=uri)
+    err = one_line_error(capsys, ["runs", "sync", str(journal)])
+    assert "damaged" in err and journal.is_file()  # nothing lost
+
+
+def test_a_damaged_store_during_training_is_named_once_and_the_records_are_kept(tmp_path: Path, isolated_tracking: str):
+    from lmexp.mlflow_store import read_journal
+    from lmexp.tracking import MLflowTracker
+
+    uri, path = _store_copy(tmp_path, isolated_tracking)
+    _half_migrate(path)
+    tracker = MLflowTracker(tracking_uri=uri, experiment_name="e", run_name="r", save_dir=str(tmp_path / "run"),
+                            retry_seconds=0.2)
+    with pytest.warns(UserWarning) as warned:
+        for step in range(3):
+            tracker.log_metrics({"train/loss": 1.0}, step=step)
+        tracker.flush(timeout=60)
+        tracker.finalize("success")
+    messages = [str(w.message) for w in warned]
+    assert sum("damaged" in m for m in messages) == 1 and not any("sent when the store is back" in m for m in messages)
+    _, records = read_journal(tmp_path / "run" / JOURNAL_NAME)
+    assert [r["step"] for r in records if r["kind"] == "metrics"] == [0, 1, 2] and records[-1]["kind"] == "end"
+
+
+def _metric(step: int) -> dict:
+    return {"kind": "metrics", "values": {"train/loss": 1.0 + step}, "step": step, "time": 1_700_000_000_000 + step}
+
+
+def _journal(folder: Path, records: list[dict], uri: str = "http://127.0.0.1:9", **header) -> Path:
+    from lmexp.mlflow_store import write_journal
+
+    journal = folder / JOURNAL_NAME
+    write_journal(journal, {"kind": "run", "tracking_uri": uri, "experiment": "journal-tests", "run_name": "r",
+                            "run_id": None, "tags": {}, **header}, records)
+    return journal
+
+
+def test_sync_reads_a_journal_up_to_a_torn_last_line_and_names_a_bad_line_in_the_middle(tmp_path: Path, monkeypatch):
+    from lmexp.errors import ConfigError
+    from lmexp.mlflow_store import sync_journal
+
+    store = FakeStore(monkeypatch)
+    journal = _journal(tmp_path, [_metric(0), _metric(1), {"kind": "end", "status": "FINISHED", "time": 0}])
+    lines = journal.read_text().splitlines(keepends=True)
+    journal.write_text("".join(lines[:3]) + lines[3][:10])  # killed while the end was written
+    assert sync_journal(journal) == "new-run" and store.steps() == [0, 1]
+    journal = _journal(tmp_path, [_metric(0), _metric(1)])
+    lines = journal.read_text().splitlines(keepends=True)
+    journal.write_text(lines[0] + lines[1][:10] + "\n" + lines[2])
+    with pytest.raises(ConfigError, match="line 2"):
+        sync_journal(journal)
+
+
+def test_sync_sends_a_journal_to_the_store_given_with_tracking_uri(tmp_path: Path, capsys, isolated_tracking: str):
+    journal = _journal(tmp_path, [_metric(0), _metric(1), {"kind": "end", "status": "FINISHED", "time": 1_700_000_000_002}])
+    main(["runs", "sync", str(journal), "--tracking_uri", isolated_tracking])  # the journal names a dead server
+    run_id = capsys.readouterr().out.split()[-1]
+    run = client(isolated_tracking).get_run(run_id)
+    assert run.info.status == "FINISHED" and history(run, "train/loss", isolated_tracking) == [0, 1]
+    assert not journal.exists()
+
+
+def _reaped_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_synced_run_whose_process_is_gone_ends_killed(tmp_path: Path, monkeypatch):
+    from lmexp.mlflow_store import sync_journal
+
+    store = FakeStore(monkeypatch)
+    journal = _journal(tmp_path, [_metric(0)], tags={"lmexp.pid": str(_reaped_pid()), "lmexp.host": socket.gethostname()})
+    sync_journal(journal)
+    assert store.applied[-1][1]["kind"] == "end" and store.applied[-1][1]["status"] == "KILLED"
+    # A journal of a process still running (a live fit's outage) is not ended by a sync.
+    journal = _journal(tmp_path, [_metric(1)], tags={"lmexp.pid": str(os.getpid()), "lmexp.host": socket.gethostname()})
+    sync_journal(journal)
+    assert store.applied[-1][1]["kind"] == "metrics"
+
+
+def test_an_unreachable_server_lets_training_start_as_soon_as_the_connect_failed(tmp_path: Path, monkeypatch):
+    """A connect that failed means "offline": settle returns then, not after its whole timeout,
+    even while a retry of the connect is still hanging."""
+    import threading
+
+    from lmexp import mlflow_store
+
+    hanging, calls = threading.Event(), []
+
+    def connect(store):
+        calls.append(1)
+        if len(calls) > 1:
+            hanging.wait(60)  # a second try that hangs (a server that stopped answering)
+        raise ConnectionError("Connection refused")
+
+    monkeypatch.setattr(mlflow_store.TrackingStore, "connect", connect)
+    tracker = _tracker(tmp_path, retry_seconds=60)
+    tracker.log_hyperparams({"lr": 0.1})
+    settled: list[bool] = []
+    waiter = threading.Thread(target=lambda: settled.append(tracker.settle(120)))
+    with pytest.warns(UserWarning, match="unreachable"):
+        waiter.start()
+        waiter.join(30)
+    hanging.set()
+    assert settled == [False]
+    tracker._abandoned = True  # let the thread end with the test
+    waiter.join(10)
+
+
+def test_the_loss_curve_is_drawn_while_the_store_is_unreachable(tmp_path: Path, monkeypatch):
+    FakeStore(monkeypatch, down=True)
+    tracker = _tracker(tmp_path)
+    with pytest.warns(UserWarning, match="unreachable"):
+        for step in range(5):
+            tracker.log_metrics({"train/loss": 5.0 - step}, step=step)
+        tracker.log_loss_curve()
+        tracker.finalize("success")
+    assert (tmp_path / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / JOURNAL_NAME).is_file()
+
+
+def test_runs_shows_a_running_run_whose_process_is_gone_and_its_resumable_checkpoint(tmp_path: Path,
+                                                                                    isolated_tracking: str):
+    from lmexp.mlflow_store import list_runs
+
+    mlflow = client(isolated_tracking)
+    experiment = mlflow.get_experiment_by_name("dead-runs") or mlflow.get_experiment(mlflow.create_experiment("dead-runs"))
+    run_dir = tmp_path / "killed"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "interrupted.ckpt").write_bytes(b"x")
+    host = socket.gethostname()
+    dead = mlflow.create_run(experiment.experiment_id, run_name="dead", tags={
+        "lmexp.pid": str(_reaped_pid()), "lmexp.host": host, "run_dir": str(run_dir)})
+    alive = mlflow.create_run(experiment.experiment_id, run_name="alive", tags={
+        "lmexp.pid": str(os.getpid()), "lmexp.host": host})
+    rows = {row["run_id"]: row for row in list_runs(isolated_tracking, "dead-runs")}
+    assert rows[dead.info.run_id]["status"] == "KILLED?" and rows[alive.info.run_id]["status"] == "RUNNING"
+    assert rows[dead.info.run_id]["checkpoint"] == str(run_dir / "checkpoints" / "interrupted.ckpt")
+
+
+def test_a_tracker_tags_its_run_with_its_process_and_host(tmp_path: Path, monkeypatch):
+    FakeStore(monkeypatch)
+    tracker = _tracker(tmp_path)
+    tracker.log_metrics({"train/loss": 1.0}, step=0)
+    tracker.finalize("success")
+    assert tracker._store.tags["lmexp.pid"] == str(os.getpid()) and tracker._store.tags["lmexp.host"] == socket.gethostname()
