@@ -262,6 +262,7 @@ class TrackingStore:
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
             # One warning of ours says the store is unreachable, not one of urllib3's per retry.
             logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+            probe_server(self.tracking_uri)
         ensure_store(self.tracking_uri)
         _quiet_mlflow()
         from mlflow import MlflowClient
@@ -349,6 +350,23 @@ class TrackingStore:
             return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
         except Exception:
             return [(int(step), value) for step, value in local]
+
+
+PROBE_SECONDS = 3.0  # a tracking server that takes longer to accept a connection counts as down
+
+
+def probe_server(uri: str, timeout: float = PROBE_SECONDS) -> None:
+    """Raise ConnectionError unless the server of an http(s) URI accepts a TCP connection within
+    ``timeout`` seconds: a host that drops packets is found out at once, not after MLflow's
+    requests have waited out their timeouts and retries (training waits for the first answer)."""
+    import socket
+
+    parsed = urlparse(uri)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+    except OSError as err:
+        raise ConnectionError(f"{uri} accepts no connection ({err or type(err).__name__})") from None
 
 
 def http_store(uri: str) -> bool:

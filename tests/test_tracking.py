@@ -694,3 +694,34 @@ def test_a_tracker_tags_its_run_with_its_process_and_host(tmp_path: Path, monkey
     tracker.log_metrics({"train/loss": 1.0}, step=0)
     tracker.finalize("success")
     assert tracker._store.tags["lmexp.pid"] == str(os.getpid()) and tracker._store.tags["lmexp.host"] == socket.gethostname()
+
+
+def test_a_server_that_accepts_no_connection_is_found_down_within_the_probe_timeout():
+    """A host that drops connection attempts (here: a listening socket whose accept queue is full)
+    counts as down after the probe's timeout, before MLflow's own requests would wait theirs out."""
+    import socket
+
+    from lmexp.mlflow_store import is_unreachable, probe_server
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    waiting = []
+    try:
+        for _ in range(4):  # fill the accept queue: later attempts get no answer at all
+            client = socket.socket()
+            client.setblocking(False)
+            client.connect_ex(("127.0.0.1", port))
+            waiting.append(client)
+        with pytest.raises(ConnectionError) as raised:
+            probe_server(f"http://127.0.0.1:{port}", timeout=0.5)
+        assert is_unreachable(raised.value)
+    finally:
+        for client in waiting:
+            client.close()
+        server.close()
+    with socket.socket() as listening:  # a server that accepts passes
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(8)
+        probe_server(f"http://127.0.0.1:{listening.getsockname()[1]}", timeout=5)
