@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmexp.mlflow_store import TrackingStore, check_tracking_uri, default_tracking_uri, flatten
+from lmexp.mlflow_store import TrackingStore, check_tracking_uri, default_tracking_uri, ensure_store, flatten
 
 if TYPE_CHECKING:
     import optuna
@@ -67,6 +67,7 @@ class StudyRun:
         if self._client is None and self.tracking_uri:
             from mlflow import MlflowClient
 
+            ensure_store(self.tracking_uri)  # a new SQLite store is created whole, never half
             self._client = MlflowClient(self.tracking_uri)
         return self._client
 
