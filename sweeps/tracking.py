@@ -67,7 +67,12 @@ class StudyRun:
         if self._client is None and self.tracking_uri:
             from mlflow import MlflowClient
 
-            ensure_store(self.tracking_uri)  # a new SQLite store is created whole, never half
+            try:
+                ensure_store(self.tracking_uri)  # a new SQLite store is created whole, never half
+            except Exception as err:  # a damaged store: said once; the study goes on untracked
+                log.warning(f"MLflow: {str(err).splitlines()[0]}; the study goes on without tracking")
+                self.tracking_uri = None
+                return None
             self._client = MlflowClient(self.tracking_uri)
         return self._client
 
