@@ -12,7 +12,6 @@ import argparse
 import copy
 import fnmatch
 import json
-import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lmexp.atomic import write_text
 from lmexp.checkpoints import CONFIG_FILE, LoadedModel, export_safetensors, load_checkpoint
 from lmexp.errors import CheckpointError, ConfigError
 from lmexp.hardware import process_rank
@@ -113,6 +113,9 @@ def check_output(folder: str | Path, overwrite: bool) -> None:
     """Refuse to replace an earlier export unless asked: checked before any long work starts."""
     if (Path(folder) / CONFIG_FILE).exists() and not overwrite:
         raise CompressionError(f"{str(folder)!r} already holds a {CONFIG_FILE}: choose another folder or pass --overwrite")
+    if Path(folder).is_dir() and not (Path(folder) / CONFIG_FILE).exists() and any(Path(folder).iterdir()):
+        # The export replaces its folder as a whole: other files there would be lost.
+        raise CompressionError(f"{str(folder)!r} holds files but no export: choose a new or empty folder for --out")
 
 
 def run_logger(args: argparse.Namespace) -> Any:
@@ -137,10 +140,7 @@ def save(loaded: LoadedModel, folder: str | Path, overwrite: bool = False) -> Pa
             "a dynamic-int8 network cannot be saved (torch's packed int8 weights have no safetensors form): save the "
             "original and apply compression.quantize.dynamic_int8 after loading it, or quantize with --method int8"
         )
-    folder = Path(folder)
-    if (folder / CONFIG_FILE).exists():
-        shutil.rmtree(folder)
-    return export_safetensors(
+    return export_safetensors(  # replaces the folder as a whole: an earlier export stays until the new one is complete
         loaded.model, loaded.config, folder, loaded.tokenizer, loaded.objective, loaded.inputs, loaded.transforms
     )
 
@@ -216,8 +216,7 @@ def track(
 
 
 def write_json(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value, indent=2))
+    write_text(path, json.dumps(value, indent=2))  # whole or absent, never cut short
 
 
 __all__ = [

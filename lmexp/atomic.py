@@ -115,7 +115,7 @@ def atomic_write(path: str | Path, mode: str = "wb", fault: str | None = None,
     """Open a temporary file beside ``path``; on leaving the block, fsync it and rename it onto
     ``path``. On any error the temporary file is removed and ``path`` keeps its old contents.
 
-    ``fault``: the fault point (lmexp.faults) hit once the contents are written, and
+    ``fault``: the fault point (lmexp.faults) hit once the first bytes are on disk, and
     ``<fault>``'s ``.commit`` sibling just before the rename.
     """
     path = Path(path)
@@ -124,7 +124,7 @@ def atomic_write(path: str | Path, mode: str = "wb", fault: str | None = None,
     temporary = temporary_sibling(path)
     try:
         with open(temporary, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
-            yield handle
+            yield _Tripwire(handle, fault, path) if fault else handle
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(temporary, 0o666 & ~_umask())
@@ -142,14 +142,30 @@ def atomic_write(path: str | Path, mode: str = "wb", fault: str | None = None,
     fsync_folder(path.parent)
 
 
+class _Tripwire:
+    """A file whose first write is followed by the fault point ``fault``: the moment a crash
+    leaves a file partly written."""
+
+    def __init__(self, handle: IO[Any], fault: str, path: Path) -> None:
+        self._handle, self._fault, self._path, self._tripped = handle, fault, path, False
+
+    def write(self, data: Any) -> int:
+        written = self._handle.write(data)
+        if not self._tripped:
+            self._tripped = True
+            self._handle.flush()
+            fault_point(self._fault, path=self._path)
+        return written
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handle, name)
+
+
 def write_bytes(path: str | Path, data: bytes, fault: str | None = None) -> None:
     """``path`` holds exactly ``data`` afterwards, or (on any failure) what it held before."""
     with atomic_write(path, "wb", fault=fault, needed_bytes=len(data)) as handle:
         half = len(data) // 2
-        handle.write(data[:half])
-        if fault:
-            handle.flush()
-            fault_point(fault, path=path)
+        handle.write(data[:half])  # a fault armed at ``fault`` strikes here, half written
         handle.write(data[half:])
 
 

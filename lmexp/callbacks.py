@@ -13,10 +13,12 @@ from typing import Any, TextIO
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lmexp.atomic import atomic_write
 from lmexp.checkpoints import export_safetensors
 from lmexp.data.tokenizer import describe_unknown, encode_prompt
 from lmexp.generation import generate
@@ -79,7 +81,12 @@ class CheckpointOnException(pl.Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if trainer.state.fn == "fit" and trainer.global_step > 0:
-            trainer.save_checkpoint(self.path, weights_only=False)  # everything needed to resume
+            try:
+                trainer.save_checkpoint(self.path, weights_only=False)  # everything needed to resume
+            except OSError as error:  # a full disk (StorageError) must not hide the error that stopped training
+                rank_zero_warn(f"could not save {self.path} ({error}): resume with --ckpt_path last from the "
+                               "newest checkpoint saved before")
+                return
             reason = "SIGTERM" if isinstance(exception, SIGTERMException) else type(exception).__name__
             rank_zero_info(f"training stopped by {reason} at step {trainer.global_step}; checkpoint saved to "
                            f"{self.path}: resume with --ckpt_path last")
@@ -88,6 +95,32 @@ class CheckpointOnException(pl.Callback):
         # Reached only when fit ends without an exception.
         if trainer.is_global_zero and self.path.is_file():
             self.path.unlink()
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, made safe on every filesystem: the checkpoint goes to a
+    temporary file in its own folder, is fsynced and renamed into place (lmexp.atomic), so the
+    previous file survives a kill or a full disk. Lightning's own writer stages the file in $TMPDIR
+    and moves it, which is a copy onto the target when the run folder is on another filesystem.
+    Strategies call it on global rank 0 only."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options: save without them")
+        # Streamed into the temporary file: a checkpoint is never held twice in memory.
+        with atomic_write(path, "wb", fault="checkpoint.write", needed_bytes=_tensor_bytes(checkpoint)) as handle:
+            torch.save(checkpoint, handle)
+
+
+def _tensor_bytes(value: Any) -> int:
+    """About what ``torch.save`` writes for ``value``: its tensors' bytes (the rest is small)."""
+    if isinstance(value, torch.Tensor):
+        return value.nelement() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
 
 
 class StopTogether(pl.Callback):

@@ -16,12 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from tokenizers import Tokenizer
 from torch import nn
 
+from lmexp.atomic import replace_folder
 from lmexp.data.tokenizer import load_tokenizer, tokenizer_from_json
 from lmexp.errors import CheckpointError, ConfigError
+from lmexp.faults import fault_point
 
 CHECKPOINT_KEY = "lmexp"  # lmexp's entry in Lightning checkpoints: RNG, schedule, tokenizer
 from lmexp.models import ModelConfig, build_model
@@ -157,12 +160,29 @@ def _load_export(folder: Path) -> LoadedModel:
             f"(up to {EXPORT_FORMAT}): upgrade lmexp"
         )
     transforms = meta.get("transforms", [])
-    config, model = _build(
-        meta["model"], folder, lambda model: load_model(model, str(folder / WEIGHTS_FILE)), transforms
-    )
+    config, model = _build(meta["model"], folder, lambda model: _load_weights(model, folder / WEIGHTS_FILE), transforms)
     tokenizer_path = folder / TOKENIZER_FILE
-    tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path.is_file() else None
+    tokenizer = None
+    if tokenizer_path.is_file():
+        try:
+            tokenizer = load_tokenizer(tokenizer_path)
+        except Exception as error:  # the tokenizers library raises bare Exceptions
+            raise _damaged(tokenizer_path, error) from None
     return LoadedModel(model.eval(), config, tokenizer, meta.get("objective"), meta.get("inputs"), transforms)
+
+
+def _load_weights(model: nn.Module, path: Path) -> None:
+    try:
+        load_model(model, str(path))
+    except SafetensorError as error:
+        raise _damaged(path, error) from None
+
+
+def _damaged(path: Path, error: Exception) -> CheckpointError:
+    """A one-line error for a file of an export that is cut short or garbled."""
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return CheckpointError(f"{str(path)!r} is damaged or cut short ({first_line}): re-export the model, "
+                           "or load its .ckpt instead")
 
 
 def _build(
@@ -202,16 +222,21 @@ def export_safetensors(
     inputs: dict[str, Any] | None = None,
     transforms: list[dict[str, Any]] | None = None,
 ) -> Path:
-    """Write ``model.safetensors``, ``config.json`` and ``tokenizer.json`` into ``folder``
+    """Write ``model.safetensors``, ``config.json`` and ``tokenizer.json`` as the folder ``folder``
     (``inputs``: how a classifier frames its inputs; ``transforms``: what was done to the trained
-    weights, see ``LoadedModel.transforms``; both kept in ``config.json``)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(folder / WEIGHTS_FILE))  # handles tied embeddings
+    weights, see ``LoadedModel.transforms``; both kept in ``config.json``).
+
+    The folder is replaced as a whole (lmexp.atomic.replace_folder): a reader, or a crash, sees
+    the previous export or the new one, never a mix of the two."""
     meta = {"format": EXPORT_FORMAT, "model": config.to_dict(), "objective": objective, "transforms": transforms or []}
     if inputs is not None:
         meta["inputs"] = inputs
-    (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-    if tokenizer is not None:
-        tokenizer.save(str(folder / TOKENIZER_FILE))
-    return folder
+
+    def fill(temporary: Path) -> None:
+        save_model(model, str(temporary / WEIGHTS_FILE))  # handles tied embeddings
+        fault_point("export.write", path=folder)
+        (temporary / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        if tokenizer is not None:
+            tokenizer.save(str(temporary / TOKENIZER_FILE))
+
+    return replace_folder(folder, fill, fault="export.write")

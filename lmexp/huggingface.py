@@ -23,9 +23,11 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from torch import Tensor, nn
 
+from lmexp.atomic import replace_folder
 from lmexp.checkpoints import LoadedModel, load_checkpoint
 from lmexp.data.tokenizer import CLS, MASK, PAD, SEP, UNK, tokenizer_from_json
 from lmexp.errors import CheckpointError, ConfigError
+from lmexp.faults import fault_point
 from lmexp.hardware import process_rank
 from lmexp.models import ModelConfig, build_model
 
@@ -524,12 +526,16 @@ def export_hf(model: nn.Module, config: ModelConfig, folder: str | Path, tokeniz
         for name, part in zip(param.theirs, value.chunk(len(param.theirs))):
             full_name = BASE_PREFIX[model_type] + name if in_base else name
             tensors[full_name] = (part.t() if param.transpose else part).contiguous().clone()
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
-    (folder / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
-    if tokenizer is not None:
-        _export_tokenizer(tokenizer, config, folder)
-    return folder
+
+    def fill(temporary: Path) -> None:
+        save_file(tensors, str(temporary / WEIGHTS_FILE), metadata={"format": "pt"})
+        fault_point("export.write", path=folder)
+        (temporary / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
+        if tokenizer is not None:
+            _export_tokenizer(tokenizer, config, temporary)
+
+    # The folder is replaced as a whole: a crash leaves the previous export, never a mix.
+    return replace_folder(folder, fill, fault="export.write")
 
 
 def check_exportable(config: ModelConfig) -> None:
@@ -643,6 +649,9 @@ def export_checkpoint(checkpoint: str, output: str, overwrite: bool = False) -> 
     target = Path(output)
     if (target / CONFIG_FILE).exists() and not overwrite:
         raise ConfigError(f"{output!r} already holds a {CONFIG_FILE}: choose another folder or pass --overwrite true")
+    if target.is_dir() and not (target / CONFIG_FILE).exists() and any(target.iterdir()):
+        # The export replaces its folder as a whole: other files there would be lost.
+        raise ConfigError(f"{output!r} holds files but no export: choose a new or empty folder")
     loaded = load_checkpoint(checkpoint)
     if loaded.rebuilt:
         methods = ", ".join(t["method"] for t in loaded.transforms)

@@ -12,11 +12,15 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.plugins.io import CheckpointIO
 
-from lmexp.callbacks import CheckpointOnException, LmexpCheckpoint, PlainProgress, StepProgressBar, StopTogether
+from lmexp.callbacks import (
+    AtomicCheckpointIO, CheckpointOnException, LmexpCheckpoint, PlainProgress, StepProgressBar, StopTogether,
+)
 from lmexp.checkpoints import read_checkpoint
 from lmexp.cli import DESCRIPTION, OneLineErrors
 from lmexp.crossval import CrossValidation, tracking_uri_of
+from lmexp.guards import FiniteLossGuard
 from lmexp.mlflow_store import check_experiment_name
 from lmexp.objectives import TrainingObjective
 from lmexp.precision import AUTO, PRECISION_HELP, PRECISION_TYPE, PrecisionChoice, resolve_auto_precision
@@ -110,6 +114,7 @@ class LmexpCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(LmexpCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(FiniteLossGuard, "guard")  # on in every fit: --guard.mode stop|skip
         parser.add_argument("--experiment", type=str | None, default=None,
                             help="MLflow experiment and run-folder group (default: the first config file's name)")
         parser.add_argument("--run_name", type=str | None, default=None,
@@ -203,7 +208,11 @@ class LmexpCLI(LightningCLI):
         callbacks.append(RunRecorder(self.run_dir, self.experiment, self.config_dict, self.config_yaml,
                                      self.config[self.subcommand].ckpt_path, self.source_run.get("run_id"),
                                      self.precision_choice.params() if self.precision_choice else None))
-        return super().instantiate_trainer(logger=logger, callbacks=callbacks, **kwargs)
+        plugins = config.get("plugins")
+        plugins = list(plugins) if isinstance(plugins, list) else [] if plugins is None else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):  # a user's own writer stands
+            plugins.append(AtomicCheckpointIO())  # checkpoints renamed into place, never cut short
+        return super().instantiate_trainer(logger=logger, callbacks=callbacks, plugins=plugins, **kwargs)
 
     def _bind_tracker(self, tracker: MLflowTracker) -> None:
         """Fill in what the run knows and the tracker was not told: experiment, run name, folder,
