@@ -16,7 +16,7 @@ import torch
 from lmexp.checkpoints import load_checkpoint
 from lmexp.data.tokenizer import describe_unknown, encode_prompt, load_tokenizer
 from lmexp.errors import CheckpointError, ConfigError, find_user_error
-from lmexp.generation import cut_at_stop, generate, stop_string_check, supports_attention_mask
+from lmexp.generation import cut_at_stop, first_nonfinite, generate, stop_string_check, supports_attention_mask
 from lmexp.hardware import check_device, process_rank
 
 DESCRIPTION = (
@@ -27,7 +27,8 @@ DESCRIPTION = (
     "export: write a checkpoint as a Hugging Face transformers folder (lmexp export --help); "
     "probe: time a run's training steps in 32-true and bf16-mixed and print what --trainer.precision auto "
     "would choose (lmexp probe --help); "
-    "runs: list tracked runs (lmexp runs --help)."
+    "runs: list tracked runs (lmexp runs --help); "
+    "chaos: inject kills, full disks and NaNs into short runs of a config and check nothing is lost (lmexp chaos --help)."
 )
 
 
@@ -43,6 +44,14 @@ def summarize_parse_error(message: str) -> str:
     if unknown and keys:  # --model.lrx: a misspelt option of the chosen class
         class_path, option = unknown.groups()
         return f"--{keys[0]}.{option}: {class_path} has no option {option!r}"
+    # A class given to a plain (dict or Any) setting stays a dict inside the parsed Namespace (a
+    # class setting would be a Namespace): the error otherwise prints the whole group's Namespace.
+    given_value = re.search(r"Given value: (.*)", message)
+    nested = given_value and re.search(r"'class_path': '([^']+)'", given_value.group(1))
+    fields = nested and re.findall(r"(\w+)=\{", given_value.group(1)[: nested.start()])
+    if keys and nested and fields:
+        return (f"--{keys[0]}.{fields[-1]}: takes a plain value, not a class (got class_path "
+                f"{nested.group(1)!r}): write its fields directly, without class_path and init_args")
     if keys:
         # What the innermost key expected: the lines indented under its "Parser key" line (the
         # outer ones list the classes the whole group was tried as).
@@ -147,6 +156,10 @@ def generate_text(
         raise ConfigError(f"stop={stops!r} contains an empty string, which would cut every sample at once: remove it")
     check_device(device)
     loaded = load_checkpoint(ckpt)
+    if first_nonfinite(loaded.model) is not None:
+        raise CheckpointError(
+            f"{ckpt!r} holds non-finite weights (NaN/inf), trained past a divergence: use an earlier checkpoint"
+        )
     if loaded.config.arch == "bert":
         raise ConfigError(f"{ckpt!r} holds a bert (masked LM) model, which does not generate text: use a GPT or LSTM checkpoint")
     tok = loaded.tokenizer
@@ -259,15 +272,16 @@ def list_tracked_runs(experiment: str | None = None, limit: int = 20, tracking_u
     return list_runs(tracking_uri, experiment, limit)
 
 
-def sync_journal_file(journal: str) -> str:
+def sync_journal_file(journal: str, tracking_uri: str | None = None) -> str:
     """Send the records a run kept while its tracking store was unreachable.
 
     Args:
         journal: The ``tracking-journal.jsonl`` file the run's warning named.
+        tracking_uri: Send them to this store instead of the one the journal names.
     """
     from lmexp.mlflow_store import sync_journal
 
-    return sync_journal(journal)
+    return sync_journal(journal, tracking_uri)
 
 
 def run_runs(argv: list[str]) -> None:
@@ -276,11 +290,16 @@ def run_runs(argv: list[str]) -> None:
     class Parser(OneLineErrors, ArgumentParser):
         pass
 
+    if argv and argv[0] == "clean":
+        from lmexp.cleanup import run_clean
+
+        run_clean(argv[1:])
+        return
     if argv and argv[0] == "sync":
         parser = Parser(prog="lmexp runs sync", description=sync_journal_file.__doc__.splitlines()[0])
         parser.add_function_arguments(sync_journal_file, as_positional=True)
         config = parser.parse_args(argv[1:])
-        run_id = sync_journal_file(config.journal)
+        run_id = sync_journal_file(config.journal, config.tracking_uri)
         print(f"sent {config.journal} to MLflow run {run_id}")
         return
     parser = Parser(prog="lmexp runs", description=list_tracked_runs.__doc__.splitlines()[0]
@@ -365,11 +384,20 @@ def _probe_verb() -> Any:
     return run_probe
 
 
+def _chaos_verb() -> Any:
+    from lmexp.chaos import run_chaos
+
+    def chaos(argv: list[str]) -> None:
+        raise SystemExit(run_chaos(argv))
+
+    return chaos
+
+
 # Verbs that need no trainer (nor Lightning's import time, but for probe): name -> its entry point,
 # imported on use.
 PLAIN_VERBS = {
     "generate": lambda: run_generate, "runs": lambda: run_runs, "predict": _predict_verb, "prompt": _prompt_verb,
-    "export": lambda: run_export, "probe": _probe_verb,
+    "export": lambda: run_export, "probe": _probe_verb, "chaos": _chaos_verb,
 }
 
 

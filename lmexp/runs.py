@@ -26,6 +26,7 @@ import platform
 import subprocess
 import time
 import warnings
+import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +35,14 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import Logger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lmexp.checkpoints import CHECKPOINT_KEY, latest_checkpoint, read_checkpoint
+from lmexp.atomic import write_text
+from lmexp.checkpoints import CHECKPOINT_KEY, RESUMABLE, latest_checkpoint, read_checkpoint
 from lmexp.data.tokenizer import tokenizer_from_json
 from lmexp.errors import CheckpointError, ConfigError, find_user_error
+from lmexp.faults import fault_point
 from lmexp.hardware import cpu_model, process_rank
 from lmexp.mlflow_store import flatten
 from lmexp.models import count_parameters
@@ -253,7 +256,8 @@ def continued_run_dir(ckpt_path: str | None, requested: str | None, root: Path, 
     folder = path.parent.parent
     if path.parent.name != "checkpoints" or folder.parent != root or (run_name and folder.name != run_name):
         return None
-    return folder if latest_checkpoint(path.parent) == path else None
+    # --ckpt_path last resumes the run's newest readable checkpoint, whichever file holds it.
+    return folder if requested == "last" or latest_checkpoint(path.parent) == path else None
 
 
 def point_latest(run_dir: Path) -> None:
@@ -282,23 +286,61 @@ def run_folders(root: Path) -> list[Path]:
             and ((p / "config.yaml").is_file() or (p / "checkpoints").is_dir())]
 
 
-def latest_run_checkpoint(root: Path) -> Path | None:
-    """The newest complete resumable checkpoint of any run under ``root`` (by time written)."""
-    found = [c for c in (latest_checkpoint(run / "checkpoints") for run in run_folders(root)) if c is not None]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+def latest_checkpoints_folder(root: Path, names: Sequence[str] = (*RESUMABLE, "best.ckpt")) -> Path | None:
+    """The checkpoints folder of the run under ``root`` whose checkpoint files (readable or not)
+    were written last: the run that ``--ckpt_path last`` without a run name means."""
+    found = [path for run in run_folders(root) for path in (run / "checkpoints" / name for name in names)
+             if path.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime).parent if found else None
+
+
+def resume_checkpoint(folder: Path, verb: str, best_name: str = "best") -> Path | None:
+    """The checkpoint ``--ckpt_path last`` takes in a run's checkpoints ``folder``: the readable one
+    of ``last.ckpt``, ``interrupted.ckpt`` and the best with the most steps (the newer on a tie).
+    Unreadable files passed over are named in a warning; a folder whose checkpoints are all
+    unreadable is an error (never a silent start from scratch); None when it has none at all."""
+    names = (*RESUMABLE, f"{best_name}.ckpt")
+    found: list[tuple[int, float, Path]] = []
+    skipped: dict[Path, str] = {}
+    for path in (folder / name for name in dict.fromkeys(names)):
+        if not path.is_file():
+            continue
+        try:
+            checkpoint = read_checkpoint(path, mmap=True)
+        except CheckpointError:
+            why = "cut short or not a checkpoint" if not zipfile.is_zipfile(path) else "torch cannot load it"
+            skipped[path] = f"is unreadable ({why})"
+            continue
+        if verb == "fit" and "optimizer_states" not in checkpoint:
+            skipped[path] = "holds weights only (nothing to resume training from)"
+            continue
+        found.append((int(checkpoint.get("global_step", 0)), path.stat().st_mtime, path))
+    if not found:
+        if not skipped:
+            return None
+        reasons = "; ".join(f"{path.name} {why}" for path, why in skipped.items())
+        raise CheckpointError(f"--ckpt_path last: none of the checkpoints in {_shown(folder)} can be resumed "
+                              f"({reasons}): pass the path of another checkpoint, or train anew without --ckpt_path")
+    step, _, chosen = max(found)
+    for path, why in skipped.items():
+        rank_zero_warn(f"{_shown(path)} {why}: resuming from {_shown(chosen)} at step {step}")
+    return chosen
 
 
 def resolve_named_checkpoint(ckpt_path: str | None, root: Path, run_name: str | None, verb: str,
                              best_name: str = "best") -> str | None:
     """The file ``--ckpt_path last`` or ``best`` names: in the named run, else in the run whose
-    checkpoint is the newest. ``fit`` with ``last`` and nothing saved yet starts from scratch."""
+    checkpoints are the newest. ``fit`` with ``last`` and nothing saved yet starts from scratch."""
     if ckpt_path not in ("last", "best"):
         return ckpt_path
     where = root / run_name if run_name else root
-    found = latest_checkpoint(where / "checkpoints") if run_name else latest_run_checkpoint(root)
-    if ckpt_path == "best" and found is not None:
-        found = found.parent / f"{best_name}.ckpt"
+    folder = where / "checkpoints" if run_name else latest_checkpoints_folder(root, (*RESUMABLE, f"{best_name}.ckpt"))
+    found = None
+    if folder is not None and ckpt_path == "best":
+        found = folder / f"{best_name}.ckpt"
         read_checkpoint(found, mmap=True)
+    elif folder is not None:
+        found = resume_checkpoint(folder, verb, best_name)
     if found is None:
         if verb == "fit" and ckpt_path == "last":
             rank_zero_info(f"--ckpt_path last: no checkpoint under {where} yet, training from the start")
@@ -306,6 +348,31 @@ def resolve_named_checkpoint(ckpt_path: str | None, root: Path, run_name: str | 
         raise CheckpointError(f"--ckpt_path {ckpt_path}: no run under {where} has a readable checkpoint; "
                               "train first or pass a path")
     return str(found)
+
+
+RUN_MARK = ".lmexp-run.json"  # in each run folder: what the run is doing, and which process does it
+
+
+def mark_run(run_dir: Path, verb: str, status: str) -> None:
+    """Record the run's state in its folder (``running``, ``finished``, ``failed``, ``stopped``):
+    a folder still marked ``running`` whose process is gone was killed (``lmexp runs clean``)."""
+    import socket
+
+    record = {"status": status, "verb": verb, "pid": os.getpid(), "host": socket.gethostname(),
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    try:
+        write_text(run_dir / RUN_MARK, json.dumps(record))
+    except OSError:  # a full disk here must not hide the error that stopped the run
+        pass
+
+
+def read_run_mark(run_dir: Path) -> dict[str, Any]:
+    """The run's recorded state; empty for folders written before it was recorded, or unreadable."""
+    try:
+        record = json.loads((Path(run_dir) / RUN_MARK).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 # ------------------------------------------------------------------- what a run records
@@ -381,7 +448,8 @@ class RunRecorder(pl.Callback):
         # the run exists, so it gets its folder's files, its tracking and, if it trains, `latest`.
         self._recording = True
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(self.config_yaml, encoding="utf-8")
+        write_text(self.run_dir / "config.yaml", self.config_yaml)
+        mark_run(self.run_dir, stage, "running")
         if stage == "fit":
             point_latest(self.run_dir)
         for logger in trainer.loggers:
@@ -435,7 +503,7 @@ class RunRecorder(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         tracker = tracker_of(trainer)
-        if tracker is not None and trainer.is_global_zero and not tracker.settle(SETTLE_SECONDS):
+        if tracker is not None and trainer.is_global_zero and not tracker.settle(SETTLE_SECONDS) and not tracker.offline:
             rank_zero_info(f"MLflow is still starting after {SETTLE_SECONDS} s: training starts beside it")
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -452,7 +520,13 @@ class RunRecorder(pl.Callback):
                 "run_dir": str(self.run_dir.resolve()),
             }
 
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        fault_point("train.step", step=trainer.global_step)  # LMEXP_FAULT=train.step@N:kill (lmexp.faults)
+
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if trainer.is_global_zero and self._recording:
+            stopped = isinstance(exception, (KeyboardInterrupt, SIGTERMException))
+            mark_run(self.run_dir, trainer.state.fn.value if trainer.state.fn else "fit", "stopped" if stopped else "failed")
         tracker = tracker_of(trainer)
         if tracker is None or not trainer.is_global_zero or not self._recording:
             return  # failed before the run began (bad data): nothing to record
@@ -462,6 +536,8 @@ class RunRecorder(pl.Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Called before Lightning finalizes the loggers (only when the verb succeeded).
+        if trainer.is_global_zero and self._recording and read_run_mark(self.run_dir).get("status") == "running":
+            mark_run(self.run_dir, stage, "finished")
         tracker = tracker_of(trainer)
         if tracker is not None and trainer.is_global_zero:
             self._upload_results(trainer, tracker)

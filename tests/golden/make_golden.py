@@ -28,20 +28,7 @@ def main(name: str) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         (scratch / "corpus.txt").write_text(CORPUS)
-        config = {
-            "seed_everything": 3,
-            "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 4, "limit_val_batches": 1,
-                        "val_check_interval": 2, "check_val_every_n_epoch": None, "enable_progress_bar": False,
-                        "enable_model_summary": False, "default_root_dir": str(scratch / "runs"),
-                        "logger": {"class_path": "lmexp.MLflowTracker",
-                                   "init_args": {"tracking_uri": "http://127.0.0.1:9", "retry_seconds": 3600}}},
-            "model": {"class_path": "lmexp.CausalLM", "init_args": {
-                "network": "gpt-tiny", "warmup_steps": 0,
-                "network_overrides": {"n_layer": 1, "n_embd": 16, "n_head": 2, "block_size": 16}}},
-            "data": {"class_path": "lmexp.TextDataModule",
-                     "init_args": {"source": str(scratch / "corpus.txt"), "tokenizer": "char", "batch_size": 2}},
-        }
-        (scratch / "golden.yaml").write_text(yaml.safe_dump(config))
+        (scratch / "golden.yaml").write_text(yaml.safe_dump(golden_config(scratch)))
         lmexp(["fit", "--config", str(scratch / "golden.yaml"), "--run_name", "golden"])
         run = scratch / "runs" / "golden"
         out.mkdir(parents=True)
@@ -50,6 +37,24 @@ def main(name: str) -> None:
         shutil.copy(run / "tracking-journal.jsonl", out / "tracking-journal.jsonl")
         shutil.copy(scratch / "corpus.txt", out / "corpus.txt")
     print(f"wrote {out}")
+
+
+def golden_config(scratch: Path, tracking_uri: str = "http://127.0.0.1:9") -> dict:
+    """The fit config of the golden run (its corpus in ``scratch/corpus.txt``): an unreachable
+    tracking store, so the run leaves its journal."""
+    return {
+        "seed_everything": 3,
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 4, "limit_val_batches": 1,
+                    "val_check_interval": 2, "check_val_every_n_epoch": None, "enable_progress_bar": False,
+                    "enable_model_summary": False, "default_root_dir": str(scratch / "runs"),
+                    "logger": {"class_path": "lmexp.MLflowTracker",
+                               "init_args": {"tracking_uri": tracking_uri, "retry_seconds": 3600}}},
+        "model": {"class_path": "lmexp.CausalLM", "init_args": {
+            "network": "gpt-tiny", "warmup_steps": 0,
+            "network_overrides": {"n_layer": 1, "n_embd": 16, "n_head": 2, "block_size": 16}}},
+        "data": {"class_path": "lmexp.TextDataModule",
+                 "init_args": {"source": str(scratch / "corpus.txt"), "tokenizer": "char", "batch_size": 2}},
+    }
 
 
 if __name__ == "__main__":

@@ -1,0 +1,106 @@
+"""Atomic files and folders (lmexp.atomic) and the fault points (lmexp.faults) that test them."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmexp import faults
+from lmexp.atomic import TEMPORARY_PREFIX, remove_stale_temporaries, replace_folder, storage_error, write_bytes
+from lmexp.errors import StorageError
+
+
+@pytest.fixture
+def fault(monkeypatch):
+    """Arm ``LMEXP_FAULT`` in this process; disarmed afterwards."""
+    def arm(value: str) -> None:
+        monkeypatch.setenv(faults.FAULT_VARIABLE, value)
+        faults.reload()
+    yield arm
+    monkeypatch.delenv(faults.FAULT_VARIABLE, raising=False)
+    faults.reload()
+
+
+def test_fault_spec_is_checked_and_counts_hits(fault):
+    with pytest.raises(ValueError, match="POINT"):
+        fault("no.such.point:kill")
+    fault("export.write@2:enospc")
+    faults.fault_point("export.write")  # first hit: nothing
+    with pytest.raises(OSError) as raised:
+        faults.fault_point("export.write", path="x")
+    assert raised.value.errno == errno.ENOSPC
+    fault("train.loss@3:diverge")
+    assert [faults.poisoned("train.loss", step) for step in (2, 3, 4)] == [False, True, True]
+    fault("train.loss@3:nan")
+    assert [faults.poisoned("train.loss", step) for step in (2, 3, 4)] == [False, True, False]
+
+
+def test_write_keeps_the_old_file_on_a_full_disk_and_says_so_in_one_line(tmp_path, fault):
+    target = tmp_path / "last.ckpt"
+    write_bytes(target, b"old" * 100)
+    fault("checkpoint.write:enospc")
+    with pytest.raises(StorageError) as raised:
+        write_bytes(target, b"new" * 1000, fault="checkpoint.write")
+    message = str(raised.value)
+    assert "disk full" in message and str(target) in message and "3.0 KB" in message and "\n" not in message
+    assert target.read_bytes() == b"old" * 100
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left
+
+
+def test_written_files_take_the_umask(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        write_bytes(tmp_path / "a", b"x")
+        replace_folder(tmp_path / "export", lambda folder: (folder / "model.safetensors").write_bytes(b"y"))
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "a").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "export" / "model.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_folder_is_replaced_whole_or_not_at_all(tmp_path):
+    export = tmp_path / "best"
+    replace_folder(export, lambda folder: (folder / "config.json").write_text("1"))
+
+    def half_then_fail(folder: Path) -> None:
+        (folder / "config.json").write_text("")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        replace_folder(export, half_then_fail)
+    assert (export / "config.json").read_text() == "1"
+    replace_folder(export, lambda folder: (folder / "config.json").write_text("2"))
+    assert (export / "config.json").read_text() == "2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_a_killed_writer_leaves_nothing_a_later_write_does_not_tidy(tmp_path):
+    pid = dead_pid()
+    (tmp_path / f"{TEMPORARY_PREFIX}{pid}-last.ckpt").write_bytes(b"half")
+    # A swap killed after the old export was set aside and before the new one moved in:
+    aside = tmp_path / f"{TEMPORARY_PREFIX}{pid}-old-best"
+    aside.mkdir()
+    (aside / "config.json").write_text("old")
+    mine = tmp_path / f"{TEMPORARY_PREFIX}{os.getpid()}-live"
+    mine.write_text("in progress")
+    remove_stale_temporaries(tmp_path)
+    assert (tmp_path / "best" / "config.json").read_text() == "old"  # put back, not deleted
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["best", mine.name])
+
+
+def test_other_write_errors_are_left_as_they_are(tmp_path):
+    err = OSError(errno.EIO, "Input/output error")
+    assert storage_error(err, tmp_path / "x") is err
+    denied = storage_error(OSError(errno.EACCES, "Permission denied"), tmp_path / "x")
+    assert isinstance(denied, StorageError) and "choose a writable folder" in str(denied)
