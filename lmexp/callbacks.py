@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lmexp.atomic import atomic_write
 from lmexp.checkpoints import export_safetensors
 from lmexp.data.tokenizer import describe_unknown, encode_prompt
+from lmexp.errors import LmexpError
 from lmexp.generation import generate
 from lmexp.objectives.base import logs_this_step
 
@@ -83,13 +84,15 @@ class CheckpointOnException(pl.Callback):
         if trainer.state.fn == "fit" and trainer.global_step > 0:
             try:
                 trainer.save_checkpoint(self.path, weights_only=False)  # everything needed to resume
-            except OSError as error:  # a full disk (StorageError) must not hide the error that stopped training
+            except (OSError, LmexpError) as error:  # a full disk, NaN weights: never hide what stopped training
                 rank_zero_warn(f"could not save {self.path} ({error}): resume with --ckpt_path last from the "
                                "newest checkpoint saved before")
                 return
             reason = "SIGTERM" if isinstance(exception, SIGTERMException) else type(exception).__name__
+            advice = ("the weights before the divergence; resuming at the same learning rate diverges again: "
+                      "lower it" if isinstance(exception, ArithmeticError) else "resume with --ckpt_path last")
             rank_zero_info(f"training stopped by {reason} at step {trainer.global_step}; checkpoint saved to "
-                           f"{self.path}: resume with --ckpt_path last")
+                           f"{self.path}: {advice}")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Reached only when fit ends without an exception.
