@@ -152,6 +152,7 @@ def test_two_workers_share_a_postgresql_study(workdir, postgres_url, isolated_tr
     _two_workers(workdir, postgres_url, "postgres", isolated_tracking)
 
 
+@pytest.mark.fault  # kills a worker: part of the fault-injection suite
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
 def test_a_dead_workers_trial_is_found_by_heartbeat_and_run_again(workdir, kind):
     storage = f"sqlite:///{workdir / 'optuna.db'}" if kind == "sqlite" else f"journal:{workdir / 'optuna.journal'}"
@@ -214,6 +215,7 @@ def test_sweep_bad_input_is_one_line(workdir):
     assert flag.returncode == 2 and flag.stderr.count("\n") == 1
 
 
+@pytest.mark.fault  # interrupts a sweep: part of the fault-injection suite
 def test_ctrl_c_stops_the_trial_cleanly_and_resume_runs_it_again(workdir, isolated_tracking):
     storage = f"sqlite:///{workdir / 'optuna.db'}"
     fit = (workdir / "fit.yaml").read_text().replace("max_steps: 20", "max_steps: 400")
