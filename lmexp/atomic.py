@@ -85,7 +85,7 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
         if not entry.name.startswith(TEMPORARY_PREFIX):
             continue
         pid, _, rest = entry.name[len(TEMPORARY_PREFIX):].partition("-")
-        if pid.isdigit() and _alive(int(pid)):
+        if pid.isdigit() and process_alive(int(pid)):
             continue
         if rest.startswith("old-") and not (folder / rest[4:]).exists():
             with contextlib.suppress(OSError):
@@ -97,7 +97,10 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
     return removed
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (this process counts)."""
+    if pid <= 0:
+        return False
     if pid == os.getpid():
         return True
     try:

@@ -18,10 +18,10 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lmexp.atomic import atomic_write
-from lmexp.checkpoints import export_safetensors
+from lmexp.atomic import atomic_write, remove_stale_temporaries
+from lmexp.checkpoints import export_safetensors, exported_step, load_checkpoint, read_checkpoint
 from lmexp.data.tokenizer import describe_unknown, encode_prompt
-from lmexp.errors import LmexpError
+from lmexp.errors import CheckpointError, LmexpError
 from lmexp.generation import generate
 from lmexp.objectives.base import logs_this_step
 
@@ -43,12 +43,16 @@ class LmexpCheckpoint(ModelCheckpoint):
         save_top_k: int = 1,
         every_n_train_steps: int | None = None,
         export_best: bool = True,
+        enable_version_counter: bool = False,
         **kwargs: Any,
     ) -> None:
+        # No version counter: each run has a folder of its own, and a checkpoint replaces its
+        # previous version atomically. With one, a resumed run beside an unreadable last.ckpt
+        # would write last-v1.ckpt, which --ckpt_path last never looks for.
         super().__init__(
             dirpath=dirpath, monitor=monitor, mode=mode, filename=filename, save_last=save_last,
             save_top_k=save_top_k, every_n_train_steps=every_n_train_steps,
-            auto_insert_metric_name=False, **kwargs,
+            auto_insert_metric_name=False, enable_version_counter=enable_version_counter, **kwargs,
         )
         self.export_best = export_best
 
@@ -64,8 +68,39 @@ class LmexpCheckpoint(ModelCheckpoint):
             inputs = trainer.datamodule.input_settings() if hasattr(trainer.datamodule, "input_settings") else None
             export_safetensors(
                 module.model, module.network_config, folder, tokenizer, module.objective_name, inputs,
-                getattr(module, "transforms", None),
+                getattr(module, "transforms", None), global_step=trainer.global_step,
             )
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero and self.dirpath:
+            remove_stale_temporaries(Path(self.dirpath))  # what a killed earlier process of this run left
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Leave the run's files matching its end, even after a resume that had nothing left to
+        train (the process before it was killed between saving ``best.ckpt`` and the rest):
+        ``last.ckpt`` holds the final step, and the export holds ``best.ckpt``'s weights."""
+        if isinstance(trainer.strategy, FSDPStrategy) or not self.dirpath or trainer.global_step == 0:
+            return
+        last = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+        if self.save_last and _step_of(last) != trainer.global_step:
+            trainer.save_checkpoint(last, self.save_weights_only)  # every rank calls it; rank 0 writes
+        best = self.best_model_path
+        if not (self.export_best and best and trainer.is_global_zero and Path(best).is_file()):
+            return
+        folder, step = Path(best).with_suffix(""), _step_of(Path(best))
+        if step is not None and exported_step(folder) != step:
+            loaded = load_checkpoint(best)
+            export_safetensors(loaded.model, loaded.config, folder, loaded.tokenizer, loaded.objective,
+                               loaded.inputs, loaded.transforms, global_step=step)
+            rank_zero_info(f"exported {best} (step {step}) to {folder}: the export of that checkpoint had not finished")
+
+
+def _step_of(path: Path) -> int | None:
+    """The training step a checkpoint file holds; None if it is missing or unreadable."""
+    try:
+        return int(read_checkpoint(path, mmap=True).get("global_step", 0))
+    except CheckpointError:
+        return None
 
 
 class CheckpointOnException(pl.Callback):

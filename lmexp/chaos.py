@@ -121,9 +121,10 @@ class Chaos:
         args = self.fit_args(root) + (["--ckpt_path", "last"] if resume else [])
         done = subprocess.run([sys.executable, "-m", "lmexp", *args], env=env, capture_output=True, text=True,
                               timeout=timeout, stdin=subprocess.DEVNULL)
-        (root / f"{'resume' if resume else 'run'}.log").write_text(
-            f"$ LMEXP_FAULT={env.get('LMEXP_FAULT', '')} lmexp {' '.join(args)}\nexit {done.returncode}\n"
-            f"--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}")
+        with contextlib.suppress(OSError):  # the run's own disk may be full: the result still counts
+            (root / f"{'resume' if resume else 'run'}.log").write_text(
+                f"$ LMEXP_FAULT={env.get('LMEXP_FAULT', '')} lmexp {' '.join(args)}\nexit {done.returncode}\n"
+                f"--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}")
         left = processes_tagged(tag)
         if left:
             for pid in left:
@@ -202,7 +203,8 @@ def saved_problems(run: Path) -> list[str]:
 
     problems = []
     folder = run / "checkpoints"
-    for path in sorted(folder.glob("*.ckpt")) if folder.is_dir() else ():
+    for path in sorted(p for p in folder.glob("*.ckpt") if not p.name.startswith(TEMPORARY_PREFIX)) \
+            if folder.is_dir() else ():
         try:
             state = read_checkpoint(path).get("state_dict", {})
         except CheckpointError as err:

@@ -221,16 +221,20 @@ def export_safetensors(
     objective: str | None = None,
     inputs: dict[str, Any] | None = None,
     transforms: list[dict[str, Any]] | None = None,
+    global_step: int | None = None,
 ) -> Path:
     """Write ``model.safetensors``, ``config.json`` and ``tokenizer.json`` as the folder ``folder``
     (``inputs``: how a classifier frames its inputs; ``transforms``: what was done to the trained
-    weights, see ``LoadedModel.transforms``; both kept in ``config.json``).
+    weights, see ``LoadedModel.transforms``; ``global_step``: the training step of the weights, so
+    an export can be matched with its checkpoint; all kept in ``config.json``).
 
     The folder is replaced as a whole (lmexp.atomic.replace_folder): a reader, or a crash, sees
     the previous export or the new one, never a mix of the two."""
     meta = {"format": EXPORT_FORMAT, "model": config.to_dict(), "objective": objective, "transforms": transforms or []}
     if inputs is not None:
         meta["inputs"] = inputs
+    if global_step is not None:
+        meta["global_step"] = int(global_step)
 
     def fill(temporary: Path) -> None:
         save_model(model, str(temporary / WEIGHTS_FILE))  # handles tied embeddings
@@ -240,3 +244,13 @@ def export_safetensors(
             tokenizer.save(str(temporary / TOKENIZER_FILE))
 
     return replace_folder(folder, fill, fault="export.write")
+
+
+def exported_step(folder: str | Path) -> int | None:
+    """The training step an export's weights come from (None: not recorded, or no readable export)."""
+    try:
+        meta = json.loads((Path(folder) / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    step = meta.get("global_step") if isinstance(meta, dict) else None
+    return step if isinstance(step, int) else None

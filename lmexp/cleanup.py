@@ -10,7 +10,6 @@ so only its temporary files are removed. Runs whose process is still alive are n
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import socket
 import sys
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from lmexp.atomic import TEMPORARY_PREFIX, remove_stale_temporaries
+from lmexp.atomic import TEMPORARY_PREFIX, process_alive, remove_stale_temporaries
 from lmexp.checkpoints import read_checkpoint
 from lmexp.errors import CheckpointError, ConfigError
 from lmexp.runs import read_run_mark
@@ -45,19 +44,7 @@ def run_state(run_dir: Path) -> str:
         return status or "unknown"
     if mark.get("host") != socket.gethostname():
         return "running"  # another machine's process: assume alive
-    return "running" if _alive(int(mark.get("pid", 0))) else "killed"
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return "running" if process_alive(int(mark.get("pid", 0))) else "killed"
 
 
 def _readable_checkpoints(run_dir: Path) -> list[Path]:
@@ -124,7 +111,7 @@ def _temporaries(run_dir: Path) -> list[Path]:
 
 def _stale_temporary(path: Path) -> bool:
     pid = path.name[len(TEMPORARY_PREFIX):].split("-", 1)[0]
-    return not (pid.isdigit() and _alive(int(pid)))
+    return not (pid.isdigit() and process_alive(int(pid)))
 
 
 def remove(leftovers: list[Leftover]) -> None:

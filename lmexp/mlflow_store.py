@@ -4,6 +4,7 @@ the loss-curve plot, listing runs, and sending a journal kept while a store was 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -226,9 +227,12 @@ def store_error(uri: str, err: BaseException) -> BaseException:
 
 
 def _quiet_mlflow() -> None:
-    """MLflow announces database creation and migrations at INFO: noise in a training log."""
-    for name in ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration", "mlflow.tracking.fluent"):
+    """MLflow announces database creation and migrations at INFO: noise in a training log. Its
+    database layer also logs every failed query with a traceback at ERROR, though the error is
+    raised to the caller as well, which here keeps the records and says so in one line."""
+    for name in ("alembic", "alembic.runtime.migration", "mlflow.tracking.fluent"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 class TrackingStore:
@@ -384,6 +388,8 @@ def is_unreachable(err: BaseException) -> bool:
         return True
     if isinstance(err, (ConnectionError, TimeoutError)):
         return True
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):  # room may be made
+        return True
     try:
         import requests
 
@@ -392,7 +398,9 @@ def is_unreachable(err: BaseException) -> bool:
     except ImportError:
         pass
     text = str(err)
-    return any(words in text for words in ("Max retries exceeded", "timed out", "database is locked"))
+    # "database or disk is full": SQLite on a full disk; kept and retried once there is room.
+    return any(words in text for words in ("Max retries exceeded", "timed out", "database is locked",
+                                           "database or disk is full"))
 
 
 def write_loss_curve(history: Mapping[str, list[tuple[int, float]]], path: Path, title: str = "") -> bool:

@@ -98,6 +98,7 @@ class MLflowTracker(Logger):
         self._ended = True
         self._exit_hook = False
         self._abandoned = False
+        self._journal_failed = False  # the journal could not be written (said once)
 
     def use_defaults(self, experiment_name: str, run_name: str, save_dir: str, run_id: str | None = None) -> None:
         """Fill in what the run builder knows and this tracker was not told."""
@@ -334,13 +335,18 @@ class MLflowTracker(Logger):
             if item is _STOP:
                 return
             if isinstance(item, tuple):  # ("flush", event): one last try, then report back
-                self._drain(force=True)
-                item[1].set()
+                try:
+                    self._drain(force=True)
+                finally:
+                    item[1].set()  # whoever waits is never left waiting out its timeout
                 continue
             if item is not None:
                 self._pending.append(item)
                 if self._offline_since:
-                    append_journal(self.journal_path, [item])
+                    try:
+                        append_journal(self.journal_path, [item])
+                    except OSError as err:
+                        self._cannot_keep(err)
                     self._draw_offline([item])
             self._drain()
 
@@ -418,5 +424,18 @@ class MLflowTracker(Logger):
                   "run_name": store.run_name, "run_id": store.run_id, "tags": store.tags,
                   "start_time": store.start_time}
         records = [r for r in list(self._pending) if r["kind"] != "connect"]
-        write_journal(self.journal_path, header, records)
+        try:
+            write_journal(self.journal_path, header, records)
+        except OSError as err:  # a full disk: the records stay in memory, sent if the store comes back
+            self._cannot_keep(err)
+            return
         self._draw_offline(records)
+
+    def _cannot_keep(self, err: OSError) -> None:
+        """Say once that the journal cannot be written; never raise (in the tracker's thread that
+        would end it, at the end of a run it would hide the error that stopped the run)."""
+        if not self._journal_failed:
+            self._journal_failed = True
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            rank_zero_warn(f"tracking records of run {self.run_name!r} cannot be kept on disk ({first}); "
+                           "they are held in memory and sent if the store answers before the process ends")

@@ -150,8 +150,9 @@ class StudyRun:
         experiment = self.client.get_experiment_by_name(study_name)
         if experiment is None:
             return []
-        found = [f"tags.`optuna.trial` = '{number}'", f"tags.`optuna.study` = '{study_name}'",
-                 "attributes.status = 'RUNNING'"]
+        # Whatever its status: an orphaned trial may have finished its run after its worker died,
+        # but a trial the study failed did not count, and its run must say so.
+        found = [f"tags.`optuna.trial` = '{number}'", f"tags.`optuna.study` = '{study_name}'"]
         if self.run_id:  # only this study's runs, should an older study of the same name have tracked here
             found.append(f"tags.`mlflow.parentRunId` = '{self.run_id}'")
         return self.client.search_runs([experiment.experiment_id], filter_string=" and ".join(found))

@@ -96,3 +96,18 @@ def shared_data(name: str) -> Path:
     if not path.exists():
         pytest.fail(f"real data {path} is missing: slow tests need the shared data folder beside the project")
     return path
+
+
+@pytest.fixture
+def fault(monkeypatch: pytest.MonkeyPatch):
+    """Arm ``LMEXP_FAULT`` (lmexp.faults) in this process: ``fault("export.write:enospc")``;
+    disarmed afterwards."""
+    from lmexp import faults
+
+    def arm(value: str) -> None:
+        monkeypatch.setenv(faults.FAULT_VARIABLE, value)
+        faults.reload()
+
+    yield arm
+    monkeypatch.delenv(faults.FAULT_VARIABLE, raising=False)
+    faults.reload()

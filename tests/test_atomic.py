@@ -15,17 +15,6 @@ from lmexp.atomic import TEMPORARY_PREFIX, remove_stale_temporaries, replace_fol
 from lmexp.errors import StorageError
 
 
-@pytest.fixture
-def fault(monkeypatch):
-    """Arm ``LMEXP_FAULT`` in this process; disarmed afterwards."""
-    def arm(value: str) -> None:
-        monkeypatch.setenv(faults.FAULT_VARIABLE, value)
-        faults.reload()
-    yield arm
-    monkeypatch.delenv(faults.FAULT_VARIABLE, raising=False)
-    faults.reload()
-
-
 def test_fault_spec_is_checked_and_counts_hits(fault):
     with pytest.raises(ValueError, match="POINT"):
         fault("no.such.point:kill")

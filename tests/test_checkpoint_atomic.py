@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmexp import faults
 from lmexp.atomic import TEMPORARY_PREFIX
 from lmexp.checkpoints import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, export_safetensors, load_checkpoint
 from lmexp.cli import main
@@ -27,19 +26,6 @@ def umask_022():
     previous = os.umask(0o022)
     yield
     os.umask(previous)
-
-
-@pytest.fixture
-def fault(monkeypatch: pytest.MonkeyPatch):
-    """Arm ``LMEXP_FAULT`` in this process; disarmed afterwards."""
-
-    def arm(value: str) -> None:
-        monkeypatch.setenv(faults.FAULT_VARIABLE, value)
-        faults.reload()
-
-    yield arm
-    monkeypatch.delenv(faults.FAULT_VARIABLE, raising=False)
-    faults.reload()
 
 
 def temporaries(*folders: Path) -> list[Path]:

@@ -10,24 +10,11 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lmexp import CausalLM, TextDataModule, faults
+from lmexp import CausalLM, TextDataModule
 from lmexp.callbacks import LmexpCheckpoint
 from lmexp.cli import main
 from lmexp.errors import ConfigError
 from lmexp.guards import FiniteLossGuard, TrainingDiverged
-
-
-@pytest.fixture
-def poison(monkeypatch: pytest.MonkeyPatch):
-    """Set LMEXP_FAULT for this test only (read again in-process)."""
-
-    def arm(spec: str) -> None:
-        monkeypatch.setenv(faults.FAULT_VARIABLE, spec)
-        faults.reload()
-
-    yield arm
-    monkeypatch.delenv(faults.FAULT_VARIABLE, raising=False)
-    faults.reload()
 
 
 class StepSnapshot(pl.Callback):
@@ -71,8 +58,8 @@ def assert_same_tensors(before: dict, after: dict) -> None:
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon", "adamw8bit"])
-def test_a_skipped_step_leaves_weights_and_optimizer_state_bit_identical(tiny_corpus, poison, optimizer):
-    poison("train.loss@2:nan")
+def test_a_skipped_step_leaves_weights_and_optimizer_state_bit_identical(tiny_corpus, fault, optimizer):
+    fault("train.loss@2:nan")
     snapshot = StepSnapshot(2)
     guard = FiniteLossGuard(mode="skip")
     trainer = fit(tiny_corpus, [guard, snapshot], optimizer=optimizer)
@@ -84,22 +71,22 @@ def test_a_skipped_step_leaves_weights_and_optimizer_state_bit_identical(tiny_co
     assert all(torch.isfinite(p).all() for p in trainer.lightning_module.parameters())
 
 
-def test_a_poisoned_micro_batch_skips_the_whole_accumulated_step(tiny_corpus, poison):
-    poison("train.loss@1:nan")  # both micro-batches of step 1 see global_step 1
+def test_a_poisoned_micro_batch_skips_the_whole_accumulated_step(tiny_corpus, fault):
+    fault("train.loss@1:nan")  # both micro-batches of step 1 see global_step 1
     guard = FiniteLossGuard(mode="skip")
     fit(tiny_corpus, [guard], steps=3, accumulate=2)
     assert guard.skipped == 1
 
 
-def test_stop_raises_one_line_naming_step_learning_rate_and_last_checkpoint(tiny_corpus, poison, tmp_path):
-    poison("train.loss@2:nan")
+def test_stop_raises_one_line_naming_step_learning_rate_and_last_checkpoint(tiny_corpus, fault, tmp_path):
+    fault("train.loss@2:nan")
     with pytest.raises(TrainingDiverged) as stopped:
         fit(tiny_corpus, [FiniteLossGuard()], lr=3e-3, max_steps=1000)  # lr barely decayed
     message = str(stopped.value)
     assert "\n" not in message and "at step 2" in message and "learning rate 0.003" in message
     assert "last good checkpoint: none yet" in message
 
-    poison("train.loss@3:nan")
+    fault("train.loss@3:nan")
     checkpoint = LmexpCheckpoint(str(tmp_path / "ckpt"), monitor=None, every_n_train_steps=1, export_best=False)
     with pytest.raises(TrainingDiverged, match=r"at step 3: .*last good checkpoint: \S*last\.ckpt"):
         fit(tiny_corpus, [FiniteLossGuard(), checkpoint])

@@ -25,8 +25,8 @@ def test_scenario(chaos: Chaos, scenario) -> None:
 def test_chaos_command_lists_and_refuses_bad_input(capsys) -> None:
     with pytest.raises(SystemExit) as stop:
         main(["chaos", "--list"])
-    assert stop.value.code == 0
-    assert all(s.name in capsys.readouterr().out for s in SCENARIOS)
+    listed = capsys.readouterr().out
+    assert stop.value.code == 0 and all(s.name in listed for s in SCENARIOS)
     with pytest.raises(SystemExit) as stop:
         main(["chaos", "--config", "missing.yaml"])
     err = capsys.readouterr().err.strip().splitlines()
