@@ -37,12 +37,19 @@ def check_positive(name: str, value: int) -> None:
 
 
 def find_user_error(err: BaseException) -> LmexpError | None:
-    """The LmexpError behind ``err``, if any: jsonargparse and Lightning wrap what they catch."""
+    """The LmexpError behind ``err``, if any: jsonargparse and Lightning wrap what they catch.
+    A full disk met by a write of any library counts too: it is the user's to fix."""
+    import errno
+
     seen: set[int] = set()
     current: BaseException | None = err
     while current is not None and id(current) not in seen:
         if isinstance(current, LmexpError):
             return current
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f"writing {current.filename!r}" if current.filename else "writing"
+            return StorageError(f"disk full while {where} ({current.strerror}): free space on that filesystem "
+                                "or write elsewhere, then resume with --ckpt_path last")
         seen.add(id(current))
         current = current.__cause__ or current.__context__
     return None

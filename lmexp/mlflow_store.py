@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from lmexp.atomic import fsync_folder, remove_stale_temporaries, storage_error, temporary_sibling, write_text
+from lmexp.atomic import (
+    fsync_folder, process_alive, remove_stale_temporaries, storage_error, temporary_sibling, write_text,
+)
 from lmexp.errors import ConfigError, LmexpError, StorageError
 from lmexp.faults import fault_point
 
@@ -474,13 +476,7 @@ def process_gone(tags: Mapping[str, str]) -> bool:
     pid, host = tags.get("lmexp.pid", ""), tags.get("lmexp.host")
     if not pid.isdigit() or host != socket.gethostname():
         return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return not process_alive(int(pid))
 
 
 def sync_journal(path: str | Path, tracking_uri: str | None = None) -> str:
@@ -552,6 +548,36 @@ def list_runs(tracking_uri: str | None = None, experiment: str | None = None, li
             raise failure from None
         state = "unreachable" if is_unreachable(err) else "failed"
         raise ConfigError(f"tracking store {uri} {state} ({_first_line(err)}): check it, or pass --tracking_uri") from None
+
+
+def end_dead_runs(tracking_uri: str | None = None, dry_run: bool = False) -> list[str]:
+    """End as KILLED the RUNNING runs of a store whose process is gone from this host (killed with
+    SIGKILL, they could not end themselves); returns their names. A fit resumed later reopens its
+    run as RUNNING. Nothing is done to a store that does not exist yet."""
+    uri = check_tracking_uri(tracking_uri or default_tracking_uri())
+    path = sqlite_path(uri)
+    if path is not None and not path.is_file():
+        return []
+    try:
+        ensure_store(uri)
+        _quiet_mlflow()
+        from mlflow import MlflowClient
+
+        client = MlflowClient(uri)
+        ids = [e.experiment_id for e in client.search_experiments()]
+        running = client.search_runs(ids, filter_string="attributes.status = 'RUNNING'", max_results=10000) if ids else []
+        dead = [run for run in running if process_gone(run.data.tags)]
+        if not dry_run:
+            for run in dead:
+                client.set_terminated(run.info.run_id, "KILLED")
+    except LmexpError:
+        raise
+    except Exception as err:
+        failure = store_error(uri, err)
+        if isinstance(failure, LmexpError):
+            raise failure from None
+        raise ConfigError(f"tracking store {uri} failed ({_first_line(err)}): check it, or pass --tracking_uri") from None
+    return [run.info.run_name for run in dead]
 
 
 def _list_runs(uri: str, experiment: str | None, limit: int) -> list[dict[str, Any]]:

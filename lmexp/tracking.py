@@ -27,6 +27,7 @@ from typing import Any
 from lightning.pytorch.loggers.logger import Logger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
+from lmexp.atomic import write_text
 from lmexp.errors import ConfigError
 from lmexp.mlflow_store import (
     JOURNAL_NAME, DamagedStoreError, TrackingStore, append_journal, check_experiment_name, check_tracking_uri,
@@ -183,8 +184,11 @@ class MLflowTracker(Logger):
     def log_text(self, text: str, name: str) -> None:
         """Write ``text`` to ``name`` in the run folder and upload it."""
         path = Path(self._save_dir or ".") / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+        try:
+            write_text(path, text)
+        except OSError as err:  # a full disk: a record is lost, never the run
+            self._cannot_keep(err)
+            return
         self.log_artifact(path)
 
     @rank_zero_only

@@ -93,3 +93,13 @@ def test_other_write_errors_are_left_as_they_are(tmp_path):
     assert storage_error(err, tmp_path / "x") is err
     denied = storage_error(OSError(errno.EACCES, "Permission denied"), tmp_path / "x")
     assert isinstance(denied, StorageError) and "choose a writable folder" in str(denied)
+
+
+def test_a_full_disk_met_by_any_library_is_one_line():
+    from lmexp.errors import find_user_error
+
+    wrapped = RuntimeError("while saving")
+    wrapped.__cause__ = OSError(errno.ENOSPC, "No space left on device", "/runs/x/samples.txt")
+    found = find_user_error(wrapped)
+    assert isinstance(found, StorageError) and "disk full while writing '/runs/x/samples.txt'" in str(found)
+    assert find_user_error(OSError(errno.EIO, "Input/output error")) is None

@@ -113,3 +113,26 @@ def test_a_run_marks_its_folder_running_then_finished(tmp_path: Path, tiny_corpu
     run.execute()
     mark = read_run_mark(run.run_dir)
     assert mark["status"] == "finished" and mark["verb"] == "fit" and mark["pid"] == os.getpid()
+
+
+def test_clean_ends_the_mlflow_runs_of_dead_processes_as_killed(tmp_path: Path, isolated_tracking: str, capsys):
+    from mlflow import MlflowClient
+
+    from lmexp.mlflow_store import ensure_store
+
+    ensure_store(isolated_tracking)
+    client = MlflowClient(isolated_tracking)
+    experiment = client.get_experiment_by_name("clean-test") or client.get_experiment(
+        client.create_experiment("clean-test"))
+    here = {"lmexp.host": socket.gethostname()}
+    dead = client.create_run(experiment.experiment_id, run_name="dead",
+                             tags={**here, "lmexp.pid": str(dead_pid())}).info.run_id
+    alive = client.create_run(experiment.experiment_id, run_name="alive",
+                              tags={**here, "lmexp.pid": str(os.getpid())}).info.run_id
+    (tmp_path / "runs").mkdir()
+    main(["runs", "clean", "--root", str(tmp_path / "runs"), "--dry-run"])
+    assert "would end MLflow run 'dead'" in capsys.readouterr().out
+    assert client.get_run(dead).info.status == "RUNNING"
+    main(["runs", "clean", "--root", str(tmp_path / "runs")])
+    assert client.get_run(dead).info.status == "KILLED" and client.get_run(alive).info.status == "RUNNING"
+    client.set_terminated(alive)
