@@ -538,8 +538,15 @@ def list_runs(tracking_uri: str | None = None, experiment: str | None = None, li
     if path is not None and not path.is_file():
         raise ConfigError(f"no tracking store at {str(path)!r} yet: train a run first (lmexp fit --config CONFIG), "
                           "or pass --tracking_uri / set MLFLOW_TRACKING_URI")
-    try:
+    with _one_line_errors(uri):
         return _list_runs(uri, experiment, limit)
+
+
+@contextlib.contextmanager
+def _one_line_errors(uri: str) -> Iterator[None]:
+    """Whatever MLflow raises while a command reads or changes a store becomes one line."""
+    try:
+        yield
     except LmexpError:
         raise
     except Exception as err:
@@ -558,7 +565,7 @@ def end_dead_runs(tracking_uri: str | None = None, dry_run: bool = False) -> lis
     path = sqlite_path(uri)
     if path is not None and not path.is_file():
         return []
-    try:
+    with _one_line_errors(uri):
         ensure_store(uri)
         _quiet_mlflow()
         from mlflow import MlflowClient
@@ -570,13 +577,6 @@ def end_dead_runs(tracking_uri: str | None = None, dry_run: bool = False) -> lis
         if not dry_run:
             for run in dead:
                 client.set_terminated(run.info.run_id, "KILLED")
-    except LmexpError:
-        raise
-    except Exception as err:
-        failure = store_error(uri, err)
-        if isinstance(failure, LmexpError):
-            raise failure from None
-        raise ConfigError(f"tracking store {uri} failed ({_first_line(err)}): check it, or pass --tracking_uri") from None
     return [run.info.run_name for run in dead]
 
 
