@@ -135,17 +135,17 @@ def run_clean(argv: list[str]) -> list[Leftover]:
     """``lmexp runs clean [--root runs] [--dry-run]``: list, then remove, what killed runs left, and
     end their MLflow runs as KILLED."""
     parser = _OneLineParser(prog="lmexp runs clean", description=__doc__.splitlines()[0])
-    parser.add_argument("--root", default="runs", help="folder of the run folders (default: runs)")
+    parser.add_argument("--root", default=None, help="folder of the run folders (default: runs)")
     parser.add_argument("--dry-run", "--dry_run", action="store_true", help="only list what would be removed")
     parser.add_argument("--tracking_uri", "--tracking-uri", default=None,
                         help="the tracking store whose dead RUNNING runs are ended as KILLED "
                              "(default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
     options = parser.parse_args(argv)
-    from lmexp.mlflow_store import end_dead_runs
-
-    for name in end_dead_runs(options.tracking_uri, options.dry_run):
-        print(f"{'would end' if options.dry_run else 'ended'} MLflow run {name!r} as KILLED (its process is gone)")
-    leftovers = find_leftovers(Path(options.root))
+    if options.root is None:  # the default folder: none yet means nothing to clean
+        options.root = "runs"
+        leftovers = find_leftovers(Path(options.root)) if Path(options.root).is_dir() else []
+    else:
+        leftovers = find_leftovers(Path(options.root))
     sizes = [item.size for item in leftovers]
     verb = "would remove" if options.dry_run else "removing"
     for item, size in zip(leftovers, sizes):
@@ -156,4 +156,9 @@ def run_clean(argv: list[str]) -> list[Leftover]:
         print(f"{len(leftovers)} leftovers, {sum(sizes) / 1e6:.1f} MB: remove them with lmexp runs clean --root {options.root}")
     else:
         remove(leftovers)
+    # The tracking store last: a damaged one is reported (one line) after the folders are done.
+    from lmexp.mlflow_store import end_dead_runs
+
+    for name in end_dead_runs(options.tracking_uri, options.dry_run):
+        print(f"{'would end' if options.dry_run else 'ended'} MLflow run {name!r} as KILLED (its process is gone)")
     return leftovers

@@ -136,3 +136,9 @@ def test_clean_ends_the_mlflow_runs_of_dead_processes_as_killed(tmp_path: Path, 
     main(["runs", "clean", "--root", str(tmp_path / "runs")])
     assert client.get_run(dead).info.status == "KILLED" and client.get_run(alive).info.status == "RUNNING"
     client.set_terminated(alive)
+
+
+def test_clean_without_a_runs_folder_has_nothing_to_do(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    main(["runs", "clean", "--dry-run"])
+    assert "nothing to clean under runs" in capsys.readouterr().out
