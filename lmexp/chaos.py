@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
-from lmexp.atomic import TEMPORARY_PREFIX
+from lmexp.atomic import TEMPORARY_PREFIX, write_text
 
 RUN_NAME = "chaos"
 TAG_VARIABLE = "LMEXP_CHAOS_TAG"  # marks every process a scenario starts, to find any left behind
@@ -320,7 +320,7 @@ def run_chaos(argv: list[str]) -> int:
         log(f"error: {err}")
         return 1
     outcomes = [chaos.run(scenario) for scenario in chosen]
-    (out / "chaos-report.json").write_text(json.dumps([vars(o) for o in outcomes], indent=2))
+    write_text(out / "chaos-report.json", json.dumps([vars(o) for o in outcomes], indent=2))
     failed = [o for o in outcomes if not o.ok]
     log(f"chaos: {len(outcomes) - len(failed)} of {len(outcomes)} scenarios passed; report: {out / 'chaos-report.json'}")
     log_file.close()
