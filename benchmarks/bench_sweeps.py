@@ -37,6 +37,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.report import unique_heading  # noqa: E402
 from lmexp.hardware import cpu_model  # noqa: E402
 
 SWEEP = ROOT / "configs" / "sweeps" / "shakespeare-lr-size.yaml"
@@ -265,7 +266,9 @@ def main() -> None:
                      f"{len(overheads)} trials): median {median_overhead:.1f} s (min {min(overheads):.1f}, max "
                      f"{max(overheads):.1f}) against a median trial of {median_trial:.1f} s "
                      f"({median_overhead / median_trial:.0%})."]
-    header = [f"### Sweeps: pruning, workers and overhead, Tiny Shakespeare, {time.strftime('%Y-%m-%d')}", "",
+    heading = unique_heading(f"Sweeps: pruning, workers and overhead, Tiny Shakespeare, {time.strftime('%Y-%m-%d')}",
+                             ROOT / "BENCHMARKS.md")
+    header = [f"### {heading}", "",
               f"CPU: {cpu_model()}, {os.cpu_count()} cores. Command: `python benchmarks/bench_sweeps.py "
               f"--source ../shared/data/tinyshakespeare.txt --parts {args.parts}`.", ""]
     text = "\n".join(header + rows) + "\n"

@@ -28,9 +28,22 @@ def append_entry(title: str, command: str, table: str, output: Path = BENCHMARKS
         f"(CPU capability {torch.backends.cpu.get_cpu_capability()}, bf16 units: "
         f"{'yes' if cpu_has_bf16_units() else 'no'})"
     )
-    entry = f"\n### {title}, {dt.date.today().isoformat()}\n\nMachine: {machine}.\nCommand: `{command}`\n\n{table}\n"
+    heading = unique_heading(f"{title}, {dt.date.today().isoformat()}", output)
+    entry = f"\n### {heading}\n\nMachine: {machine}.\nCommand: `{command}`\n\n{table}\n"
     with open(output, "a") as f:
         f.write(entry)
+
+
+def unique_heading(heading: str, output: Path) -> str:
+    """``heading``, numbered when an entry already has it: the summary cites entries by heading."""
+    existing = {line[4:].strip() for line in output.read_text(encoding="utf-8").splitlines()
+                if line.startswith("### ")} if output.exists() else set()
+    number = 1
+    candidate = heading
+    while candidate in existing:
+        number += 1
+        candidate = f"{heading} (run {number})"
+    return candidate
 
 
 def command_line(script: str, parser: argparse.ArgumentParser, args: argparse.Namespace, always: str = "",
