@@ -95,7 +95,13 @@ def test_invalid_config(fields, message):
 
 
 def test_lstm_ignores_head_divisibility():
-    ModelConfig(arch="lstm", n_embd=30, n_head=4)
+    """n_head means nothing to an LSTM: n_embd=30 with n_head=4 is refused for gpt (above) but
+    builds and runs as an lstm."""
+    config = ModelConfig(arch="lstm", n_embd=30, n_head=4, vocab_size=VOCAB)
+    assert (config.n_embd, config.n_head) == (30, 4)
+    model = build_model(config)
+    assert isinstance(model, LSTMLM)
+    assert model(random_ids(2, 5)).shape == (2, 5, VOCAB)
 
 
 def test_build_requires_vocab_size():
@@ -176,14 +182,28 @@ def test_kv_cache_overflow_is_reported():
         model(random_ids(1, 3), cache=cache)
 
 
-def test_activation_checkpointing_gives_same_gradients():
+def test_activation_checkpointing_recomputes_blocks_and_gives_same_gradients(monkeypatch):
+    """With the flag on, each block's forward runs again during backward (its activations were
+    not kept); the gradients are the same as without."""
     ids = random_ids(2, 12)
-    grads = []
+    grads, runs = [], []
     for checkpointing in (False, True):
         torch.manual_seed(0)
         model = GPT(tiny(activation_checkpointing=checkpointing)).train()
-        F.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
-        grads.append(model.trunk.blocks[0].attn.qkv.weight.grad)
+        block = model.trunk.blocks[0]
+        calls, forward = [], block.forward
+
+        def counted(*args, forward=forward, calls=calls, **kwargs):
+            calls.append(1)
+            return forward(*args, **kwargs)
+
+        monkeypatch.setattr(block, "forward", counted)
+        logits = model(ids)
+        in_forward = len(calls)
+        F.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
+        runs.append((in_forward, len(calls)))
+        grads.append(block.attn.qkv.weight.grad)
+    assert runs == [(1, 1), (1, 2)]  # (forward runs after forward, after backward): off, on
     torch.testing.assert_close(grads[0], grads[1])
 
 

@@ -37,9 +37,35 @@ def train(
     return objective, trainer
 
 
-def assert_same_weights(a: CausalLM, b: CausalLM) -> None:
-    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
-        torch.testing.assert_close(x, y, rtol=0, atol=1e-6, msg=f"{name} differs after resuming")
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """The same weight names (in any order) and bitwise equal tensors: a weight that one model
+    lacks fails here rather than being skipped."""
+    expected, actual = a.state_dict(), b.state_dict()
+    missing, extra = sorted(expected.keys() - actual.keys()), sorted(actual.keys() - expected.keys())
+    assert not missing and not extra, f"weights differ in names after resuming: missing {missing}, extra {extra}"
+    for name, x in expected.items():
+        torch.testing.assert_close(
+            actual[name], x, rtol=0, atol=0, msg=lambda m, name=name: f"{name} differs after resuming: {m}"
+        )
+
+
+def test_assert_same_weights_notices_names_and_values():
+    """Guards the helper the tests here rely on."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
+    same = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
+    same.load_state_dict(model.state_dict())
+    assert_same_weights(model, same)
+    shorter = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2, bias=False))
+    shorter.load_state_dict(model.state_dict(), strict=False)
+    with pytest.raises(AssertionError, match=r"missing \['1.bias'\], extra \[\]"):
+        assert_same_weights(model, shorter)
+    with pytest.raises(AssertionError, match=r"missing \[\], extra \['1.bias'\]"):
+        assert_same_weights(shorter, model)
+    with torch.no_grad():
+        same[0].weight[0, 0] += 1e-7
+    with pytest.raises(AssertionError, match="0.weight differs after resuming"):
+        assert_same_weights(model, same)
 
 
 def test_resume_mid_epoch_equals_uninterrupted_run(tiny_corpus: Path, tmp_path: Path):
@@ -57,7 +83,9 @@ def test_resume_without_rng_restore_would_differ(tiny_corpus: Path, tmp_path: Pa
     straight, _ = train(tiny_corpus, tmp_path / "a", 12)
     monkeypatch.setattr(CausalLM, "on_train_batch_start", lambda self, batch, idx: None)
     resumed, _ = train(tiny_corpus, tmp_path / "b", 12, ckpt_path=str(tmp_path / "a" / "step6.ckpt"))
-    assert any(not torch.equal(x, y) for x, y in zip(straight.state_dict().values(), resumed.state_dict().values()))
+    expected, actual = straight.state_dict(), resumed.state_dict()
+    assert expected.keys() == actual.keys()
+    assert any(not torch.equal(x, actual[name]) for name, x in expected.items())
 
 
 def test_resume_on_a_validation_step(tiny_corpus: Path, tmp_path: Path):
