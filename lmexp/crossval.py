@@ -3,11 +3,13 @@
 ``lmexp fit ... --data.num_folds K`` comes here: the same config is fitted K times, fold ``i``
 validating on the i-th fold of the training table and training on the rest. Each fold's
 metrics are those of its best validation (the checkpoint it would keep); the parent run holds
-their mean and standard deviation, and ``crossval.json`` in the parent's folder keeps them.
+their mean and standard deviation, and ``crossval.json`` in the parent's folder keeps them,
+with what each fold trained and validated on (``splits``: see ``split_record``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -17,6 +19,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
+from lmexp.data.classification import Examples
 from lmexp.mlflow_store import TrackingStore, default_tracking_uri
 from lmexp.runs import build, new_run_dir
 from lmexp.tracking import MLflowTracker
@@ -54,6 +57,7 @@ class CrossValidation:
         base = self.run_dir.name
         parent = self._start_parent(base)
         folds: list[dict[str, float]] = []
+        splits: list[dict[str, dict[str, Any]]] = []
         for fold in range(self.num_folds):
             rank_zero_info(f"cross-validation: fold {fold + 1} of {self.num_folds}")
             best = BestValidation(self.monitor, self.mode)
@@ -68,8 +72,9 @@ class CrossValidation:
                         callbacks=[best], logger=logger)
             run.execute()
             folds.append(best.best)
+            splits.append(split_record(run.datamodule))
         summary = summarize(folds)
-        self._report(summary, folds, parent)
+        self._report(summary, folds, splits, parent)
         return summary
 
     def _start_parent(self, name: str) -> TrackingStore | None:
@@ -86,16 +91,43 @@ class CrossValidation:
 
     @rank_zero_only
     def _report(self, summary: dict[str, dict[str, float]], folds: list[dict[str, float]],
-                parent: TrackingStore | None) -> None:
+                splits: list[dict[str, dict[str, Any]]], parent: TrackingStore | None) -> None:
         lines = [f"cross-validation over {self.num_folds} folds (mean ± std of each fold's best validation):"]
         lines += [f"  {name}: {s['mean']:.4f} ± {s['std']:.4f}" for name, s in summary.items()]
         print("\n".join(lines))
-        (self.run_dir / "crossval.json").write_text(json.dumps({"folds": folds, "summary": summary}, indent=2))
+        record = {"folds": folds, "summary": summary, "splits": splits}
+        (self.run_dir / "crossval.json").write_text(json.dumps(record, indent=2))
         if parent is not None:
             values = {f"cv/{name}_{stat}": value for name, s in summary.items() for stat, value in s.items()}
             parent.apply({"kind": "metrics", "values": values, "time": int(time.time() * 1000), "step": 0})
             parent.apply({"kind": "artifact", "path": str(self.run_dir / "crossval.json")})
             parent.client.set_terminated(parent.run_id, "FINISHED")
+
+
+def split_record(datamodule: Any) -> dict[str, dict[str, Any]]:
+    """What one fold trained and validated on. Per split: ``examples`` (how many) and ``sha256``
+    (``examples_digest``: two folds, or two runs, used the same examples exactly when the
+    digests agree); for validation also ``lines``, the training table's lines it held out (as
+    in ``train.tsv:LINE``), to trace a fold's errors back to the rows it was scored on."""
+    record: dict[str, dict[str, Any]] = {}
+    for split in ("train", "val"):
+        examples = (getattr(datamodule, "splits", None) or {}).get(split)
+        if examples is None:
+            continue
+        record[split] = {"examples": len(examples), "sha256": examples_digest(examples)}
+        if split == "val":
+            record[split]["lines"] = [int(origin.rsplit(":", 1)[1]) for origin in examples.origins]
+    return record
+
+
+def examples_digest(examples: Examples) -> str:
+    """SHA-256 of labelled examples in their order: each example's text, second text and label."""
+    digest = hashlib.sha256()
+    pairs = examples.pairs or [None] * len(examples.texts)
+    labels = examples.labels or [None] * len(examples.texts)
+    for row in zip(examples.texts, pairs, labels):
+        digest.update(json.dumps(row).encode() + b"\n")
+    return digest.hexdigest()
 
 
 def summarize(folds: list[dict[str, float]]) -> dict[str, dict[str, float]]:
