@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 import warnings
@@ -20,9 +21,11 @@ from lmexp.callbacks import (
 from lmexp.checkpoints import read_checkpoint
 from lmexp.cli import DESCRIPTION, OneLineErrors
 from lmexp.crossval import CrossValidation, tracking_uri_of
+from lmexp.errors import CheckpointError, ConfigError
 from lmexp.guards import FiniteLossGuard
 from lmexp.mlflow_store import check_experiment_name
 from lmexp.objectives import TrainingObjective
+from lmexp.objectives.base import NETWORK_SETTINGS, check_stated_network
 from lmexp.precision import AUTO, PRECISION_HELP, PRECISION_TYPE, PrecisionChoice, resolve_auto_precision
 from lmexp.runs import (
     TRACKING_KEY, Run, RunRecorder, continued_run_dir, default_experiment, new_run_dir, resolve_named_checkpoint,
@@ -82,6 +85,8 @@ class LmexpCLI(LightningCLI):
         self.new_run_dir: Path | None = None
         self.continues_run = False
         self.precision_choice: PrecisionChoice | None = None  # what trainer.precision=auto chose
+        self.args_given: Any = args  # as parsed: re-read for what the command itself states
+        self.saved_hparams: dict[str, Any] = {}  # the hyperparameters of the checkpoint given with --ckpt_path
         try:
             self._build(args, callbacks, exit_on_error)
         except BaseException:
@@ -121,6 +126,7 @@ class LmexpCLI(LightningCLI):
                             help="Name of the run and its folder (default: the start time, e.g. 20261203-101500)")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        self.args_given = args
         super().parse_arguments(parser, args)
         verb = self.config.get("subcommand")
         if verb is None:
@@ -140,9 +146,11 @@ class LmexpCLI(LightningCLI):
         if config.ckpt_path is not None and config.ckpt_path not in NAMED_CHECKPOINTS and not str(
             config.ckpt_path
         ).startswith("registry"):
-            self.source_run = read_checkpoint(config.ckpt_path, mmap=True).get(TRACKING_KEY) or {}
+            checkpoint = read_checkpoint(config.ckpt_path, mmap=True)
+            self.source_run = checkpoint.get(TRACKING_KEY) or {}
+            self.saved_hparams = dict(checkpoint.get("hyper_parameters") or {})
         else:
-            self.source_run = {}
+            self.source_run, self.saved_hparams = {}, {}
         data_args = (config.get("data") or {}).get("init_args") or {}
         if verb == "fit" and data_args.get("fold") is None and (data_args.get("num_folds") or 1) > 1:
             self.folds = int(data_args.get("num_folds"))
@@ -150,6 +158,60 @@ class LmexpCLI(LightningCLI):
         # fed back with --config, it starts a new run of the same experiment.
         self.config_yaml = self._parser(verb).dump(config, skip_none=False)
         self.config_dict = yaml_to_dict(self.config_yaml)
+
+    def _parse_ckpt_path(self) -> None:
+        """The model an evaluation of a checkpoint builds: the checkpoint's objective and network,
+        with the command's other settings.
+
+        Lightning would put every saved hyperparameter over the command's, so an evaluation
+        setting (``--model.continuation_passages 4``) would be dropped without a word. The
+        network (``NETWORK_SETTINGS``) is what the weights fix: it stays the checkpoint's, and a
+        network setting the command states must agree with it, as must the objective. Every other
+        setting is the command's, as for any run and as its ``config.yaml`` records: evaluation
+        options apply, training options go unused. A fit keeps Lightning's way: resuming restores
+        the optimizer and schedule state that the saved settings describe.
+        """
+        verb = self.config.get("subcommand")
+        if verb == "fit":
+            super()._parse_ckpt_path()
+            return
+        if verb is None or not self.saved_hparams:
+            return
+        path = str(self.config[verb].ckpt_path)
+        saved = {name: value for name, value in self.saved_hparams.items() if name != "_instantiator"}
+        model = self.config[verb].model
+        class_path = saved.pop("_class_path", None) or model.class_path
+        try:
+            objective = _import_class(class_path)
+        except (ImportError, AttributeError) as err:
+            raise CheckpointError(
+                f"the checkpoint {path!r} holds a {class_path}, which cannot be imported ({err}): install what "
+                "provides it, or evaluate its export with --model.pretrained"
+            ) from None
+        if not issubclass(objective, _import_class(model.class_path)):
+            raise ConfigError(
+                f"model {model.class_path} cannot evaluate the checkpoint {path!r}, which holds a {class_path}: "
+                f"use --model {class_path}, or the config that checkpoint was trained with"
+            )
+        if "network" in saved:
+            check_stated_network(self._stated_model_arguments(verb), saved["network"], path)
+        # A checkpoint of a subclass (a distilled CausalLM under a CausalLM config): the settings
+        # only the subclass has are the checkpoint's.
+        given = vars(model.init_args)
+        kept = {name: value for name, value in saved.items()
+                if name in NETWORK_SETTINGS or (class_path != model.class_path and name not in given)}
+        self.config = self.parser.parse_object({verb: {"model": {"class_path": class_path, "dict_kwargs": kept}}},
+                                               self.config)
+
+    def _stated_model_arguments(self, verb: str) -> dict[str, Any]:
+        """The model arguments the command states (config files and flags), without the defaults."""
+        from jsonargparse import Namespace
+
+        args = self.args_given
+        parse = self.parser.parse_object if isinstance(args, (dict, Namespace)) else self.parser.parse_args
+        model = parse(args, defaults=False)[verb].get("model")
+        init_args = model.get("init_args") if isinstance(model, Namespace) else None
+        return init_args.as_dict() if isinstance(init_args, Namespace) else {}
 
     def before_instantiate_classes(self) -> None:
         if self.check_only or self.folds > 1:
@@ -246,6 +308,11 @@ class LmexpCLI(LightningCLI):
         )
         # Built, not run: the caller executes it (LightningCLI runs the verb only when one is set).
         self.subcommand = None
+
+
+def _import_class(path: str) -> type:
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 def yaml_to_dict(text: str) -> dict[str, Any]:

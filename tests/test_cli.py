@@ -146,14 +146,26 @@ def test_a_signal_saves_exits_non_zero_and_last_resumes_from_it(
     assert not interrupted.exists()  # spent: a later "last" must not go back to it
 
 
-def test_ckpt_path_last_skips_a_truncated_checkpoint_and_starts_fresh_without_one(tmp_path: Path, caplog):
-    from lmexp.checkpoints import latest_checkpoint
+def test_ckpt_path_last_skips_truncated_checkpoints_and_starts_fresh_without_one(tmp_path: Path, caplog):
+    from lmexp.runs import run_folders
 
     caplog.set_level("INFO")
-    args = quickstart_args(tmp_path, steps=10) + ["--trainer.enable_progress_bar=false"]
-    main(args + ["--ckpt_path", "last"])  # nothing saved yet: trains from the start
+    quiet = ["--trainer.val_check_interval=4", "--trainer.enable_progress_bar=false", "--trainer.logger=false"]
+    main(quickstart_args(tmp_path, steps=4) + quiet + ["--ckpt_path", "last"])  # nothing saved yet: from the start
     assert "no checkpoint under" in caplog.text and "training from the start" in caplog.text
-    checkpoints = tmp_path / "latest" / "checkpoints"
-    interrupted = checkpoints / "interrupted.ckpt"
-    interrupted.write_bytes((checkpoints / "last.ckpt").read_bytes()[:1000])  # a write cut short
-    assert latest_checkpoint(checkpoints) == checkpoints / "last.ckpt"
+    (run,) = run_folders(tmp_path)
+    checkpoints = run / "checkpoints"
+    last, best, interrupted = (checkpoints / f"{name}.ckpt" for name in ("last", "best", "interrupted"))
+    assert torch.load(best, weights_only=True)["global_step"] == 4
+    last.write_bytes(last.read_bytes()[:1000])  # writes cut short; interrupted.ckpt is the newest file
+    interrupted.write_bytes(last.read_bytes())
+
+    caplog.clear()
+    with pytest.warns(UserWarning) as warned:
+        main(quickstart_args(tmp_path, steps=6) + quiet + ["--ckpt_path", "last"])
+    said = [str(w.message) for w in warned if "is unreadable" in str(w.message)]
+    assert sorted(said) == [f"{path} is unreadable (cut short or not a checkpoint): resuming from {best} at step 4"
+                            for path in (interrupted, last)]
+    assert f"Restoring states from the checkpoint path at {best.resolve()}" in caplog.text
+    assert run_folders(tmp_path) == [run]  # the same run goes on
+    assert torch.load(last, weights_only=True)["global_step"] == 6

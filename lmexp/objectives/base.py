@@ -52,6 +52,49 @@ def resolve_network(network: str | ModelConfig | Mapping[str, Any], overrides: M
     return config
 
 
+# The arguments that say what the network is: a checkpoint's weights fix them.
+NETWORK_SETTINGS = ("network", "network_overrides", "pretrained")
+# Network fields that leave what trained weights compute unchanged (dropout is off in evaluation).
+_WEIGHT_NEUTRAL_FIELDS = frozenset({"dropout", "classifier_dropout", "activation_checkpointing"})
+
+
+def check_stated_network(stated: Mapping[str, Any], saved_network: Mapping[str, Any], checkpoint: str) -> None:
+    """Refuse network settings that contradict the network a checkpoint's weights were trained as.
+
+    ``stated`` holds the objective's arguments a command states (config files and flags, not the
+    class's defaults). Where it says nothing the checkpoint's network stands, so a field left to
+    the data (vocab_size, labels) never conflicts, nor does a pretrained start (the checkpoint
+    holds the weights trained on from it), nor a field that does not change what the weights
+    compute (dropout).
+
+    Raises:
+        ConfigError: naming the first contradicting setting, the checkpoint's value and the fix.
+    """
+    network, overrides = stated.get("network"), dict(stated.get("network_overrides") or {})
+    preset_given = network is not None and stated.get("pretrained") is None
+    described = resolve_network(network if preset_given else saved_network, overrides).to_dict()
+    defaults = ModelConfig().to_dict()  # for fields newer than the checkpoint
+    for field, value in described.items():
+        trained = saved_network.get(field, defaults[field])
+        if field in _WEIGHT_NEUTRAL_FIELDS or value is None or _plain(value) == _plain(trained):
+            continue
+        if field in overrides:
+            setting = f"model.network_overrides.{field}={value!r}"
+        else:
+            setting = f"model.network={network!r} ({field}={value!r})" if isinstance(network, str) else \
+                f"model.network ({field}={value!r})"
+        raise ConfigError(
+            f"{setting} does not match the checkpoint {checkpoint!r}, whose network has {field}={trained!r}: "
+            "evaluating a checkpoint keeps the network its weights were trained as (settings such as "
+            "model.continuation_passages or data.eval_stride do apply); drop the setting, or evaluate with the "
+            "config the checkpoint was trained with (its run's config.yaml)"
+        )
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
 def _torch_rng_state() -> dict[str, Any]:
     """The generators a training step draws from (dropout): cheap enough to take every step."""
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
