@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from tokenizers import Tokenizer
 from torch import nn
@@ -509,7 +510,11 @@ class TrainingObjective(pl.LightningModule):
         # Lightning's mixed-precision plugin refuses to clip fused optimizers because they
         # unscale fp16 gradients inside step(). Under bf16 autocast there is no grad scaler and
         # nothing to unscale, so clipping directly is correct and keeps the fused kernel.
-        # Everything else (fp32, fp16 with a scaler, FSDP's sharded clipping) stays Lightning's.
+        # Lightning's FSDP plugin refuses norm clipping: the norm is over every rank's shard, which
+        # only the root FSDP module's clip_grad_norm_ computes. Everything else stays Lightning's.
+        if gradient_clip_val and gradient_clip_algorithm != "value" and isinstance(self.trainer.strategy, FSDPStrategy):
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)
+            return
         plugin = self.trainer.precision_plugin
         if gradient_clip_val and isinstance(plugin, MixedPrecision) and plugin.scaler is None:
             if gradient_clip_algorithm == "value":
