@@ -25,7 +25,7 @@ from lmexp.errors import CheckpointError, ConfigError
 from lmexp.guards import FiniteLossGuard
 from lmexp.mlflow_store import check_experiment_name
 from lmexp.objectives import TrainingObjective
-from lmexp.objectives.base import NETWORK_SETTINGS, check_stated_network
+from lmexp.objectives.base import NETWORK_SETTINGS, SCHEDULE_SETTINGS, check_stated_network
 from lmexp.precision import AUTO, PRECISION_HELP, PRECISION_TYPE, PrecisionChoice, resolve_auto_precision
 from lmexp.runs import (
     TRACKING_KEY, Run, RunRecorder, continued_run_dir, default_experiment, new_run_dir, resolve_named_checkpoint,
@@ -168,12 +168,20 @@ class LmexpCLI(LightningCLI):
         network (``NETWORK_SETTINGS``) is what the weights fix: it stays the checkpoint's, and a
         network setting the command states must agree with it, as must the objective. Every other
         setting is the command's, as for any run and as its ``config.yaml`` records: evaluation
-        options apply, training options go unused. A fit keeps Lightning's way: resuming restores
-        the optimizer and schedule state that the saved settings describe.
+        options apply, training options go unused. A fit keeps Lightning's way (resuming restores
+        the optimizer state the saved settings describe), except for the schedule's shape and
+        length (``SCHEDULE_SETTINGS``): the scheduler's state is only its step, so a schedule the
+        command states is the one the resumed run follows (as the warning on a changed
+        trainer.max_steps advises).
         """
         verb = self.config.get("subcommand")
         if verb == "fit":
+            stated = self._stated_model_arguments(verb) if self.config[verb].get("ckpt_path") else {}
             super()._parse_ckpt_path()
+            schedule = {name: stated[name] for name in SCHEDULE_SETTINGS if name in stated}
+            if schedule:
+                model = {"class_path": self.config[verb].model.class_path, "dict_kwargs": schedule}
+                self.config = self.parser.parse_object({verb: {"model": model}}, self.config)
             return
         if verb is None or not self.saved_hparams:
             return

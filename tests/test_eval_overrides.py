@@ -4,6 +4,7 @@ a network or objective setting that contradicts the checkpoint is refused in one
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,21 @@ def test_a_setting_that_cannot_apply_to_the_checkpoint_is_refused_in_one_line(co
     message = one_line_error(capsys, ["test", "--config", str(config), "--ckpt_path", "best", flag])
     assert refusal in message and fix in message and "best.ckpt" in message
     assert sorted(root.iterdir()) == before  # no evaluation run folder was made
+
+
+def test_a_resumed_fit_follows_the_schedule_length_the_command_states(tmp_path: Path):
+    """The warning on a changed trainer.max_steps advises --model.max_steps: on resume that flag
+    must reach the objective, not be replaced by the checkpoint's saved value."""
+    (tmp_path / "corpus.txt").write_text(make_corpus())
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY.format(root=tmp_path / "runs", corpus=tmp_path / "corpus.txt", cache=tmp_path / "cache"))
+    main(["fit", "--config", str(path)])
+    with pytest.warns(UserWarning, match="the LR schedule was 4 steps long and is now 6"):
+        build("fit", configs=[path], ckpt_path="last", args=["--trainer.max_steps=6"]).execute()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = build("fit", configs=[path], ckpt_path="last", args=["--trainer.max_steps=8", "--model.max_steps=6"])
+        run.execute()
+    assert run.model.hparams.max_steps == 6 and run.model._schedule_steps == 6
+    assert run.trainer.global_step == 8
+    assert not [w for w in caught if "LR schedule was" in str(w.message)]

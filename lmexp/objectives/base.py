@@ -55,6 +55,8 @@ def resolve_network(network: str | ModelConfig | Mapping[str, Any], overrides: M
 
 # The arguments that say what the network is: a checkpoint's weights fix them.
 NETWORK_SETTINGS = ("network", "network_overrides", "pretrained")
+# The arguments that shape the learning-rate schedule: its state in a checkpoint is only the step.
+SCHEDULE_SETTINGS = ("max_steps", "warmup_steps", "schedule", "min_lr_ratio", "decay_fraction")
 # Network fields that leave what trained weights compute unchanged (dropout is off in evaluation).
 _WEIGHT_NEUTRAL_FIELDS = frozenset({"dropout", "classifier_dropout", "activation_checkpointing"})
 
