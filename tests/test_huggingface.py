@@ -22,6 +22,7 @@ from lmexp.checkpoints import load_checkpoint
 from lmexp.cli import main
 from lmexp.data.tokenizer import MLM_SPECIAL_TOKENS, train_tokenizer
 from lmexp.errors import CheckpointError, ConfigError
+from lmexp.generation import generate
 from lmexp.huggingface import export_hf
 from lmexp.models import build_model, from_name
 from tests.test_bad_input import one_line_error
@@ -355,15 +356,30 @@ def test_fine_tune_an_imported_bert_then_export_it(tokenizer_dirs: dict[str, Pat
     assert "already holds a config.json: choose another folder or pass --overwrite true" in line
 
 
-def test_generate_from_an_imported_gpt2(tokenizer_dirs: dict[str, Path], tmp_path: Path,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_generate_from_an_imported_gpt2_matches_transformers_greedy(tokenizer_dirs: dict[str, Path], tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """Greedy decoding of an imported GPT-2 gives transformers' greedy tokens, through lmexp's
+    generation and through ``lmexp generate --temperature 0``."""
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=vocab_size(tokenizer_dirs["gpt2"]), n_embd=32, n_layer=2, n_head=2,
                                      n_positions=32, bos_token_id=0, eos_token_id=0)
-    folder = save_hf(transformers.GPT2LMHeadModel(config), tokenizer_dirs["gpt2"], tmp_path / "gpt2")
-    main(["generate", "--ckpt", str(folder), "--prompt", "the film", "--max_new_tokens", "8", "--seed", "1"])
-    out = capsys.readouterr().out
-    assert out.startswith("the film") and len(out.strip()) > len("the film")
+    theirs = transformers.GPT2LMHeadModel(config)
+    folder = save_hf(theirs, tokenizer_dirs["gpt2"], tmp_path / "gpt2")  # scrambled: decisive argmaxes
+    prompt, new = "the film", 12
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    ids = hf_tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
+                                   eos_token_id=None, pad_token_id=0)
+    assert expected.shape == (1, ids.size(1) + new)  # no early stop: every step is compared
+    assert len(set(expected[0, ids.size(1):].tolist())) > 1  # not one token over and over
+    loaded = load_checkpoint(folder)
+    assert loaded.tokenizer.encode(prompt).ids == ids[0].tolist()
+    with torch.no_grad():
+        ours = generate(loaded.model, ids, new, temperature=0.0)
+    assert ours.tolist() == expected.tolist()
+    main(["generate", "--ckpt", str(folder), "--prompt", prompt, "--max_new_tokens", str(new), "--temperature", "0"])
+    assert capsys.readouterr().out.rstrip("\n") == hf_tokenizer.decode(expected[0])
 
 
 @pytest.mark.parametrize("objective", ["CausalLM", "MaskedLM"])

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from compression import core
+from compression import core, pruning
 from compression.__main__ import main
 from compression.core import CompressionError
 from compression.pruning import (
@@ -336,11 +336,20 @@ def test_prune_command_refuses_bad_requests_in_one_line(tmp_path, capsys, extra,
     assert re.search(message, lines[0]), lines[0]
 
 
-def test_prune_command_refuses_to_replace_an_export_before_any_work(pretrained, tmp_path, capsys):
+def test_prune_command_refuses_to_replace_an_export_before_any_work(pretrained, tmp_path, capsys, monkeypatch):
+    """A taken --out is refused before the network is loaded or fine-tuned, and stays as it was."""
     out = core.save(tiny(), tmp_path / "taken")
+    before = {file.name: file.read_bytes() for file in out.iterdir()}
+
+    def no_work(*args, **kwargs):
+        pytest.fail("prune started work before refusing the taken --out")  # BaseException: main cannot catch it
+
+    for step in ("load", "batches", "fine_tune"):
+        monkeypatch.setattr(pruning, step, no_work)
     assert main(prune_command(pretrained, out, "--method", "magnitude", "--sparsity", "0.5", "--gradual",
                               "--fine-tune-steps", "50")) == 2
     assert "already holds a config.json: choose another folder or pass --overwrite" in capsys.readouterr().err
+    assert {file.name: file.read_bytes() for file in out.iterdir()} == before
 
 
 def test_prune_command_refuses_2_4_on_a_width_not_divisible_by_4(tmp_path, capsys):

@@ -1,4 +1,5 @@
-"""Tiny Shakespeare with the shipped character recipe (nanoGPT's CPU settings): quality gates."""
+"""Tiny Shakespeare with the shipped character recipe, configs/shakespeare_char.yaml (nanoGPT's
+CPU model and batch, lmexp's schedule): a validation-loss gate."""
 
 from pathlib import Path
 
@@ -12,12 +13,18 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
-def test_character_recipe_reaches_nanogpt_quality(tmp_path: Path):
+@pytest.mark.timeout(1800)  # 800 steps: about a minute on 2 idle cores, twenty on a heavily loaded machine
+def test_character_recipe_reaches_val_loss_1_90(tmp_path: Path):
+    """The shipped recipe, run as shipped (800 steps, early stopping), reaches validation loss
+    1.90 or lower on lmexp's validation split. BENCHMARKS.md measures 1.8665 for this recipe on
+    40 batches of that split (Sweeps: pruning, "shipped recipe"); the gate leaves room for
+    run-to-run noise. Not a comparison with nanoGPT, whose figures are on its own split and schedule."""
     source = shared_data("tinyshakespeare.txt")
     main([
         "fit", "--config", str(ROOT / "configs" / "shakespeare_char.yaml"), f"--data.source={source}",
         f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false",
     ])
     best = torch.load(tmp_path / "latest" / "checkpoints" / "best.ckpt", weights_only=True)
-    scores = [v for k, v in best["callbacks"].items() if k.startswith("LmexpCheckpoint")][0]
-    assert scores["best_model_score"].item() <= 1.90  # nanoGPT reports ~1.88 for this recipe
+    scores = next(v for k, v in best["callbacks"].items() if k.startswith("LmexpCheckpoint"))
+    assert scores["monitor"] == "val/loss"
+    assert scores["best_model_score"].item() <= 1.90
