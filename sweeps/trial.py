@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +35,17 @@ class ReportToStudy(pl.Callback):
 
     Optuna's Lightning integration callback asks the study on every rank under DDP (optuna#1417,
     #6043); here only rank 0 does, and the others follow its broadcast decision.
+
+    Args:
+        job: The trial's job, as the worker wrote it.
+        clock: Seconds from an arbitrary origin; the times it measures (``train_seconds``,
+            ``seconds_to_target``) are differences of its readings. A clock that ticks with the
+            training steps makes them exact, whatever the machine's speed.
     """
 
-    def __init__(self, job: dict[str, Any]) -> None:
+    def __init__(self, job: dict[str, Any], clock: Callable[[], float] = time.perf_counter) -> None:
         self.job = job
+        self.clock = clock
         self.spec = SweepSpec.from_dict(job["spec"])
         self.objectives = self.spec.objectives
         self.monitor = self.objectives[0].metric
@@ -77,7 +85,7 @@ class ReportToStudy(pl.Callback):
 
     # ---------------------------------------------------------------------------- hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._train_start = time.perf_counter()
+        self._train_start = self.clock()
         self.n_parameters = count_parameters(getattr(pl_module, "model", None) or pl_module)
         if trainer.is_global_zero:
             tracker = tracker_of(trainer)
@@ -86,15 +94,15 @@ class ReportToStudy(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._train_start is not None:
-            self.train_seconds = time.perf_counter() - self._train_start
+            self.train_seconds = self.clock() - self._train_start
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._validation_start = time.perf_counter()
+        self._validation_start = self.clock()
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        self.validation_seconds += time.perf_counter() - self._validation_start
+        self.validation_seconds += self.clock() - self._validation_start
         self._collect(trainer)
         reached = self._reached_target(trainer)
         prune = False
@@ -127,7 +135,7 @@ class ReportToStudy(pl.Callback):
         reached = trainer.is_global_zero and value is not None and math.isfinite(value) and target.reached(value)
         if not trainer.strategy.broadcast(reached, src=0):
             return False
-        self.seconds_to_target = time.perf_counter() - self._train_start - self.validation_seconds
+        self.seconds_to_target = self.clock() - self._train_start - self.validation_seconds
         trainer.should_stop = True
         return True
 

@@ -34,7 +34,7 @@ def test_tokens_per_second_reaches_the_logger_at_every_logging_step(tiny_corpus:
     )
     objective = CausalLM("gpt-tiny", warmup_steps=0)
     trainer.fit(objective, datamodule=TextDataModule(str(tiny_corpus), batch_size=2))
-    rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).read_text().splitlines()))
     rates = [float(r["train/tokens_per_sec"]) for r in rows if r.get("train/tokens_per_sec")]
     assert len(rates) == 4 and all(rate > 0 for rate in rates)  # steps 3, 6, 9, 12
     assert len(set(rates)) == 4  # each a fresh measurement, also right after the validation at step 5
@@ -62,7 +62,7 @@ def test_training_metrics_are_logged_only_on_logging_steps(tiny_corpus: Path, tm
     trainer.fit(CausalLM("gpt-tiny", warmup_steps=0), datamodule=TextDataModule(str(tiny_corpus), batch_size=2))
     loss_steps = [step for name, step in calls if name == "train/loss"]
     assert loss_steps == [3, 7]  # global_step before steps 4 and 8, the steps Lightning writes
-    rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).read_text().splitlines()))
     logged = [int(r["step"]) for r in rows if r.get("train/loss")]
     assert logged == [3, 7]
 
@@ -71,22 +71,25 @@ def test_progress_bar_reads_metrics_only_on_logging_steps(tiny_corpus: Path, mon
     """Reading logged tensors back is a device sync: the bar must not do it every batch."""
     from lmexp.callbacks import StepProgressBar
 
-    reads: list[int] = []
-    shown: list[set[str]] = []
+    # Every read of the logged values for the bar goes through Trainer.progress_bar_metrics (it
+    # turns them into numbers): count those reads, and let each one happen.
+    reads: list[tuple[int, set[str]]] = []
+    read = pl.Trainer.progress_bar_metrics.fget
 
-    def update_metrics(self, trainer, module):
-        reads.append(trainer.global_step)
-        shown.append(set(self.get_metrics(trainer, module)))
+    def counted(trainer):
+        metrics = read(trainer)
+        reads.append((trainer.global_step, set(metrics)))
+        return metrics
 
-    monkeypatch.setattr(StepProgressBar, "_update_metrics", update_metrics)
+    monkeypatch.setattr(pl.Trainer, "progress_bar_metrics", property(counted))
     bar = StepProgressBar()
     trainer = pl.Trainer(
         accelerator="cpu", max_steps=10, log_every_n_steps=4, limit_val_batches=0, logger=False, callbacks=[bar],
         enable_checkpointing=False, enable_model_summary=False,
     )
     trainer.fit(CausalLM("gpt-tiny", warmup_steps=0), datamodule=TextDataModule(str(tiny_corpus), batch_size=2))
-    assert reads == [4, 8, 10]  # after the batches whose metrics were logged, and once at the end
-    assert {"loss", "tok/s"} <= shown[0]  # this step's values, not the last interval's
+    assert [step for step, _ in reads] == [4, 8, 10]  # after the batches whose metrics were logged, and once at the end
+    assert {"train/loss", "train/tokens_per_sec"} <= reads[0][1]  # this step's values, not the last interval's
 
 
 def test_tokens_per_second_with_gradient_accumulation_spans_whole_windows(tiny_corpus: Path, monkeypatch):

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +19,17 @@ from lmexp.cli import main
 from lmexp.mlflow_store import JOURNAL_NAME, flatten
 from lmexp.runs import run_folders
 from tests.test_cli import ROOT, quickstart_args
+
+WAIT_SECONDS = 120.0  # the longest a test waits for another thread or process: never reached unless it is broken
+
+
+@pytest.fixture(autouse=True)
+def tracker_thread_at_normal_priority(monkeypatch):
+    """The tracker's thread takes the lowest CPU priority, so that MLflow's work yields to training.
+    No test here is about that, and behind other busy processes such a thread can wait minutes for
+    a core (MLflow's start past the settle wait, the last records past the end's flush): here it
+    keeps the priority it started with."""
+    monkeypatch.setattr(os, "setpriority", lambda *args: None)
 
 
 def client(uri: str | None = None):
@@ -322,23 +334,42 @@ def test_training_waits_a_bounded_time_for_mlflows_start_and_never_gives_up_on_i
 
 
 def test_a_fit_starts_training_after_the_tracker_has_sent_its_start(tmp_path: Path, monkeypatch):
+    """The run's params, tags and files are in the store when the first training step starts."""
     import lightning.pytorch as pl
 
-    from lmexp.tracking import MLflowTracker
+    from lmexp import mlflow_store, runs
+    from lmexp.tracking import tracker_of
 
-    calls = []
-    original = MLflowTracker.settle
-    monkeypatch.setattr(MLflowTracker, "settle", lambda self, timeout: calls.append(timeout) or original(self, timeout))
+    # A store that answers only once training has begun, or after a second: unless training waits
+    # for the start, the first step finds no run at all.
+    training, connect = threading.Event(), mlflow_store.TrackingStore.connect
+
+    def late_connect(store):
+        training.wait(1.0)
+        connect(store)
+
+    monkeypatch.setattr(mlflow_store.TrackingStore, "connect", late_connect)
+    monkeypatch.setattr(runs, "SETTLE_SECONDS", WAIT_SECONDS)  # a wait that ends only when the start is sent
+    seen: dict = {}
 
     class FirstStep(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if batch_idx == 0:
-                calls.append("first step")
+                run_id = tracker_of(trainer).run_id
+                if run_id is not None:
+                    run = client().get_run(run_id)
+                    seen.update(params=run.data.params, tags=run.data.tags, files=artifacts(run))
+                training.set()
 
-    from lmexp.runs import SETTLE_SECONDS, build
-
-    build("fit", args=tracked_args(tmp_path, steps=3)[1:], callbacks=[FirstStep()]).execute()
-    assert calls == [SETTLE_SECONDS, "first step"]
+    run = runs.build("fit", args=tracked_args(tmp_path, steps=3)[1:], callbacks=[FirstStep()])
+    run.execute()
+    assert seen, "the first step found no MLflow run"
+    params, tags = seen["params"], seen["tags"]
+    assert params["trainer.max_steps"] == "3" and params["model.lr"] == "0.002"  # the config
+    assert params["system.torch"] == torch.__version__ and int(params["data_stats.train_tokens"]) > 0  # the run's
+    assert int(params["n_parameters"]) > 100_000 and params["network.n_layer"] == "4"  # the model's, at fit start
+    assert tags["run_dir"] == str(run.run_dir.resolve()) and tags["objective"] == "CausalLM"
+    assert {"config.yaml", "tokenizer.json"} <= seen["files"]
 
 
 def test_a_finished_runs_client_does_not_reopen_it(tmp_path: Path):
@@ -355,10 +386,13 @@ def test_a_finished_runs_client_does_not_reopen_it(tmp_path: Path):
 class FakeStore:
     """Stands in for the tracking store: records what it is sent, fails while ``down``."""
 
-    def __init__(self, monkeypatch, down: bool = False, delay: float = 0.0, fail_after: int | None = None) -> None:
+    def __init__(self, monkeypatch, down: bool = False, hold_step: int | None = None,
+                 fail_after: int | None = None) -> None:
         from lmexp import mlflow_store
 
-        self.down, self.delay, self.fail_after, self.applied = down, delay, fail_after, []
+        self.down, self.fail_after, self.applied = down, fail_after, []
+        # A store that takes the metrics of ``hold_step`` and answers only once ``release`` is set.
+        self.hold_step, self.holding, self.release = hold_step, threading.Event(), threading.Event()
         fake = self
 
         def connect(store):
@@ -367,7 +401,9 @@ class FakeStore:
             store.client, store.run_id = object(), store.run_id or "new-run"
 
         def apply(store, record):
-            time.sleep(fake.delay)
+            if record["kind"] == "metrics" and record["step"] == fake.hold_step:
+                fake.holding.set()
+                fake.release.wait(WAIT_SECONDS)
             if fake.down or len(fake.applied) == fake.fail_after:
                 raise ConnectionError("Connection refused")
             fake.applied.append((store.run_id, record))
@@ -423,19 +459,22 @@ def test_sync_that_fails_part_way_keeps_exactly_the_unsent_records(tmp_path: Pat
 def test_a_store_too_slow_to_drain_in_time_leaves_the_rest_in_the_journal(tmp_path: Path, monkeypatch):
     from lmexp.mlflow_store import read_journal
 
-    store = FakeStore(monkeypatch, delay=0.05)
+    store = FakeStore(monkeypatch, hold_step=40)  # takes steps 0-39, then does not answer for step 40
     tracker = _tracker(tmp_path)
     for step in range(100):
         tracker.log_metrics({"train/loss": 1.0}, step=step)
-    with pytest.warns(UserWarning, match="kept in"):
-        tracker.flush(timeout=0.5)
-    time.sleep(0.2)  # a record the thread had in hand may still land
+    assert store.holding.wait(WAIT_SECONDS), "the tracker's thread never reached step 40"
+    with pytest.warns(UserWarning, match="60 records .* are kept in"):
+        tracker.flush(timeout=0.5)  # cannot end while the store holds step 40: gives up after its timeout
     _, kept = read_journal(tmp_path / JOURNAL_NAME)
-    sent, journaled = store.steps(), [r["step"] for r in kept]
-    assert sent and journaled and sorted(set(sent) | set(journaled)) == list(range(100))
-    assert len(set(sent) & set(journaled)) <= 1
-    tracker.finalize("success")  # after giving up, the end is journaled too
-    assert read_journal(tmp_path / JOURNAL_NAME)[1][-1]["kind"] == "end"
+    assert store.steps() == list(range(40))
+    assert [r["step"] for r in kept] == list(range(40, 100))  # the one in hand too: it may never land
+    store.release.set()  # it lands after all; the thread, having given up, sends nothing more
+    tracker._thread.join(WAIT_SECONDS)
+    assert not tracker._thread.is_alive() and store.steps() == list(range(41))
+    tracker.finalize("success")  # after giving up, the end is journaled too, beside what is still unsent
+    _, kept = read_journal(tmp_path / JOURNAL_NAME)
+    assert [r["step"] for r in kept[:-1]] == list(range(41, 100)) and kept[-1]["kind"] == "end"
 
 
 def _free_port() -> int:
@@ -631,30 +670,36 @@ def test_a_synced_run_whose_process_is_gone_ends_killed(tmp_path: Path, monkeypa
 def test_an_unreachable_server_lets_training_start_as_soon_as_the_connect_failed(tmp_path: Path, monkeypatch):
     """A connect that failed means "offline": settle returns then, not after its whole timeout,
     even while a retry of the connect is still hanging."""
-    import threading
-
-    from lmexp import mlflow_store
+    from lmexp import mlflow_store, tracking
 
     hanging, calls = threading.Event(), []
 
     def connect(store):
         calls.append(1)
         if len(calls) > 1:
-            hanging.wait(60)  # a second try that hangs (a server that stopped answering)
+            hanging.wait(WAIT_SECONDS)  # a second try that hangs (a server that stopped answering)
         raise ConnectionError("Connection refused")
 
+    # The warning comes from the tracker's thread, after settle may have returned: wait for it.
+    warned, warnings_seen = threading.Event(), []
+
+    def warn(message, *args, **kwargs):
+        warnings_seen.append(message)
+        warned.set()
+
+    monkeypatch.setattr(tracking, "rank_zero_warn", warn)
     monkeypatch.setattr(mlflow_store.TrackingStore, "connect", connect)
     tracker = _tracker(tmp_path, retry_seconds=60)
     tracker.log_hyperparams({"lr": 0.1})
     settled: list[bool] = []
-    waiter = threading.Thread(target=lambda: settled.append(tracker.settle(120)))
-    with pytest.warns(UserWarning, match="unreachable"):
-        waiter.start()
-        waiter.join(30)
-    hanging.set()
+    waiter = threading.Thread(target=lambda: settled.append(tracker.settle(100 * WAIT_SECONDS)))
+    waiter.start()
+    waiter.join(WAIT_SECONDS)  # far shorter than settle's timeout: a settle that waited it out is still waiting
+    assert warned.wait(WAIT_SECONDS) and "unreachable" in warnings_seen[0]
     assert settled == [False]
+    hanging.set()
     tracker._abandoned = True  # let the thread end with the test
-    waiter.join(10)
+    tracker._thread.join(WAIT_SECONDS)
 
 
 def test_the_loss_curve_is_drawn_while_the_store_is_unreachable(tmp_path: Path, monkeypatch):

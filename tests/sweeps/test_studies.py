@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -11,11 +12,13 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from sweeps.study import open_storage, retried_trial_number
 from tests.sweeps.conftest import sweeps_command, write_sweep
+from tests.sweeps.trial_callbacks import WAIT_SECONDS
 
 
 def trials_of(name: str, storage: str) -> list[optuna.trial.FrozenTrial]:
@@ -85,20 +88,33 @@ def test_a_failing_trial_is_one_failed_trial_not_a_dead_study(workdir):
     assert all(Path(t.user_attrs["log"]).is_file() for t in failed)
 
 
+def with_callbacks(workdir: Path, *callbacks: dict) -> None:
+    """Add callbacks (``{"class_path": ..., "init_args": ...}``) to the trials' fit config."""
+    fit = yaml.safe_load((workdir / "fit.yaml").read_text())
+    fit["trainer"]["callbacks"] = list(callbacks)
+    (workdir / "fit.yaml").write_text(yaml.safe_dump(fit))
+
+
 @pytest.mark.parametrize("target", [10.0, 0.001])
 def test_time_to_target_stops_at_the_target_or_counts_a_miss_double(workdir, target):
+    # The trial's clock ticks 1 s per training step and 6 s per validation: the measured times
+    # follow from the step counts (validations after steps 10 and 20 of 20), on any machine.
+    with_callbacks(workdir, {"class_path": "tests.sweeps.trial_callbacks.StepClock",
+                             "init_args": {"step_seconds": 1.0, "validation_seconds": 6.0}})
     sweep = write_sweep(workdir, "ttt", n_trials=1, objectives=["seconds_to_target"],
                         target={"metric": "val/loss", "value": target}, space={"model.init_args.lr": {"choices": [3e-3]}})
     sweeps_command("run", "--config", str(sweep))
     (trial,) = trials_of("ttt", f"sqlite:///{workdir / 'optuna.db'}")
-    assert trial.state == TrialState.COMPLETE and trial.value == trial.user_attrs["seconds_to_target"] > 0
+    assert trial.state == TrialState.COMPLETE and trial.value == trial.user_attrs["seconds_to_target"]
     if target == 10.0:  # every loss of the run is below 10: it stops at its first validation (step 10 of 20)
         assert trial.user_attrs["reached_target"] is True
-        assert trial.value < trial.user_attrs["train_seconds"]
+        assert trial.value == 10.0  # 10 steps; the validation that found the target left out
+        assert trial.user_attrs["train_seconds"] == 10.0 + 6.0  # the whole fit: it stopped there
         assert list(trial.intermediate_values) == [10]  # the target's metric drew the curve
     else:
         assert trial.user_attrs["reached_target"] is False
-        assert trial.value > trial.user_attrs["train_seconds"]  # twice its training time, validation left out
+        assert trial.value == 2 * 20.0  # twice its 20 steps of training, the two validations left out
+        assert trial.user_attrs["train_seconds"] == 20.0 + 2 * 6.0
         assert list(trial.intermediate_values) == [10, 20]
 
 
@@ -127,8 +143,12 @@ def test_pruning_stops_every_rank_of_a_ddp_trial(workdir):
 
 
 def _two_workers(workdir: Path, storage: str, name: str, tracking_uri: str) -> None:
+    # Each trial waits, before its first step, until two trials have started: two at once are on
+    # two workers, so both workers run trials however fast either one is.
+    with_callbacks(workdir, {"class_path": "tests.sweeps.trial_callbacks.Rendezvous",
+                             "init_args": {"folder": str(workdir / "started"), "parties": 2}})
     sweep = write_sweep(workdir, name, n_trials=5, workers=2, storage=storage)
-    result = sweeps_command("run", "--config", str(sweep))
+    result = sweeps_command("run", "--config", str(sweep), timeout=3 * WAIT_SECONDS)  # a guard against a hang
     trials = trials_of(name, storage)
     numbers = [t.number for t in trials]
     assert len(trials) == 5 and sorted(numbers) == list(range(5))  # the count, and no number twice
@@ -156,44 +176,55 @@ def test_two_workers_share_a_postgresql_study(workdir, postgres_url, isolated_tr
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
 def test_a_dead_workers_trial_is_found_by_heartbeat_and_run_again(workdir, kind):
     storage = f"sqlite:///{workdir / 'optuna.db'}" if kind == "sqlite" else f"journal:{workdir / 'optuna.journal'}"
+    held = workdir / "held.pid"  # the first trial to reach step 2 writes it, then trains on only after a SIGTERM
+    with_callbacks(workdir, {"class_path": "tests.sweeps.trial_callbacks.HoldUntilSigterm",
+                             "init_args": {"marker": str(held), "step": 2}})
     sweep = write_sweep(workdir, "heartbeat", n_trials=2, storage=storage)
-    env = dict(os.environ)
     first = subprocess.Popen([sys.executable, "-m", "sweeps", "run", "--config", str(sweep), "--heartbeat", "1"],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                             start_new_session=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # kill the worker while its first trial runs
-        running = [t for t in trials_of_safely("heartbeat", storage) if t.state == TrialState.RUNNING]
-        if running:
-            break
-        time.sleep(0.5)
-    assert running, "the first trial never started"
-    os.killpg(first.pid, signal.SIGKILL)  # the worker dies without a word
-    first.wait()
-    log = workdir / "runs" / "heartbeat" / "logs" / "trial-0000.log"
-    deadline = time.monotonic() + 30
-    while processes_writing(log) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not processes_writing(log), "the orphaned trial went on training"
-    time.sleep(5)  # past the grace period (4 heartbeats)
-    sweeps_command("worker", "--study", "heartbeat", "--storage", storage, "--heartbeat", "1")
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + WAIT_SECONDS
+        while not held.exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert held.exists(), "no trial reached step 2"
+        (running,) = [t for t in trials_of("heartbeat", storage) if t.state == TrialState.RUNNING]  # the held one
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(first.pid, signal.SIGKILL)  # the worker dies without a word; its trial, a session of its own, lives
+        first.communicate()
+
+    # The orphaned trial notices its worker is gone and stops itself (SIGTERM: a checkpoint, then exit).
+    trial_pid = int(held.read_text())
+    try:
+        deadline = time.monotonic() + WAIT_SECONDS
+        while alive(trial_pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive(trial_pid), "the orphaned trial went on training"
+    finally:
+        if alive(trial_pid):  # a failed check leaves no trial behind
+            os.kill(trial_pid, signal.SIGKILL)
+    name = f"trial-{running.number:04d}"
+    log = (workdir / "runs" / "heartbeat" / "logs" / f"{name}.log").read_text()
+    assert "training stopped by SIGTERM at step 2" in log  # by the stop it was sent, not by an error
+    assert (workdir / "runs" / "heartbeat" / name / "checkpoints" / "interrupted.ckpt").is_file()
+
+    # A new worker finds the trial stale once its beats are older than the grace period (waiting
+    # for that, as for any running trial of another worker), fails it and runs it again.
+    sweeps_command("worker", "--study", "heartbeat", "--storage", storage, "--heartbeat", "1", timeout=3 * WAIT_SECONDS)
     trials = trials_of("heartbeat", storage)
-    states = [t.state for t in trials]
-    assert states.count(TrialState.FAIL) == 1 and states.count(TrialState.COMPLETE) == 2
-    retried = [t for t in trials if retried_trial_number(t) == 0]
-    assert len(retried) == 1 and retried[0].params == trials[0].params  # the dead trial, run again
+    assert {t.number: t.state for t in trials if t.state != TrialState.COMPLETE} == {running.number: TrialState.FAIL}
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 2
+    (retried,) = [t for t in trials if retried_trial_number(t) is not None]
+    assert retried_trial_number(retried) == running.number and retried.params == running.params
+    assert retried.state == TrialState.COMPLETE
 
 
-def processes_writing(path: Path) -> list[int]:
-    """The processes that have ``path`` open (Linux /proc)."""
-    found = []
-    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
-        try:
-            if any(os.readlink(fd) == str(path) for fd in fd_dir.iterdir()):
-                found.append(int(fd_dir.parent.name))
-        except OSError:
-            continue  # gone, or not ours to read
-    return found
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie, ended but not yet reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def trials_of_safely(name: str, storage: str) -> list:
@@ -218,17 +249,23 @@ def test_sweep_bad_input_is_one_line(workdir):
 @pytest.mark.fault  # interrupts a sweep: part of the fault-injection suite
 def test_ctrl_c_stops_the_trial_cleanly_and_resume_runs_it_again(workdir, isolated_tracking):
     storage = f"sqlite:///{workdir / 'optuna.db'}"
-    fit = (workdir / "fit.yaml").read_text().replace("max_steps: 20", "max_steps: 400")
-    (workdir / "fit.yaml").write_text(fit)  # long enough to be caught running
+    held = workdir / "held.pid"  # the trial holds after step 2 until its SIGTERM: it is caught running
+    with_callbacks(workdir, {"class_path": "tests.sweeps.trial_callbacks.HoldUntilSigterm",
+                             "init_args": {"marker": str(held), "step": 2}})
     sweep = write_sweep(workdir, "stop", n_trials=1, storage=storage)
     run = subprocess.Popen([sys.executable, "-m", "sweeps", "run", "--config", str(sweep)], stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
-    log = workdir / "runs" / "stop" / "logs" / "trial-0000.log"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and "step 10/" not in (log.read_text() if log.is_file() else ""):
-        time.sleep(0.3)
-    run.send_signal(signal.SIGINT)  # Ctrl-C
-    out, err = run.communicate(timeout=120)
+    try:
+        deadline = time.monotonic() + WAIT_SECONDS
+        while not held.exists() and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        run.send_signal(signal.SIGINT)  # Ctrl-C
+        out, err = run.communicate(timeout=WAIT_SECONDS)
+    finally:
+        if run.poll() is None:
+            run.kill()  # its trial, orphaned, stops itself
+            run.communicate()
+    assert held.exists(), out + err
     assert run.returncode == 130, out + err
     assert "continue with python -m sweeps run --config" in err
     (trial,) = trials_of("stop", storage)
@@ -238,7 +275,6 @@ def test_ctrl_c_stops_the_trial_cleanly_and_resume_runs_it_again(workdir, isolat
     runs = client.search_runs([client.get_experiment_by_name("stop").experiment_id])
     assert {r.info.status for r in runs} == {"KILLED"}  # the study's run and the trial's
 
-    (workdir / "fit.yaml").write_text(fit.replace("max_steps: 400", "max_steps: 20"))
-    sweeps_command("run", "--config", str(sweep), "--resume")
+    sweeps_command("run", "--config", str(sweep), "--resume")  # the marker is there: this trial trains on
     trials = trials_of("stop", storage)
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]  # the interrupted one does not count
