@@ -1,9 +1,10 @@
-"""MLflow tracking that never slows or stops training.
+"""MLflow tracking that does not stop training and, once training runs, does not slow it.
 
 ``MLflowTracker`` is a Lightning logger. Everything it records (metrics, params, tags,
 artifacts, the run's end) goes through a queue to one background thread, which talks to the
-tracking store. Training never waits for the store: not for MLflow's import and database set-up
-at start, not for a slow server, not for a dead one. When the store cannot be reached, the
+tracking store. Training waits for it once, before its first step, until MLflow's start-up
+records are sent (at most 30 s; see ``settle``), and then never: not for a slow server, not for
+a dead one, while the thread sends at the lowest CPU priority. When the store cannot be reached, the
 records are kept in order in a journal file beside the run (``tracking-journal.jsonl``), one
 warning says so, and the thread keeps trying; whatever is still unsent at the end stays in the
 journal, which ``lmexp runs sync FILE`` sends later.
@@ -236,10 +237,23 @@ class MLflowTracker(Logger):
         done = threading.Event()
         self._queue.put(("flush", done))
         deadline = time.monotonic() + timeout
-        while not done.wait(min(0.05, max(deadline - time.monotonic(), 0))):
-            if self.offline or time.monotonic() >= deadline:
-                return False
-        return True
+        try:
+            while not done.wait(min(0.05, max(deadline - time.monotonic(), 0))):
+                if self.offline or time.monotonic() >= deadline:
+                    return False
+            return True
+        finally:
+            self._yield_to_training()
+
+    def _yield_to_training(self) -> None:
+        """Give the sending thread the lowest CPU priority (Linux sets it per thread), once
+        training is about to start: its work then runs in the gaps the training threads leave,
+        not in their place. Until then it runs at the process's priority, so that the start-up
+        training waits for is not starved by other work on a busy machine."""
+        native_id = getattr(self._thread, "native_id", None)
+        if native_id is not None:
+            with contextlib.suppress(AttributeError, OSError):
+                os.setpriority(os.PRIO_PROCESS, native_id, 19)
 
     def flush(self, timeout: float = 120.0) -> None:
         """Wait until every record so far is sent or kept in the journal.
@@ -326,10 +340,6 @@ class MLflowTracker(Logger):
             self.finalize("failed")
 
     def _work(self) -> None:
-        # Lowest CPU priority for this thread (Linux sets it per thread): MLflow's import and the
-        # store's set-up then run in the gaps the training threads leave, not in their place.
-        with contextlib.suppress(AttributeError, OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         while not self._abandoned:
             wait = max(self._next_retry - time.monotonic(), 0.05) if self._offline_since else None
             try:

@@ -20,15 +20,16 @@ from lmexp.mlflow_store import JOURNAL_NAME, flatten
 from lmexp.runs import run_folders
 from tests.test_cli import ROOT, quickstart_args
 
+SETPRIORITY = os.setpriority  # the real one: the autouse fixture below replaces it
 WAIT_SECONDS = 120.0  # the longest a test waits for another thread or process: never reached unless it is broken
 
 
 @pytest.fixture(autouse=True)
 def tracker_thread_at_normal_priority(monkeypatch):
-    """The tracker's thread takes the lowest CPU priority, so that MLflow's work yields to training.
-    No test here is about that, and behind other busy processes such a thread can wait minutes for
-    a core (MLflow's start past the settle wait, the last records past the end's flush): here it
-    keeps the priority it started with."""
+    """Once training starts, the tracker's thread takes the lowest CPU priority, so that MLflow's
+    work yields to training. Only one test here is about that, and behind other busy processes such
+    a thread can wait minutes for a core (the last records past the end's flush): here it keeps the
+    priority it started with."""
     monkeypatch.setattr(os, "setpriority", lambda *args: None)
 
 
@@ -330,6 +331,31 @@ def test_training_waits_a_bounded_time_for_mlflows_start_and_never_gives_up_on_i
     release.set()
     assert tracker.settle(30) is True and applied  # sent: nothing was dropped by the timed-out wait
     assert not tracker._abandoned
+    tracker.finalize("success")
+
+
+def test_the_sender_runs_at_the_process_priority_until_training_starts_then_yields(tmp_path: Path, monkeypatch):
+    """MLflow's start-up, which training waits for, must not starve behind other busy processes;
+    once the wait is over, the sender yields the CPU to the training threads."""
+    from lmexp import mlflow_store
+    from lmexp.tracking import MLflowTracker
+
+    monkeypatch.setattr(os, "setpriority", SETPRIORITY)  # this test is about the priority
+    started = threading.Event()
+
+    def connect(self):
+        started.set()
+        self.client, self.run_id = object(), "the-run"
+
+    monkeypatch.setattr(mlflow_store.TrackingStore, "connect", connect)
+    monkeypatch.setattr(mlflow_store.TrackingStore, "apply", lambda self, record: None)
+    tracker = MLflowTracker(tracking_uri="http://127.0.0.1:9", experiment_name="e", run_name="r", save_dir=str(tmp_path))
+    tracker.log_hyperparams({"lr": 0.1})
+    assert started.wait(WAIT_SECONDS)
+    sender = tracker._thread.native_id
+    assert os.getpriority(os.PRIO_PROCESS, sender) == os.getpriority(os.PRIO_PROCESS, 0)
+    assert tracker.settle(WAIT_SECONDS) is True
+    assert os.getpriority(os.PRIO_PROCESS, sender) == 19
     tracker.finalize("success")
 
 
