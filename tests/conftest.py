@@ -61,10 +61,15 @@ def restore_torch_state():
 
 @pytest.fixture
 def restore_signal_handlers():
-    """Lightning leaves SIGINT ignored after a Ctrl-C (for its shutdown): tests that signal put the handlers back."""
+    """Lightning leaves SIGINT ignored after a Ctrl-C (for its shutdown): tests that signal put the handlers back.
+
+    A Ctrl-C needs Python's own SIGINT handler, which a process started in the background by a
+    shell without job control never gets (it starts with SIGINT ignored): the test installs it.
+    """
     import signal
 
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     for sig, handler in saved.items():
         signal.signal(sig, handler)
