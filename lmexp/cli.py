@@ -6,7 +6,6 @@ imported only for the trainer verbs, so ``lmexp generate`` starts without it.
 
 from __future__ import annotations
 
-import re
 import signal
 import sys
 from typing import Any, NoReturn
@@ -15,6 +14,7 @@ import torch
 
 from lmexp.checkpoints import load_checkpoint
 from lmexp.data.tokenizer import describe_unknown, encode_prompt, load_tokenizer
+from lmexp.arguments import OneLineErrors, one_line, summarize_parse_error  # noqa: F401  (summarize_parse_error: old path)
 from lmexp.errors import CheckpointError, ConfigError, find_user_error
 from lmexp.generation import cut_at_stop, first_nonfinite, generate, stop_string_check, supports_attention_mask
 from lmexp.hardware import check_device, process_rank
@@ -30,67 +30,6 @@ DESCRIPTION = (
     "runs: list tracked runs (lmexp runs --help); "
     "chaos: inject kills, full disks and NaNs into short runs of a config and check nothing is lost (lmexp chaos --help)."
 )
-
-
-def summarize_parse_error(message: str) -> str:
-    """jsonargparse's nested explanation of a bad value as one line: key, value, expected type.
-
-    ``--model.lr abc`` yields a dozen lines (one per class the value was tried against); what
-    the user needs is which key, what was given and what it should be.
-    """
-    keys = re.findall(r'Parser key "([^"]+)"', message)
-    lines = message.splitlines()
-    unknown = re.search(r"Problem with given class_path '([^']+)':\s+Option '([^']+)' is not accepted", message)
-    if unknown and keys:  # --model.lrx: a misspelt option of the chosen class
-        class_path, option = unknown.groups()
-        return f"--{keys[0]}.{option}: {class_path} has no option {option!r}"
-    # A class given to a plain (dict or Any) setting stays a dict inside the parsed Namespace (a
-    # class setting would be a Namespace): the error otherwise prints the whole group's Namespace.
-    given_value = re.search(r"Given value: (.*)", message)
-    nested = given_value and re.search(r"'class_path': '([^']+)'", given_value.group(1))
-    fields = nested and re.findall(r"(\w+)=\{", given_value.group(1)[: nested.start()])
-    if keys and nested and fields:
-        return (f"--{keys[0]}.{fields[-1]}: takes a plain value, not a class (got class_path "
-                f"{nested.group(1)!r}): write its fields directly, without class_path and init_args")
-    if keys:
-        # What the innermost key expected: the lines indented under its "Parser key" line (the
-        # outer ones list the classes the whole group was tried as).
-        start = max(i for i, line in enumerate(lines) if 'Parser key "' in line)
-        depth = len(lines[start]) - len(lines[start].lstrip())
-        inner = [lines[start]]
-        for line in lines[start + 1:]:
-            if line.strip() and len(line) - len(line.lstrip()) <= depth:
-                break
-            inner.append(line)
-        section = "\n".join(inner)
-        expected = []
-        for class_name, choices in re.findall(r"Expected a (?:<class '([^']+)'>|typing\.Literal\[(.*?)\])(?=\.|\s*$)", section, re.M):
-            if choices:
-                expected.append(f"one of {choices}")
-            else:
-                expected.append("null" if class_name == "NoneType" else class_name.rsplit(".", 1)[-1])
-        given = re.search(r"(?:Got|Given) value: (.*)", section)
-        if expected and given:
-            key = ".".join(dict.fromkeys(keys))
-            types = " or ".join(dict.fromkeys(expected))
-            return f"--{key}: expected {types}, got {given.group(1).strip()!r}"
-    return _one_line(message, max_lines=3)
-
-
-class OneLineErrors:
-    """Parser mixin: a bad flag or value prints ``error: ...`` in one line and exits 2, instead
-    of the usage text and the nested explanation (the fix is in ``--help``)."""
-
-    prog: str
-    exit_on_error: bool
-
-    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        if not self.exit_on_error:
-            super().error(message, ex)  # type: ignore[misc]  # raises for callers that catch it
-        parser = getattr(ex, "subcommand_parser", None) or self
-        command = parser.prog.replace(" [options]", "")
-        print(f"error: {summarize_parse_error(message)} (see {command} --help)", file=sys.stderr)
-        raise SystemExit(2)
 
 
 def generate_text(
@@ -330,11 +269,6 @@ def _cell(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _one_line(message: str, max_lines: int | None = None) -> str:
-    """A multi-line message joined into one line (its first ``max_lines`` non-empty lines)."""
-    return " ".join([line.strip() for line in message.splitlines() if line.strip()][:max_lines])
-
-
 def _stop_status(stop: SystemExit) -> Any:
     """The exit status for a stop: 128 + the signal number for SIGTERM and Ctrl-C.
 
@@ -426,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
         print("interrupted", file=sys.stderr)
         raise SystemExit(128 + signal.SIGINT) from None
     except MisconfigurationException as err:  # Lightning's own check of a trainer setting
-        _user_error_exit(_one_line(str(err)))
+        _user_error_exit(one_line(str(err)))
     except Exception as err:
         _exit_on_user_error(err)
 
