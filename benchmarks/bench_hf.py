@@ -162,7 +162,7 @@ def transformers_accuracy(folder: Path, dev: list[str], labels: list[int], lmexp
 
 def lmexp_predictions(checkpoint: Path, dev_file: Path, output: Path) -> list[int]:
     """lmexp's labels for dev, by ``lmexp predict`` (the framing lmexp test uses)."""
-    from lmexp.predict import predict_file
+    from lmexp.verbs.predict import predict_file
 
     predict_file(str(checkpoint), str(dev_file), output=str(output))
     with open(output, encoding="utf-8", newline="") as f:
@@ -231,7 +231,7 @@ def main() -> None:
                              "-", "-", "-"])
         best = tuned[0].run_dir / "checkpoints" / "best.ckpt"
         exported = folder / "exported"
-        from lmexp.huggingface import export_checkpoint
+        from lmexp.checkpoints import export_checkpoint
 
         export_checkpoint(str(best), str(exported), overwrite=True)
         ours = lmexp_predictions(best, data / "dev.tsv", folder / "dev.predictions.csv")

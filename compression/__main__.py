@@ -7,6 +7,7 @@ import importlib
 import logging
 import sys
 
+from lmexp.arguments import OneLineArgumentParser
 from lmexp.errors import find_user_error
 
 # Each method's module adds its own sub-command (``add_command(subparsers)``).
@@ -14,7 +15,7 @@ COMMANDS = ("compression.pruning", "compression.quantize", "compression.distill"
 
 
 def parser() -> argparse.ArgumentParser:
-    main = argparse.ArgumentParser(
+    main = OneLineArgumentParser(
         prog="python -m compression",
         description="Prune, quantize or distill a trained lmexp network, and weigh the results in one report.",
     )

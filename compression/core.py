@@ -1,9 +1,11 @@
 """What every compression method shares: which layers it may touch, how a network is run on
 calibration batches, and how a compressed variant is written so that lmexp loads it back.
 
-The toolkit is a client of lmexp's public API: networks come from ``lmexp.load_checkpoint``
-and go back out through ``lmexp.export_safetensors``, with the transform recorded in the
-export's ``config.json`` (``LoadedModel.transforms``).
+The toolkit is a client of lmexp's public API (names in the ``__all__`` of the modules listed in
+``lmexp.CLIENT_MODULES``): networks come from ``lmexp.checkpoints.load_checkpoint`` and go back
+out through ``lmexp.checkpoints.export_safetensors``, with the transform recorded in the
+export's ``config.json`` (``LoadedModel.transforms``); the layers it acts on are found through
+``lmexp.models``' finders, not by module paths.
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ from lmexp.atomic import write_text
 from lmexp.checkpoints import CONFIG_FILE, LoadedModel, export_safetensors, load_checkpoint
 from lmexp.errors import CheckpointError, ConfigError
 from lmexp.hardware import process_rank
+from lmexp.models import BLOCKS_PREFIX, linear_layers, transformer_blocks
 
-BLOCKS = "trunk.blocks."
-"""Prefix of the transformer blocks' modules. Compression touches the linear layers inside them
-(attention ``qkv``/``out_proj``, MLP ``fc_in``/``out_proj``); embeddings and heads (the LM head
-and masked-LM decoder share the token embedding, the pooler and classifier are small and
-sensitive) stay as they are unless a method is told otherwise."""
+BLOCKS = BLOCKS_PREFIX
+"""What the names of the transformer blocks' layers start with. Compression touches the linear
+layers inside the blocks (``lmexp.models.linear_layers``: attention and MLP projections);
+embeddings and heads (the LM head and masked-LM decoder share the token embedding, the pooler
+and classifier are small and sensitive) stay as they are unless a method is told otherwise."""
 
 
 EXPERIMENT = "compression"
@@ -42,10 +45,13 @@ class CompressionError(ConfigError):
 def load(path: str | Path) -> LoadedModel:
     """An lmexp checkpoint, export folder or transformers folder as a network to compress."""
     loaded = load_checkpoint(path)
-    if loaded.config.arch == "lstm":
+    try:
+        transformer_blocks(loaded.model)
+    except ValueError:
         raise CompressionError(
-            f"{str(path)!r} holds an LSTM; the compression toolkit works on transformer blocks: pass a gpt or bert checkpoint"
-        )
+            f"{str(path)!r} holds an {loaded.config.arch.upper()}; the compression toolkit works on transformer blocks: "
+            "pass a gpt or bert checkpoint"
+        ) from None
     return loaded
 
 
@@ -65,28 +71,26 @@ def compressible_linears(model: nn.Module, skip: Sequence[str] = ()) -> dict[str
     """
     return {
         name: module
-        for name, module in model.named_modules()
-        if name.startswith(BLOCKS)
-        and isinstance(module, nn.Linear)
-        and not any(fnmatch.fnmatchcase(name, pattern) for pattern in skip)
+        for name, module in linear_layers(model).items()
+        if not any(fnmatch.fnmatchcase(name, pattern) for pattern in skip)
     }
 
 
 def trunk_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The keyword arguments of ``model.trunk`` that a data-module batch provides."""
+    """The keyword arguments of the network's ``hidden_states`` that a data-module batch provides."""
     return {key: batch[key] for key in ("input_ids", "attention_mask", "token_type_ids") if key in batch}
 
 
 @torch.no_grad()
 def run_trunk(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> int:
-    """Run the network's transformer trunk over calibration batches (hooks collect what they
-    need); return the number of batches seen."""
+    """Run the network's transformer blocks (``hidden_states``, no head) over calibration
+    batches (hooks collect what they need); return the number of batches seen."""
     was_training = model.training
     model.eval()
     seen = 0
     try:
         for batch in batches:
-            model.trunk(**trunk_inputs(batch))
+            model.hidden_states(**trunk_inputs(batch))
             seen += 1
     finally:
         model.train(was_training)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,9 +34,9 @@ from torch import Tensor, nn
 from compression import core
 from compression.core import EXPERIMENT
 from lmexp.checkpoints import LoadedModel, load_checkpoint
-from lmexp.data.contract import Task
+from lmexp.data import Task
 from lmexp.errors import CheckpointError, check_choice, check_positive
-from lmexp.models import ModelConfig, count_parameters
+from lmexp.models import ModelConfig, count_parameters, key_in_blocks, transformer_blocks
 from lmexp.objectives import CausalLM, MaskedLM, SequenceClassification, TrainingObjective, resolve_network
 from lmexp.runs import build
 
@@ -45,8 +44,6 @@ log = logging.getLogger(__name__)
 
 StudentInit = Literal["teacher-layers", "scratch"]
 TeacherPrecision = Literal["32", "bf16"]
-
-_BLOCK_KEY = re.compile(r"^trunk\.blocks\.(\d+)\.(.*)$")
 
 # What a block-copying initialisation needs to be the same in teacher and student: the copied
 # tensors must not only fit, they must mean the same thing (heads split the width alike, ...).
@@ -127,8 +124,7 @@ def teacher_layer_state(student: nn.Module, teacher: nn.Module, blocks: Sequence
     teacher_state = teacher.state_dict()
     state = {}
     for key, value in student.state_dict().items():
-        match = _BLOCK_KEY.match(key)
-        source = f"trunk.blocks.{blocks[int(match.group(1))]}.{match.group(2)}" if match else key
+        source = key_in_blocks(key, blocks)
         copied = teacher_state.get(source)
         if copied is None or copied.shape != value.shape:
             found = "nothing" if copied is None else f"shape {tuple(copied.shape)}"
@@ -163,9 +159,8 @@ def _checked_number(name: str, value: object, valid: Callable[[float], bool], ru
 def captured_outputs(modules: Mapping[str, nn.Module]) -> Iterator[dict[str, Tensor]]:
     """The outputs of these modules' forward passes inside the block, by name.
 
-    Forward hooks let the distillation read the logits and hidden states that the objective's
-    own loss computes, so that loss stays the objective's (smoothing, class weights, metrics)
-    and the network runs once.
+    Forward hooks let the distillation read the block outputs (hidden states) of the forward
+    pass the objective's own loss runs, so the network runs once.
     """
     outputs: dict[str, Tensor] = {}
 
@@ -191,8 +186,8 @@ class Distillation:
                + hidden_weight * MSE(project(student blocks), matched teacher blocks)
 
     Put it first among the bases (``class DistilledCausalLM(Distillation, CausalLM)``); a
-    subclass says which module's output holds the logits the task loss sees and how the teacher
-    computes the same ones. Validation and test report the student's plain task metrics, so a
+    subclass says how the teacher computes the logits the task loss scores (the student's come
+    with the task loss: ``compute_loss(..., return_outputs=True)``). Validation and test report the student's plain task metrics, so a
     distilled student and one trained without its teacher compare directly; ``alpha=0,
     hidden_weight=0`` is that second one (the teacher then only initialises and never runs).
 
@@ -221,9 +216,6 @@ class Distillation:
     """
 
     task: ClassVar[Task]
-    logits_module: ClassVar[str]
-    """The student network's submodule whose output is the logits the task loss uses ("" for
-    the network itself)."""
 
     def __init__(
         self,
@@ -280,7 +272,6 @@ class Distillation:
         loaded.model.eval()
         self.source_tokenizer = loaded.tokenizer  # the data is encoded as the teacher saw it
         self.hidden_projection = self._make_hidden_projection()
-        self._computing_task_loss = False
 
     # ------------------------------------------------------------- the student
     def _student_network(self, network: str | ModelConfig | None,
@@ -309,7 +300,7 @@ class Distillation:
         """What only the built network tells: its size, and whether it has blocks to match."""
         check_student_size(self.network_config, self._teacher.config, count_parameters(self.model),
                            count_parameters(self._teacher.model))
-        if self.hidden_weight and not hasattr(self.model, "trunk"):
+        if self.hidden_weight and not _has_blocks(self.model):
             raise core.CompressionError(
                 f"hidden_weight={self.hidden_weight} matches transformer blocks, but the student is an "
                 f"{self.network_config.arch}: use hidden_weight=0 or a transformer student"
@@ -367,40 +358,30 @@ class Distillation:
         raise NotImplementedError
 
     def distilled_rows(self, logits: Tensor, batch: dict[str, Tensor]) -> Tensor:
-        """(N, K) rows of the logits the soft loss compares (override where the task loss
-        scores a subset of the positions it computes)."""
+        """(N, K) rows of the teacher's logits the soft loss compares: those the task loss scores
+        in the student's (override where the task loss scores a subset of the positions)."""
         return logits
 
     def _teacher_outputs(self, batch: dict[str, Tensor], blocks: Sequence[int]) -> tuple[Tensor, list[Tensor]]:
         """The teacher's logits and the outputs of ``blocks``, without gradients, in float32."""
         teacher = self.teacher
-        block_modules = {str(i): teacher.trunk.blocks[i] for i in blocks}
+        teacher_blocks = transformer_blocks(teacher) if blocks else []
+        block_modules = {str(i): teacher_blocks[i] for i in blocks}
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.teacher_precision == "bf16")
         with torch.no_grad(), autocast, captured_outputs(block_modules) as hidden:
             logits = self.teacher_logits(teacher, batch)
         return logits.float(), [hidden[str(i)].float() for i in blocks]
 
     # ------------------------------------------------------------- the loss
-    def log_train(self, name: str, value: Tensor, batch_size: int, prog_bar: bool = False) -> None:
-        # Inside compute_loss the task objective logs its own loss as "loss"; here that is the
-        # hard-label part, and "loss" is the whole distillation loss logged afterwards.
-        if self._computing_task_loss and name == "loss":
-            name, prog_bar = "hard_loss", False
-        super().log_train(name, value, batch_size, prog_bar)
-
-    def compute_loss(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+    def compute_loss(
+        self, batch: dict[str, Tensor], stage: str, return_outputs: bool = False, loss_name: str = "loss",
+    ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         if stage != "train":
-            return super().compute_loss(batch, stage)  # the student's own metrics
-        logits_module = self.model.get_submodule(self.logits_module)
-        watched = {"logits": logits_module}
-        if self.hidden_weight:
-            watched.update({str(i): block for i, block in enumerate(self.model.trunk.blocks)})
-        self._computing_task_loss = True
-        try:
-            with captured_outputs(watched) as student:
-                hard_loss = super().compute_loss(batch, stage)
-        finally:
-            self._computing_task_loss = False
+            return super().compute_loss(batch, stage, return_outputs, loss_name)  # the student's own metrics
+        watched = dict(enumerate(transformer_blocks(self.model))) if self.hidden_weight else {}
+        # The task's loss is the hard-label part here, logged as hard_loss; "loss" is the total.
+        with captured_outputs({str(i): block for i, block in watched.items()}) as student:
+            hard_loss, outputs = super().compute_loss(batch, stage, return_outputs=True, loss_name="hard_loss")
         loss = (1.0 - self.alpha) * hard_loss
         batch_size = batch["input_ids"].shape[0]
         if self.uses_teacher:
@@ -408,8 +389,7 @@ class Distillation:
                 if self.hidden_weight else []
             teacher_logits, teacher_hidden = self._teacher_outputs(batch, matched)
             if self.alpha > 0:
-                soft_loss = kd_loss(self.distilled_rows(student["logits"], batch),
-                                    self.distilled_rows(teacher_logits, batch), self.temperature)
+                soft_loss = kd_loss(outputs["scored"], self.distilled_rows(teacher_logits, batch), self.temperature)
                 loss = loss + self.alpha * soft_loss
                 self.log_train("kd_loss", soft_loss, batch_size)
             if self.hidden_weight:
@@ -417,8 +397,8 @@ class Distillation:
                 hidden_loss = self.hidden_state_loss(student_hidden, teacher_hidden, batch.get("attention_mask"))
                 loss = loss + self.hidden_weight * hidden_loss
                 self.log_train("hidden_loss", hidden_loss, batch_size)
-        self.log_train("loss", loss, batch_size, prog_bar=True)
-        return loss
+        self.log_train(loss_name, loss, batch_size, prog_bar=loss_name == "loss")
+        return (loss, outputs) if return_outputs else loss
 
     def hidden_state_loss(self, student: Sequence[Tensor], teacher: Sequence[Tensor],
                           attention_mask: Tensor | None) -> Tensor:
@@ -445,6 +425,14 @@ class Distillation:
                     if issubclass(cls, TrainingObjective) and not issubclass(cls, Distillation)).__name__
 
 
+def _has_blocks(model: nn.Module) -> bool:
+    try:
+        transformer_blocks(model)
+    except ValueError:
+        return False
+    return True
+
+
 def _load_teacher(path: str) -> LoadedModel:
     try:
         return core.load(path)
@@ -455,10 +443,8 @@ def _load_teacher(path: str) -> LoadedModel:
 class DistilledCausalLM(Distillation, CausalLM):
     """A causal LM student distilled on every next-token position the task loss scores."""
 
-    logits_module: ClassVar[str] = ""
-
     def teacher_logits(self, teacher: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        return teacher(batch["input_ids"])  # (B, T, V)
+        return teacher(batch["input_ids"])  # (B, T, V); called as a module, so forward hooks see it run
 
     def distilled_rows(self, logits: Tensor, batch: dict[str, Tensor]) -> Tensor:
         return logits[batch["labels"] != -100]  # (N, V)
@@ -467,22 +453,16 @@ class DistilledCausalLM(Distillation, CausalLM):
 class DistilledMaskedLM(Distillation, MaskedLM):
     """A BERT student distilled on the masked positions (labels != -100), as its task loss."""
 
-    logits_module: ClassVar[str] = "mlm_head"
-
     def teacher_logits(self, teacher: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        hidden = teacher(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"))
-        return teacher.mlm_logits(hidden[batch["labels"] != -100])  # (N_selected, V)
+        hidden = teacher(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"))  # (B, T, C)
+        return teacher.mlm_logits(hidden[batch["labels"] != -100])  # (N_selected, V): only the masked positions
 
 
 class DistilledClassifier(Distillation, SequenceClassification):
     """A sequence classifier distilled on the teacher's label logits."""
 
-    logits_module: ClassVar[str] = "classifier"
-
     def teacher_logits(self, teacher: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        if self._teacher.config.arch == "bert":
-            return teacher.classify(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
-        return teacher.classify(batch["input_ids"], batch["attention_mask"])  # (B, num_labels)
+        return teacher.classify(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))  # (B, num_labels)
 
     def read_data(self, datamodule: Any) -> None:
         super().read_data(datamodule)

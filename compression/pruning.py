@@ -34,7 +34,6 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from compression.core import (
-    BLOCKS,
     CompressionError,
     check_fraction,
     check_output,
@@ -53,7 +52,7 @@ from compression.core import (
 )
 from compression.data import batches, build_run, configs_for
 from lmexp.checkpoints import LoadedModel, load_checkpoint
-from lmexp.models import build_model, count_parameters
+from lmexp.models import block_linears, count_parameters, keep_heads_and_neurons
 
 log = logging.getLogger(__name__)
 
@@ -271,11 +270,6 @@ def _group_scores(activation: Tensor, out_weight: Tensor, group_size: int) -> Te
     return flow * columns.norm(dim=1)
 
 
-def _head_features(heads: Tensor, head_dim: int) -> Tensor:
-    """The out_proj input features (and q, k and v rows) of the given heads, head by head."""
-    return (heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
-
-
 def structured(
     loaded: LoadedModel,
     heads: float = 0.0,
@@ -290,73 +284,47 @@ def structured(
     A block with n heads keeps ``n - floor(n * heads)``, at least one; the same rule sets the
     neurons kept. A group's importance is the size of what flows into the output projection
     through it times its output weights' norm; with calibration batches that flow is measured
-    (norm of its out_proj inputs over real tokens), without them it is estimated by the norm
-    of the weights that produce it (value rows of ``qkv`` for a head, ``fc_in`` rows for a
-    neuron). A block whose attention (or MLP) layers match ``skip`` keeps all its heads
+    (norm of the output projection's inputs over real tokens), without them it is estimated by
+    the norm of the weights that produce it (value rows of the attention's input projection for
+    a head, rows of the MLP's input projection for a neuron). A block whose attention (or MLP) layers match ``skip`` keeps all its heads
     (or neurons).
     """
     heads = check_fraction("heads", heads)
     neurons = check_fraction("neurons", neurons)
     _refuse_quantized(loaded)
-    config, model = loaded.config, loaded.model
-    blocks = model.trunk.blocks
+    model = loaded.model
+    blocks = block_linears(model)
     prunable = compressible_linears(model, skip)
-    out_projections = {f"{BLOCKS}{i}.{part}.out_proj": getattr(block, part).out_proj
-                       for i, block in enumerate(blocks) for part in ("attn", "mlp")}
+    out_projections = {block.names[role]: block.layers[role] for block in blocks for role in ("attention_out", "mlp_out")}
     transform: dict[str, Any] = {"method": "structured", "heads": heads, "neurons": neurons}
     if calibration is not None:
         flows, transform["calibration_batches"] = activation_norms(model, out_projections, calibration)
         transform["scored_by"] = "activations"
     else:
         flows = {}
-        for i, block in enumerate(blocks):
-            inner = block.attn.n_head * block.attn.head_dim
-            flows[f"{BLOCKS}{i}.attn.out_proj"] = block.attn.qkv.weight.detach()[2 * inner:].norm(dim=1)  # value rows
-            flows[f"{BLOCKS}{i}.mlp.out_proj"] = block.mlp.fc_in.weight.detach().norm(dim=1)
+        for block in blocks:
+            flows[block.names["attention_out"]] = block.value_rows().norm(dim=1)
+            flows[block.names["mlp_out"]] = block.layers["mlp_in"].weight.detach().norm(dim=1)
         transform["scored_by"] = "weights"
 
-    state = {key: value.detach().clone() for key, value in model.state_dict().items()}
-    layer_heads, layer_hidden = [], []
-    for i, block in enumerate(blocks):
-        attn, mlp, prefix = block.attn, block.mlp, f"{BLOCKS}{i}."
-        kept_heads = torch.arange(attn.n_head)
-        if not any(f"{prefix}attn.{name}" not in prunable for name in ("qkv", "out_proj")):
-            scores = _group_scores(flows[f"{prefix}attn.out_proj"], attn.out_proj.weight, attn.head_dim)
-            kept_heads = _kept(scores, heads)
-        features = _head_features(kept_heads, attn.head_dim)
-        inner = attn.n_head * attn.head_dim
-        qkv_rows = torch.cat([features, inner + features, 2 * inner + features])  # the same heads in q, k and v
-        _take(state, f"{prefix}attn.qkv.weight", qkv_rows, dim=0)
-        _take(state, f"{prefix}attn.qkv.bias", qkv_rows, dim=0)
-        _take(state, f"{prefix}attn.out_proj.weight", features, dim=1)
+    kept_heads, kept_neurons = [], []
+    for block in blocks:
+        names, layers = block.names, block.layers
+        kept = torch.arange(block.n_head)
+        if all(names[role] in prunable for role in ("attention_in", "attention_out")):
+            scores = _group_scores(flows[names["attention_out"]], layers["attention_out"].weight, block.head_dim)
+            kept = _kept(scores, heads)
+        kept_heads.append(kept)
+        kept = torch.arange(layers["mlp_in"].out_features)
+        if all(names[role] in prunable for role in ("mlp_in", "mlp_out")):
+            scores = _group_scores(flows[names["mlp_out"]], layers["mlp_out"].weight, 1)
+            kept = _kept(scores, neurons)
+        kept_neurons.append(kept)
 
-        kept_neurons = torch.arange(mlp.fc_in.out_features)
-        if not any(f"{prefix}mlp.{name}" not in prunable for name in ("fc_in", "out_proj")):
-            scores = _group_scores(flows[f"{prefix}mlp.out_proj"], mlp.out_proj.weight, 1)
-            kept_neurons = _kept(scores, neurons)
-        _take(state, f"{prefix}mlp.fc_in.weight", kept_neurons, dim=0)
-        _take(state, f"{prefix}mlp.fc_in.bias", kept_neurons, dim=0)
-        _take(state, f"{prefix}mlp.out_proj.weight", kept_neurons, dim=1)
-        layer_heads.append(len(kept_heads))
-        layer_hidden.append(len(kept_neurons))
-
-    full_heads = [config.n_head] * config.n_layer
-    full_hidden = [config.mlp_ratio * config.n_embd] * config.n_layer
-    smaller = config.replace(
-        layer_heads=None if layer_heads == full_heads else layer_heads,
-        layer_mlp_hidden=None if layer_hidden == full_hidden else layer_hidden,
-    )
-    network = build_model(smaller)
-    network.load_state_dict(state)
+    smaller, network = keep_heads_and_neurons(model, loaded.config, kept_heads, kept_neurons)
     transform["skip"] = list(skip)
     return LoadedModel(network.eval(), smaller, loaded.tokenizer, loaded.objective, copy.deepcopy(loaded.inputs),
                        [*copy.deepcopy(loaded.transforms), transform])
-
-
-def _take(state: dict[str, Tensor], key: str, index: Tensor, dim: int) -> None:
-    """Keep only ``index`` along ``dim`` of one state-dict entry (biases are absent without bias)."""
-    if key in state:
-        state[key] = state[key].index_select(dim, index).contiguous()
 
 
 # ---------------------------------------------------------------- pruning while training

@@ -31,10 +31,11 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from compression.core import BLOCKS, EXPERIMENT, CompressionError, common_arguments, load, save, write_json
+from compression.core import EXPERIMENT, CompressionError, common_arguments, load, save, write_json
 from compression.data import ONE_PROCESS, batches, build_run, configs_for
 from lmexp.checkpoints import LoadedModel, load_checkpoint
 from lmexp.hardware import cpu_model
+from lmexp.models import block_modules
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +123,8 @@ def weight_bytes(model: nn.Module) -> int:
     """Bytes of the transformer blocks' linear layers as stored (int8 codes, packed 4-bit with
     their scales, torch's packed int8, or float weights), biases included, from the state dict."""
     names = tuple(
-        f"{name}." for name, module in model.named_modules()
-        if name.startswith(BLOCKS) and (isinstance(module, nn.Linear) or hasattr(module, "_packed_params"))
+        f"{name}." for name, module in block_modules(model).items()
+        if isinstance(module, nn.Linear) or hasattr(module, "_packed_params")
     )
     total = 0
     for key, value in model.state_dict().items():
@@ -191,9 +192,10 @@ def _forward(model: nn.Module, task: str, batch: dict[str, Tensor]) -> Tensor:
     if task == "classification":
         kwargs = {k: batch[k] for k in ("attention_mask", "token_type_ids") if k in batch}
         return model.classify(batch["input_ids"], **kwargs)
-    if hasattr(model, "mlm_logits"):
-        return model.mlm_logits(model(batch["input_ids"], batch.get("attention_mask")))
-    return model(batch["input_ids"])
+    if task == "masked_lm":  # attention goes both ways: padding must be masked
+        return model.logits(batch["input_ids"], batch.get("attention_mask"))
+    # Causal: right padding never reaches a real token, and without a mask the fused kernel runs.
+    return model.logits(batch["input_ids"])
 
 
 @torch.inference_mode()

@@ -24,6 +24,19 @@ from typing import IO, Any
 from lmexp.errors import StorageError
 from lmexp.faults import fault_point
 
+__all__ = [
+    "TEMPORARY_PREFIX",
+    "atomic_write",
+    "fsync_folder",
+    "process_alive",
+    "remove_stale_temporaries",
+    "replace_folder",
+    "storage_error",
+    "temporary_sibling",
+    "write_bytes",
+    "write_text",
+]
+
 TEMPORARY_PREFIX = ".lmexp-tmp-"
 
 

@@ -12,7 +12,7 @@ from typing import Any, TextIO
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -23,10 +23,10 @@ from lmexp.checkpoints import export_safetensors, exported_step, load_checkpoint
 from lmexp.data.tokenizer import describe_unknown, encode_prompt
 from lmexp.errors import CheckpointError, LmexpError
 from lmexp.generation import generate
-from lmexp.objectives.base import logs_this_step
+from lmexp.lightning_internals import SaveNotifyingCheckpoint, SelectiveRichProgressBar, logs_this_step
 
 
-class LmexpCheckpoint(ModelCheckpoint):
+class LmexpCheckpoint(SaveNotifyingCheckpoint):
     """Best and last checkpoints, plus a safetensors export of the best one.
 
     The export (``<dirpath>/best/``: weights, config, tokenizer) is what inference and
@@ -56,8 +56,7 @@ class LmexpCheckpoint(ModelCheckpoint):
         )
         self.export_best = export_best
 
-    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        super()._save_checkpoint(trainer, filepath)
+    def on_checkpoint_saved(self, trainer: pl.Trainer, filepath: str) -> None:
         # Under FSDP rank 0 holds only a shard: export from the full checkpoint afterwards
         # (lmexp.checkpoints.load_checkpoint + export_safetensors).
         sharded = isinstance(trainer.strategy, FSDPStrategy)
@@ -277,7 +276,7 @@ class SampleText(pl.Callback):
             self._emit(trainer, f"sample after {trainer.global_step} steps")
 
 
-class StepProgressBar(RichProgressBar):
+class StepProgressBar(SelectiveRichProgressBar):
     """Rich progress bar titled by optimizer steps, whose metrics never stall the device.
 
     Language models train for ``max_steps``, not epochs; Lightning then has no epoch limit and
@@ -287,22 +286,13 @@ class StepProgressBar(RichProgressBar):
     GPU). This bar re-reads them only on the steps where new values were logged.
     """
 
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if self.is_disabled:
-            return
-        if self.train_progress_bar_id is None:  # resumed mid-epoch
-            self._initialize_train_progress_bar_id()
-        self._update(self.train_progress_bar_id, batch_idx + 1)
-        if logs_this_step(trainer):
-            self._update_metrics(trainer, pl_module)
-        self.refresh()
+    def refreshes_metrics(self, trainer: pl.Trainer) -> bool:
+        return logs_this_step(trainer)
 
-    def _get_train_description(self, current_epoch: int) -> str:
+    def train_description(self, current_epoch: int) -> str | None:
         trainer = self.trainer
         if trainer.max_steps is None or trainer.max_steps < 0:
-            return super()._get_train_description(current_epoch)
+            return None  # Lightning's epoch title
         # The title is set at epoch start only (the bar counts batches), so show the budget.
         description = f"Epoch {current_epoch} (max {trainer.max_steps} steps)"
         return f"{description:{len(self.validation_description)}}"

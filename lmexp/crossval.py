@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from lmexp.data.classification import Examples
 from lmexp.mlflow_store import TrackingStore, default_tracking_uri
-from lmexp.runs import build, new_run_dir
+from lmexp.run_folders import new_run_dir
 from lmexp.tracking import MLflowTracker
+
+__all__ = ["BestValidation", "CrossValidation", "examples_digest", "split_record", "summarize", "tracking_uri_of"]
 
 
 class BestValidation(pl.Callback):
@@ -44,11 +47,16 @@ class BestValidation(pl.Callback):
 
 
 class CrossValidation:
-    """The K fits of one config as one run: built by the CLI, executed like a ``Run``."""
+    """The K fits of one config as one run: built by ``lmexp.runs``, executed like a ``Run``.
+
+    ``build`` makes each fold's fit (``lmexp.runs.build``'s signature); it is given rather than
+    imported, so that the run builder, which makes a ``CrossValidation``, stays the only way in.
+    """
 
     def __init__(self, args: list[str], num_folds: int, experiment: str, root: Path, run_name: str | None,
-                 monitor: str | None, mode: str, tracking_uri: str | None) -> None:
+                 monitor: str | None, mode: str, tracking_uri: str | None, build: Callable[..., Any]) -> None:
         self.args, self.num_folds, self.experiment = args, num_folds, experiment
+        self.build = build
         self.run_dir = new_run_dir(root, f"{run_name}-cv" if run_name else None, "fit")
         self.monitor, self.mode = monitor, mode
         self.tracking_uri = tracking_uri  # None: tracking off
@@ -67,7 +75,7 @@ class CrossValidation:
                 if parent is not None:
                     tags["mlflow.parentRunId"] = parent.run_id
                 logger = MLflowTracker(self.tracking_uri, tags=tags)
-            run = build("fit", args=[*self.args, f"--data.init_args.fold={fold}", f"--run_name={base}-fold{fold}",
+            run = self.build("fit", args=[*self.args, f"--data.init_args.fold={fold}", f"--run_name={base}-fold{fold}",
                                      f"--experiment={self.experiment}", f"--trainer.default_root_dir={self.run_dir.parent}"],
                         callbacks=[best], logger=logger)
             run.execute()
@@ -84,7 +92,7 @@ class CrossValidation:
                               tags={"crossval.folds": str(self.num_folds), "run_dir": str(self.run_dir)})
         try:
             store.connect()
-        except Exception as err:  # the folds track themselves (with their journals) either way
+        except Exception as err:  # noqa: BLE001  (the folds track themselves, with their journals, either way)
             rank_zero_info(f"cross-validation: no parent MLflow run ({type(err).__name__}: {err})")
             return None
         return store

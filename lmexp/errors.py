@@ -7,6 +7,17 @@ must name the bad value and say how to fix it.
 
 from __future__ import annotations
 
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "LmexpError",
+    "StorageError",
+    "check_choice",
+    "check_positive",
+    "find_user_error",
+]
+
 
 class LmexpError(Exception):
     """Base class of the errors the CLI reports as one line."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 
 import torch
@@ -49,12 +48,13 @@ def _sample(
 
 
 def supports_attention_mask(model: nn.Module) -> bool:
-    """Whether model.forward takes an attention_mask, which a left-padded batch needs."""
-    try:
-        parameters = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-    return "attention_mask" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    """Whether model.forward takes an attention_mask, which a left-padded batch needs.
+
+    lmexp's networks say so in their ``accepts_attention_mask`` class attribute; another model
+    is taken at its word that it does, and refused in one line if its forward then rejects the
+    mask (see ``_forward``).
+    """
+    return bool(getattr(model, "accepts_attention_mask", True))
 
 
 def first_nonfinite(model: nn.Module) -> str | None:
@@ -183,9 +183,19 @@ def _forward(
     model: nn.Module, input_ids: Tensor, mask: Tensor | None, begin: int, end: int, **kwargs: object
 ) -> Tensor:
     """model(input_ids), with the padding mask of columns [begin, end) when there is one."""
-    if mask is not None:
-        kwargs["attention_mask"] = mask[:, begin:end]
-    return model(input_ids, **kwargs)
+    if mask is None:
+        return model(input_ids, **kwargs)
+    try:
+        return model(input_ids, attention_mask=mask[:, begin:end], **kwargs)
+    except TypeError as error:
+        if "attention_mask" not in str(error):
+            raise
+        raise ValueError(_no_mask_message(model)) from None
+
+
+def _no_mask_message(model: nn.Module) -> str:
+    return (f"{type(model).__name__}.forward takes no attention_mask, so it cannot read a left-padded batch: "
+            "generate prompts of different lengths one at a time")
 
 
 def _check_attention_mask(attention_mask: Tensor | None, input_ids: Tensor, model: nn.Module) -> int:
@@ -207,10 +217,7 @@ def _check_attention_mask(attention_mask: Tensor | None, input_ids: Tensor, mode
         )
     pad_columns = int((values == 0).sum(dim=1).max())
     if pad_columns and not supports_attention_mask(model):
-        raise ValueError(
-            f"{type(model).__name__}.forward takes no attention_mask, so it cannot read a left-padded batch: "
-            "generate prompts of different lengths one at a time"
-        )
+        raise ValueError(_no_mask_message(model))
     return pad_columns
 
 

@@ -10,6 +10,19 @@ from pathlib import Path
 
 import torch
 
+__all__ = [
+    "BF16_CPU_FLAGS",
+    "CPUINFO",
+    "check_device",
+    "cpu_has_bf16_units",
+    "cpu_model",
+    "cpuinfo_flags",
+    "has_bf16_units",
+    "process_rank",
+    "read_cpuinfo",
+    "torch_cpu_flags",
+]
+
 CPUINFO = Path("/proc/cpuinfo")
 
 BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})

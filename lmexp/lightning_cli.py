@@ -1,4 +1,8 @@
-"""LightningCLI with lmexp's defaults, behind ``lmexp fit|validate|test`` and ``lmexp.runs.build``."""
+"""LightningCLI with lmexp's defaults, behind ``lmexp fit|validate|test`` and ``lmexp.runs.build``.
+
+It parses, validates and makes a run's parts (trainer, objective, data, run folder); ``lmexp.runs``
+puts them together into the run and leaves executing it to its caller.
+"""
 
 from __future__ import annotations
 
@@ -15,24 +19,29 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins.io import CheckpointIO
 
+from lmexp.arguments import OneLineErrors
 from lmexp.callbacks import (
-    AtomicCheckpointIO, CheckpointOnException, LmexpCheckpoint, PlainProgress, StepProgressBar, StopTogether,
+    AtomicCheckpointIO,
+    CheckpointOnException,
+    LmexpCheckpoint,
+    PlainProgress,
+    StepProgressBar,
+    StopTogether,
 )
 from lmexp.checkpoints import read_checkpoint
-from lmexp.cli import DESCRIPTION, OneLineErrors
-from lmexp.crossval import CrossValidation, tracking_uri_of
 from lmexp.errors import CheckpointError, ConfigError
 from lmexp.guards import FiniteLossGuard
+from lmexp.lightning_internals import CheckpointMergeMixin, leave_verb_to_caller, subcommand_parser
 from lmexp.mlflow_store import check_experiment_name
 from lmexp.objectives import TrainingObjective
 from lmexp.objectives.base import NETWORK_SETTINGS, SCHEDULE_SETTINGS, check_stated_network
 from lmexp.precision import AUTO, PRECISION_HELP, PRECISION_TYPE, PrecisionChoice, resolve_auto_precision
-from lmexp.runs import (
-    TRACKING_KEY, Run, RunRecorder, continued_run_dir, default_experiment, new_run_dir, resolve_named_checkpoint,
-)
+from lmexp.recording import TRACKING_KEY, RunRecorder
+from lmexp.run_folders import continued_run_dir, default_experiment, new_run_dir, resolve_named_checkpoint
 from lmexp.tracking import MLflowTracker
 
 NAMED_CHECKPOINTS = ("last", "best", "hpc")  # --ckpt_path values that name a file rather than give one
+DESCRIPTION = "Train and evaluate language models: lmexp fit|validate|test (each with --help)."
 
 
 class LmexpArgumentParser(OneLineErrors, LightningArgumentParser):
@@ -54,13 +63,14 @@ def _not_an_advertisement(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("💡 Tip:")
 
 
-class LmexpCLI(LightningCLI):
+class LmexpCLI(CheckpointMergeMixin, LightningCLI):
     """LightningCLI with lmexp's defaults: a run folder per run, MLflow tracking, best/last
     checkpoints with an export, a checkpoint on crash or interrupt, a progress display,
     learning-rate logging, and our own data sampler (it shards batches across ranks itself).
 
-    It builds and stops: ``built`` holds the run, which ``lmexp.cli.main`` or the caller of
-    ``lmexp.runs.build`` executes.
+    It makes the run's parts and stops without running ``verb``: ``lmexp.runs`` assembles them
+    (``folds`` > 1: a cross-validation) for its caller to execute. ``description`` is the text of
+    ``--help``.
     """
 
     def __init__(
@@ -70,6 +80,7 @@ class LmexpCLI(LightningCLI):
         logger: Logger | bool | None = None,
         exit_on_error: bool = True,
         check_only: bool = False,
+        description: str = DESCRIPTION,
     ) -> None:
         # TokenBatches shards batches across workers itself, so its __len__ is exact.
         warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
@@ -81,21 +92,22 @@ class LmexpCLI(LightningCLI):
         self.check_only = check_only  # parse and validate every class's arguments; make no run
         self.raw_args = list(args) if args is not None else sys.argv[1:]
         self.folds = 1  # > 1: a fit is K-fold cross-validation, one run per fold
-        self.built: Run | CrossValidation | None = None
+        self.verb: str | None = None  # the parsed verb, which is left to the caller to run
         self.new_run_dir: Path | None = None
         self.continues_run = False
         self.precision_choice: PrecisionChoice | None = None  # what trainer.precision=auto chose
         self.args_given: Any = args  # as parsed: re-read for what the command itself states
         self.saved_hparams: dict[str, Any] = {}  # the hyperparameters of the checkpoint given with --ckpt_path
         try:
-            self._build(args, callbacks, exit_on_error)
+            self._build(args, callbacks, exit_on_error, description)
         except BaseException:
             # A run that could not be built leaves no empty folder behind.
             if self.new_run_dir is not None and self.new_run_dir.is_dir() and not any(self.new_run_dir.iterdir()):
                 self.new_run_dir.rmdir()
             raise
 
-    def _build(self, args: list[str] | None, callbacks: list[pl.Callback] | None, exit_on_error: bool) -> None:
+    def _build(self, args: list[str] | None, callbacks: list[pl.Callback] | None, exit_on_error: bool,
+               description: str) -> None:
         super().__init__(
             model_class=TrainingObjective,
             datamodule_class=pl.LightningDataModule,
@@ -108,7 +120,8 @@ class LmexpCLI(LightningCLI):
             save_config_callback=None,  # RunRecorder writes config.yaml into the run folder
             parser_class=LmexpArgumentParser,
             # jsonargparse's subcommand parsers defer errors to the main parser unless told otherwise.
-            parser_kwargs={"prog": "lmexp", "description": DESCRIPTION, **({} if exit_on_error else {"exit_on_error": False})},
+            parser_kwargs={"prog": "lmexp", "description": description,
+                           **({} if exit_on_error else {"exit_on_error": False})},
             args=args,
         )
 
@@ -156,10 +169,10 @@ class LmexpCLI(LightningCLI):
             self.folds = int(data_args.get("num_folds"))
         # The config as given (experiment resolved), before the run's folders are filled in:
         # fed back with --config, it starts a new run of the same experiment.
-        self.config_yaml = self._parser(verb).dump(config, skip_none=False)
+        self.config_yaml = subcommand_parser(self, verb).dump(config, skip_none=False)
         self.config_dict = yaml_to_dict(self.config_yaml)
 
-    def _parse_ckpt_path(self) -> None:
+    def merge_checkpoint_hparams(self) -> None:
         """The model an evaluation of a checkpoint builds: the checkpoint's objective and network,
         with the command's other settings.
 
@@ -177,7 +190,7 @@ class LmexpCLI(LightningCLI):
         verb = self.config.get("subcommand")
         if verb == "fit":
             stated = self._stated_model_arguments(verb) if self.config[verb].get("ckpt_path") else {}
-            super()._parse_ckpt_path()
+            self.lightning_checkpoint_merge()
             schedule = {name: stated[name] for name in SCHEDULE_SETTINGS if name in stated}
             if schedule:
                 model = {"class_path": self.config[verb].model.class_path, "dict_kwargs": schedule}
@@ -250,7 +263,7 @@ class LmexpCLI(LightningCLI):
         super().instantiate_classes()
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
-        config = self._get(self.config_init, "trainer", default={})
+        config = self._instantiated("trainer", {})
         if config.get("precision") == AUTO:  # Lightning takes no "auto": measure and decide here
             self.precision_choice = resolve_auto_precision(self.model, self.datamodule, config,
                                                            self.config_dict.get("seed_everything"))
@@ -263,7 +276,7 @@ class LmexpCLI(LightningCLI):
                 self._bind_tracker(tracker)
         configured = list(config.get("callbacks") or []) + list(self.trainer_defaults["callbacks"])
         callbacks = list(config.get("callbacks") or [])
-        checkpoint = self._get(self.config_init, "checkpoint")
+        checkpoint = self._instantiated("checkpoint")
         if checkpoint is not None and checkpoint.dirpath:
             # A crash or Ctrl-C between validations keeps its progress: resume with --ckpt_path last.
             callbacks.append(CheckpointOnException(checkpoint.dirpath))
@@ -294,28 +307,14 @@ class LmexpCLI(LightningCLI):
         tracker.use_defaults(experiment_name=self.experiment, run_name=self.run_dir.name, save_dir=str(self.run_dir),
                              run_id=continues)
 
+    def _instantiated(self, key: str, default: Any = None) -> Any:
+        """The verb's instantiated setting ``key`` (``trainer``, ``checkpoint``...)."""
+        return self.config_init[self.subcommand].get(key, default)
+
     def after_instantiate_classes(self) -> None:
-        verb = self.subcommand
-        if self.check_only:
-            self.subcommand = None
-            return
-        if self.folds > 1:
-            config = self.config[verb]
-            self.built = CrossValidation(
-                self.raw_args[1:] if self.raw_args[:1] == [verb] else self.raw_args, self.folds, self.experiment,
-                self.root, config.run_name, config.checkpoint.monitor, config.checkpoint.mode,
-                tracking_uri_of(self.config_dict.get("trainer", {}).get("logger")
-                                if self.logger_override is None else self.logger_override),
-            )
-            self.subcommand = None
-            return
-        self.built = Run(
-            verb=verb, trainer=self.trainer, model=self.model, datamodule=self.datamodule, run_dir=self.run_dir,
-            experiment=self.experiment, ckpt_path=self.config[verb].ckpt_path, config=self.config_dict,
-            new_folder=not self.continues_run, weights_only=self.config[verb].get("weights_only"),
-        )
-        # Built, not run: the caller executes it (LightningCLI runs the verb only when one is set).
-        self.subcommand = None
+        # Built, not run: lmexp.runs assembles the run and its caller executes it.
+        self.verb = self.subcommand
+        leave_verb_to_caller(self)
 
 
 def _import_class(path: str) -> type:

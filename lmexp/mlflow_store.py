@@ -22,6 +22,36 @@ from lmexp.atomic import (
 from lmexp.errors import ConfigError, LmexpError, StorageError
 from lmexp.faults import fault_point
 
+__all__ = [
+    "JOURNAL_NAME",
+    "MAX_EXPERIMENT_NAME",
+    "MAX_KEY_LENGTH",
+    "MAX_PARAM_LENGTH",
+    "PROBE_SECONDS",
+    "PROCESS_TAGS",
+    "DamagedStoreError",
+    "TrackingStore",
+    "append_journal",
+    "check_experiment_name",
+    "check_store",
+    "check_tracking_uri",
+    "default_tracking_uri",
+    "end_dead_runs",
+    "ensure_store",
+    "flatten",
+    "http_store",
+    "is_unreachable",
+    "list_runs",
+    "probe_server",
+    "process_gone",
+    "read_journal",
+    "sqlite_path",
+    "store_error",
+    "sync_journal",
+    "write_journal",
+    "write_loss_curve",
+]
+
 JOURNAL_NAME = "tracking-journal.jsonl"
 PROCESS_TAGS = ("lmexp.pid", "lmexp.host")  # which process writes a run: a RUNNING run whose process is gone was killed
 MAX_KEY_LENGTH, MAX_PARAM_LENGTH, MAX_EXPERIMENT_NAME = 250, 6000, 500  # MLflow's limits
@@ -110,22 +140,18 @@ def _store_lock(uri: str) -> Iterator[None]:
     """Serialize the creation of an SQLite store and its experiments across processes.
 
     Several processes creating the same SQLite store or experiment at once race in MLflow
-    (schema migration, duplicate experiment names); an advisory file lock beside the
-    database makes them take turns. Other stores handle concurrency themselves.
+    (schema migration, duplicate experiment names); a file lock beside the database makes them
+    take turns (waiting as long as it takes). Other stores handle concurrency themselves.
     """
     path = sqlite_path(uri)
     if path is None:
         yield
         return
-    import fcntl
+    from filelock import FileLock
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with FileLock(path.with_name(path.name + ".lock")):
+        yield
 
 
 class DamagedStoreError(StorageError):

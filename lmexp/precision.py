@@ -11,12 +11,11 @@ without AMX or AVX512-BF16, a GPU before Ampere) it is not timed at all.
 The probe leaves the run as it found it: the run's objective and data module are not touched
 (copies are trained), and every global random generator is restored. Under DDP the launching
 process probes and passes its choice to the ranks Lightning starts in ``PRECISION_VARIABLE``.
-``lmexp probe --config X.yaml`` runs the probe alone and prints its line.
+``lmexp probe --config X.yaml`` (lmexp.verbs.probe) runs the probe alone and prints its line.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import logging
@@ -24,12 +23,10 @@ import math
 import os
 import random
 import statistics
-import sys
 import time
 import typing
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -38,6 +35,7 @@ import torch
 
 from lmexp.errors import ConfigError, check_positive
 from lmexp.hardware import cpu_has_bf16_units, process_rank
+from lmexp.objectives import clip_gradients
 
 AUTO = "auto"
 FP32, BF16 = "32-true", "bf16-mixed"
@@ -227,13 +225,9 @@ def _materialize(objective: pl.LightningModule, datamodule: pl.LightningDataModu
         data.accept(model.data_contract())
     data.prepare_data()
     data.setup("fit")
-    model._trainer = SimpleNamespace(datamodule=data)  # configure_model reads the vocabulary from it
-    try:
-        with _quiet_info():
-            model.configure_model()
-    finally:
-        model._trainer = None
-    model._log_train_now = False  # compute_loss logs nothing: no trainer to log to
+    model.read_data(data)  # the vocabulary (and labels) the network is built for
+    with _quiet_info():
+        model.configure_model()
     return model, data
 
 
@@ -281,12 +275,7 @@ class _Arm:
         with self.autocast():
             loss = self.model.compute_loss(batch, "train")
         loss.backward()
-        if self.clip_val:
-            parameters = [p for p in self.model.parameters() if p.grad is not None]
-            if self.clip_algorithm == "value":
-                torch.nn.utils.clip_grad_value_(parameters, self.clip_val)
-            else:
-                torch.nn.utils.clip_grad_norm_(parameters, self.clip_val)
+        clip_gradients([p for p in self.model.parameters() if p.grad is not None], self.clip_val, self.clip_algorithm)
         self.optimizer.step()
         self.loss = loss.detach()
 
@@ -418,51 +407,3 @@ def _started_by_external_launcher() -> bool:
     WORLD_SIZE in the launching process too, so that cannot tell.)"""
     slurm_tasks = os.environ.get("SLURM_NTASKS", "")
     return "TORCHELASTIC_RUN_ID" in os.environ or (slurm_tasks.isdigit() and int(slurm_tasks) > 1)
-
-
-# ------------------------------------------------------------------------- lmexp probe
-class _ProbeParser(argparse.ArgumentParser):
-    def error(self, message: str) -> typing.NoReturn:
-        print(f"error: {message} (see lmexp probe --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def run_probe(argv: list[str]) -> PrecisionChoice:
-    """``lmexp probe --config X.yaml [fit options]``: measure and print what precision auto would choose."""
-    parser = _ProbeParser(
-        prog="lmexp probe",
-        allow_abbrev=False,
-        description="Time a few training steps of a run in 32-true and bf16-mixed and print what "
-        "--trainer.precision auto would choose; nothing is trained or saved. Takes the "
-        "options of lmexp fit (--config, --model.*, --data.*, --trainer.*; see lmexp fit --help).",
-    )
-    parser.add_argument(
-        "--warmup_steps", type=int, default=WARMUP_STEPS, help="untimed steps first (default %(default)s)"
-    )
-    parser.add_argument("--steps", type=int, default=TIMED_STEPS, help="timed steps (default %(default)s)")
-    options, fit_args = parser.parse_known_args(argv)
-    check_positive("--steps", options.steps)
-    if options.warmup_steps < 0:
-        raise ConfigError(f"--warmup_steps={options.warmup_steps} is negative: use 0 or more")
-    from lmexp.lightning_cli import LmexpCLI
-    from lmexp.runs import _parse
-
-    seed_log = logging.getLogger("lightning.fabric.utilities.seed")  # "Seed set to": no run is started
-    level = seed_log.level
-    seed_log.setLevel(logging.WARNING)
-    try:
-        # Parsed and built as `lmexp fit` would (one-line errors included), without a trainer or run folder.
-        cli = _parse(LmexpCLI, "fit", (), None, fit_args, check_only=True)
-    finally:
-        seed_log.setLevel(level)
-    built = cli.config_init["fit"]
-    choice = probe_run(
-        built["model"],
-        built.get("data"),
-        built["trainer"],
-        cli.config_dict.get("seed_everything"),
-        warmup_steps=options.warmup_steps,
-        steps=options.steps,
-    )
-    print(choice.line())
-    return choice

@@ -8,7 +8,6 @@ tells whether fine-tuning pays for itself.
 
 from __future__ import annotations
 
-import csv
 import json
 import random
 import re
@@ -22,7 +21,7 @@ import torch
 from tokenizers import Tokenizer
 from torch import Tensor, nn
 
-from lmexp.data.classification import Examples, label_order, read_examples
+from lmexp.data.classification import Examples, label_order, read_examples, write_predictions_csv
 from lmexp.data.tokenizer import describe_unknown, encode_prompt
 from lmexp.errors import CheckpointError, ConfigError, DataError, check_positive
 from lmexp.generation import supports_attention_mask
@@ -478,18 +477,8 @@ def format_report(result: PromptResult) -> str:
 
 def write_predictions(result: PromptResult, examples: Examples, path: str | Path) -> Path:
     """CSV of text (text_pair), label, prediction and one ``p_<label>`` column per label, as ``lmexp predict`` writes."""
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        header = ["text"] + (["text_pair"] if examples.pairs is not None else [])
-        header += ["label"] if result.labels is not None else []
-        writer.writerow(header + ["prediction"] + [f"p_{label}" for label in result.label_names])
-        for i, text in enumerate(examples.texts):
-            row = [text] + ([examples.pairs[i]] if examples.pairs is not None else [])
-            row += [result.labels[i]] if result.labels is not None else []
-            writer.writerow(row + [result.predictions[i]] + [f"{p:.6f}" for p in result.probabilities[i].tolist()])
-    return path
+    return write_predictions_csv(path, examples, result.label_names, result.predictions, result.probabilities,
+                                 result.labels)
 
 
 def evaluate_prompt(
@@ -581,37 +570,4 @@ def evaluate_prompt(
             from lmexp.objectives.classification import plot_confusion
 
             plot_confusion(torch.tensor(result.metrics["confusion"]), result.label_names, folder / "confusion.png")
-    return result
-
-
-def run_prompt(argv: list[str]) -> PromptResult:
-    """``lmexp prompt``: parse the flags, classify, print the report."""
-    from jsonargparse import ArgumentParser
-
-    from lmexp.cli import OneLineErrors
-
-    class Parser(OneLineErrors, ArgumentParser):
-        pass
-
-    parser = Parser(prog="lmexp prompt", description=(evaluate_prompt.__doc__ or "").splitlines()[0])
-    switches = {
-        "calibrate": "Contextual calibration against the content-free input N/A (--calibrate, or --calibrate false).",
-        "length_normalize": "Score verbalizers by mean instead of summed token log-probability.",
-    }
-    parser.add_function_arguments(evaluate_prompt, as_positional=False, skip=set(switches))
-    for name, help_text in switches.items():  # a bare --calibrate turns it on (a bool flag alone wants a value)
-        parser.add_argument(f"--{name}", type=bool, nargs="?", const=True, default=False, help=help_text)
-    config = parser.parse_args(argv)
-    options = {k: v for k, v in config.as_dict().items() if k != "config"}
-    result = evaluate_prompt(**options)
-    shots = options["shots"]
-    header = f"{'zero-shot' if not shots else f'{shots}-shot'} prompting"
-    header += ", calibrated" if options["calibrate"] else ""
-    header += ", length-normalized" if options["length_normalize"] else ""
-    print(header)
-    print(format_report(result))
-    if options["output"]:
-        print(f"wrote predictions to {options['output']}")
-    if options["report_dir"]:
-        print(f"wrote metrics.json and confusion.png to {options['report_dir']}")
     return result

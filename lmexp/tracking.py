@@ -35,6 +35,11 @@ from lmexp.mlflow_store import (
     default_tracking_uri, flatten, is_unreachable, read_journal, write_journal, write_loss_curve,
 )
 
+__all__ = [
+    "MLflowTracker",
+    "tracker_of",
+]
+
 _END_STATUS = {"success": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
 
 log = logging.getLogger(__name__)

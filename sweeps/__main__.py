@@ -14,23 +14,18 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
+from lmexp.arguments import OneLineArgumentParser
 from lmexp.errors import LmexpError, find_user_error
 
 INCOMPLETE = 3  # exit status of a run or worker that left its study short of n_trials
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        print(f"error: {message} (see python -m sweeps {self.prog.split()[-1]} --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def parser() -> argparse.ArgumentParser:
-    main = OneLineParser(prog="python -m sweeps", description=__doc__.split("\n")[0],
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    verbs = main.add_subparsers(dest="verb", required=True, parser_class=OneLineParser)
+    main = OneLineArgumentParser(prog="python -m sweeps", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbs = main.add_subparsers(dest="verb", required=True, parser_class=OneLineArgumentParser)
     run = verbs.add_parser("run", help="start a study from a sweep file (or continue it with --resume)")
     run.add_argument("--config", required=True, help="sweep YAML file")
     run.add_argument("--resume", action="store_true", help="continue the study of this name")

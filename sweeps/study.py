@@ -13,6 +13,7 @@ import re
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,19 @@ STALE_AFTER_BEATS = 4
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 # A worker records its trials' heartbeats itself (sweeps.worker), outside Study.optimize.
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+
+
+@dataclass
+class TrialOutcome:
+    """How one trial ended, as a worker saw it: what it reports and what the study's run records."""
+
+    number: int
+    state: TrialState
+    values: list[float] | None
+    reason: str
+    seconds: float
+    result: dict[str, Any]
+    end_status: str = "FAILED"  # how a failed trial's MLflow run ends: FAILED, or KILLED by a signal or Ctrl-C
 
 
 def default_storage() -> str:

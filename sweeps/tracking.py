@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     import optuna
 
     from sweeps.spec import SweepSpec
-    from sweeps.worker import Outcome
+    from sweeps.study import TrialOutcome
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class StudyRun:
                 self._warned = True
                 log.warning(f"MLflow: could not {action} in {self.tracking_uri}: {str(err).splitlines()[0]}")
 
-    def trial_finished(self, study: optuna.Study, outcome: Outcome) -> None:
+    def trial_finished(self, study: optuna.Study, outcome: TrialOutcome) -> None:
         """Tag the trial's run with its state and value (a failed trial's run ends FAILED or KILLED);
         put the study's best so far on the parent."""
         from optuna.trial import TrialState

@@ -10,7 +10,7 @@ oversubscribe its cores.
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import importlib
 import json
 import math
 import os
@@ -20,12 +20,12 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+import warnings
 from pathlib import Path
 from typing import Any, TextIO
 
 import optuna
+from filelock import FileLock
 from optuna.trial import TrialState
 
 from sweeps.spec import MEASURES, SweepSpec
@@ -33,6 +33,7 @@ from sweeps.study import (
     FAIL_REASON_ATTR,
     INTERRUPTED,
     PARENT_RUN_ATTR,
+    TrialOutcome,
     counted_trials,
     exhausted,
     fail_stale_trials,
@@ -44,16 +45,17 @@ from sweeps.study import (
 )
 from sweeps.tracking import StudyRun
 
+_RENAMED = {"Outcome": "sweeps.study.TrialOutcome"}
 
-@dataclass
-class Outcome:
-    number: int
-    state: TrialState
-    values: list[float] | None
-    reason: str
-    seconds: float
-    result: dict[str, Any]
-    end_status: str = "FAILED"  # how a failed trial's MLflow run ends: FAILED, or KILLED by a signal or Ctrl-C
+
+def __getattr__(name: str) -> Any:
+    """``sweeps.worker.Outcome`` keeps working for one release, with a DeprecationWarning."""
+    if name not in _RENAMED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, _, new_name = _RENAMED[name].rpartition(".")
+    warnings.warn(f"{__name__}.{name} is deprecated and goes in the next release: use {_RENAMED[name]}",
+                  DeprecationWarning, stacklevel=2)
+    return getattr(importlib.import_module(module), new_name)
 
 
 class Worker:
@@ -80,8 +82,8 @@ class Worker:
         self._waited: tuple[set[int], float] = (set(), 0.0)  # the trials last named in a waiting line, and when
 
     # ------------------------------------------------------------------------------ the loop
-    def run(self) -> list[Outcome]:
-        outcomes: list[Outcome] = []
+    def run(self) -> list[TrialOutcome]:
+        outcomes: list[TrialOutcome] = []
         deadline = time.monotonic() + self.spec.timeout if self.spec.timeout else None
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
         for sig in previous:
@@ -104,7 +106,7 @@ class Worker:
                 signal.signal(sig, handler)
         return outcomes
 
-    def _hopeless(self, outcomes: list[Outcome], limit: int = 3) -> bool:
+    def _hopeless(self, outcomes: list[TrialOutcome], limit: int = 3) -> bool:
         """Stop after ``limit`` failures in a row while no trial of the study has completed: a
         setting every trial shares is wrong, and each further trial would fail the same way."""
         recent = outcomes[-limit:]
@@ -181,18 +183,13 @@ class Worker:
         time.sleep(min(float(self.heartbeat_seconds), 5.0))
         return True
 
-    @contextlib.contextmanager
-    def _trial_slot(self) -> Iterator[None]:
-        lock_path = self.root / ".trial-slot.lock"
-        with open(lock_path, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+    def _trial_slot(self) -> FileLock:
+        """The lock workers on this host take to count running trials and ask for the next one."""
+        return FileLock(self.root / ".trial-slot.lock")
+
 
     # ----------------------------------------------------------------------------- one trial
-    def _run(self, trial: optuna.Trial) -> Outcome:
+    def _run(self, trial: optuna.Trial) -> TrialOutcome:
         started = time.perf_counter()
         overrides = suggest(trial, self.spec)
         trial.set_user_attr("overrides", overrides)
@@ -263,7 +260,7 @@ class Worker:
             stop_beat.set()
             self._child = None
 
-    def _finish(self, trial: optuna.Trial, code: int, result: dict[str, Any], log_path: Path, seconds: float) -> Outcome:
+    def _finish(self, trial: optuna.Trial, code: int, result: dict[str, Any], log_path: Path, seconds: float) -> TrialOutcome:
         state_name = result.get("state", "failed")
         reason = result.get("reason") or ""
         values: list[float] | None = None
@@ -290,13 +287,13 @@ class Worker:
         state = {"complete": TrialState.COMPLETE, "pruned": TrialState.PRUNED}.get(state_name, TrialState.FAIL)
         self.study.tell(trial, values if state == TrialState.COMPLETE else None, state=state)
         killed = reason == INTERRUPTED or code < 0
-        outcome = Outcome(trial.number, state, values, reason, seconds, result, "KILLED" if killed else "FAILED")
+        outcome = TrialOutcome(trial.number, state, values, reason, seconds, result, "KILLED" if killed else "FAILED")
         self.tracking.trial_finished(self.study, outcome)
         self.say(self._line(trial, outcome, log_path))
         return outcome
 
     # ---------------------------------------------------------------------------- progress
-    def _line(self, trial: optuna.Trial, outcome: Outcome, log_path: Path) -> str:
+    def _line(self, trial: optuna.Trial, outcome: TrialOutcome, log_path: Path) -> str:
         params = ", ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
         if outcome.state == TrialState.COMPLETE:
             shown = ", ".join(f"{o.metric}={v:.4g}" for o, v in zip(self.spec.objectives, outcome.values or []))

@@ -104,7 +104,7 @@ def test_tokens_per_second_with_gradient_accumulation_spans_whole_windows(tiny_c
 
     monkeypatch.setattr(CausalLM, "log", recording_log)
     clock = iter(range(1000))
-    monkeypatch.setattr("lmexp.objectives.base.time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    monkeypatch.setattr("lmexp.objectives.throughput.time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
     trainer = pl.Trainer(
         accelerator="cpu", max_steps=6, accumulate_grad_batches=2, log_every_n_steps=3, limit_val_batches=0,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

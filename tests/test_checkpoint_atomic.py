@@ -16,7 +16,8 @@ from lmexp.cli import main
 from lmexp.data.tokenizer import train_tokenizer
 from lmexp.errors import CheckpointError, StorageError
 from lmexp.models import ModelConfig, build_model
-from lmexp.runs import build, run_folders
+from lmexp.run_folders import run_folders
+from lmexp.runs import build
 from tests.conftest import make_corpus
 from tests.test_cli import quickstart_args
 
@@ -172,7 +173,7 @@ def test_ckpt_path_last_falls_back_to_the_newest_readable_checkpoint_in_the_same
 
 
 def test_a_transformers_export_is_replaced_as_a_whole_with_the_umask(tmp_path: Path, fault, umask_022):
-    from lmexp.huggingface import export_hf
+    from lmexp.formats.huggingface import export_hf
 
     tokenizer = train_tokenizer([make_corpus(20)], "char")
     config = ModelConfig(arch="gpt", vocab_size=tokenizer.get_vocab_size(), block_size=16, n_layer=1, n_head=2,

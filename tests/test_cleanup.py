@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from lmexp.atomic import TEMPORARY_PREFIX
-from lmexp.cleanup import find_leftovers, run_state
 from lmexp.cli import main
-from lmexp.runs import RUN_MARK, read_run_mark
+from lmexp.run_folders import RUN_MARK, read_run_mark
+from lmexp.verbs.clean import find_leftovers, run_state
 
 
 def dead_pid() -> int:

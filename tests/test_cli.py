@@ -147,7 +147,7 @@ def test_a_signal_saves_exits_non_zero_and_last_resumes_from_it(
 
 
 def test_ckpt_path_last_skips_truncated_checkpoints_and_starts_fresh_without_one(tmp_path: Path, caplog):
-    from lmexp.runs import run_folders
+    from lmexp.run_folders import run_folders
 
     caplog.set_level("INFO")
     quiet = ["--trainer.val_check_interval=4", "--trainer.enable_progress_bar=false", "--trainer.logger=false"]

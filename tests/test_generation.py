@@ -5,11 +5,11 @@ import pytest
 import torch
 from torch import nn
 
-from lmexp import cli
-from lmexp.cli import generate_text
 from lmexp.errors import ConfigError
 from lmexp.generation import cut_at_stop, generate, sample_next_token
 from lmexp.models import GPT, LSTMLM, ModelConfig, from_name
+from lmexp.verbs import generate as cli
+from lmexp.verbs.generate import generate_text
 
 VOCAB = 50
 
@@ -472,3 +472,10 @@ def test_prompts_file_and_bad_settings(tmp_path):
         generate_text(export, "a", repetition_penalty=0.0)
     with pytest.raises(ConfigError, match="contains an empty string"):
         generate_text(export, "a", stop=[""])
+
+
+def test_a_model_that_does_not_say_whether_it_takes_a_mask_is_refused_in_one_line_if_it_does_not():
+    ids, mask = left_pad([prompt(1, 4)[0], prompt(1, 2)[0]])
+    with pytest.raises(ValueError, match="AlwaysToken.forward takes no attention_mask, so it cannot read a left-padded batch"):
+        generate(AlwaysToken(3), ids, 2, attention_mask=mask)
+    assert generate(FixedLogits({3: 1.0}), ids, 2, attention_mask=mask).shape == (2, 6)

@@ -23,7 +23,7 @@ from lmexp.cli import main
 from lmexp.data.tokenizer import MLM_SPECIAL_TOKENS, train_tokenizer
 from lmexp.errors import CheckpointError, ConfigError
 from lmexp.generation import generate
-from lmexp.huggingface import export_hf
+from lmexp.formats.huggingface import export_hf
 from lmexp.models import build_model, from_name
 from tests.test_bad_input import one_line_error
 from tests.test_finetune import classify_args, write_reviews
@@ -196,7 +196,7 @@ def test_pickled_weights_load_weights_only_and_a_pickle_with_code_is_refused(tok
 @pytest.mark.parametrize("name", ["bert", "bert_cased", "bert_vocab_only", "gpt2", "gpt2_files"])
 def test_tokenizers_give_transformers_ids(name: str, tokenizer_dirs: dict[str, Path]) -> None:
     """Hundreds of sentences with accents, Chinese characters and emoji, with special tokens."""
-    from lmexp.huggingface import load_hf_tokenizer
+    from lmexp.formats.huggingface import load_hf_tokenizer
 
     folder = tokenizer_dirs[name]
     ours = load_hf_tokenizer(folder, "gpt2" if name.startswith("gpt2") else "bert")
@@ -459,7 +459,7 @@ def test_a_token_classifier_imports_its_encoder_and_says_the_head_is_ignored(
 
 def test_tokenizer_config_options_win_over_tokenizer_json_as_in_transformers(tokenizer_dirs: dict[str, Path],
                                                                              tmp_path: Path) -> None:
-    from lmexp.huggingface import load_hf_tokenizer
+    from lmexp.formats.huggingface import load_hf_tokenizer
 
     folder = tmp_path / "cased"
     shutil.copytree(tokenizer_dirs["bert"], folder)  # tokenizer.json lower-cases
@@ -494,7 +494,7 @@ def test_the_readme_python_example_runs_on_imported_folders(tokenizer_dirs: dict
 
 
 def test_a_structurally_pruned_network_is_not_exported_to_transformers():
-    from lmexp.huggingface import check_exportable
+    from lmexp.formats.huggingface import check_exportable
 
     with pytest.raises(ConfigError, match="structurally pruned"):
         check_exportable(from_name("gpt-tiny", vocab_size=40, layer_heads=[1, 2]))

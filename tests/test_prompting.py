@@ -22,9 +22,9 @@ from lmexp.prompting import (
     PromptSpec,
     choose_demonstrations,
     classify,
-    run_prompt,
     score_continuations,
 )
+from lmexp.verbs.prompt import run_prompt
 
 ALPHABET = string.ascii_letters + string.digits + " .,:;!?/\n'-"
 YES_NO = {"pos": " yes", "neg": " no"}

@@ -17,7 +17,7 @@ import torch
 
 from lmexp.cli import main
 from lmexp.mlflow_store import JOURNAL_NAME, flatten
-from lmexp.runs import run_folders
+from lmexp.run_folders import run_folders
 from tests.test_cli import ROOT, quickstart_args
 
 SETPRIORITY = os.setpriority  # the real one: the autouse fixture below replaces it
@@ -211,7 +211,7 @@ def test_flatten_keeps_mlflow_limits_and_drops_init_args():
 
 
 def test_git_state_names_commit_and_dirty_flag(tmp_path: Path):
-    from lmexp.runs import git_state
+    from lmexp.recording import git_state
 
     assert git_state(tmp_path) == {}  # not a checkout
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
@@ -363,7 +363,7 @@ def test_a_fit_starts_training_after_the_tracker_has_sent_its_start(tmp_path: Pa
     """The run's params, tags and files are in the store when the first training step starts."""
     import lightning.pytorch as pl
 
-    from lmexp import mlflow_store, runs
+    from lmexp import mlflow_store, recording, runs
     from lmexp.tracking import tracker_of
 
     # A store that answers only once training has begun, or after a second: unless training waits
@@ -375,7 +375,7 @@ def test_a_fit_starts_training_after_the_tracker_has_sent_its_start(tmp_path: Pa
         connect(store)
 
     monkeypatch.setattr(mlflow_store.TrackingStore, "connect", late_connect)
-    monkeypatch.setattr(runs, "SETTLE_SECONDS", WAIT_SECONDS)  # a wait that ends only when the start is sent
+    monkeypatch.setattr(recording, "SETTLE_SECONDS", WAIT_SECONDS)  # a wait that ends only when the start is sent
     seen: dict = {}
 
     class FirstStep(pl.Callback):

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from lmexp.data.batches import TokenBatches, causal_lm_batch
 from lmexp.data.cache import TokenCache, build_token_cache
 from lmexp.data.cleaning import CleaningReport, clean_documents, clean_text
+from lmexp.data.contract import Task
 from lmexp.data.masking import MLMBatchTransform
 from lmexp.data.sources import Document, read_documents
 from lmexp.data.tokenizer import load_tokenizer, special_tokens_for, train_tokenizer
@@ -35,6 +36,7 @@ __all__ = [
     "CleaningReport",
     "Document",
     "MLMBatchTransform",
+    "Task",
     "TextDataModule",
     "TokenBatches",
     "TokenCache",

@@ -6,6 +6,7 @@ predict`` and prompting, so a model sees its inputs framed the same way everywhe
 
 from __future__ import annotations
 
+import csv
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -128,6 +129,33 @@ def label_ids(examples: Examples, labels: list[str], where: str) -> list[int]:
             )
         ids.append(index[value])
     return ids
+
+
+def write_predictions_csv(
+    path: str | Path,
+    examples: Examples,
+    label_names: Sequence[str],
+    predictions: Sequence[str],
+    probabilities: torch.Tensor,
+    labels: Sequence[str] | None = None,
+) -> Path:
+    """Write text (text_pair), label, prediction and one ``p_<label>`` column per label.
+
+    ``lmexp predict`` and ``lmexp prompt`` write the same table, so their outputs compare
+    column by column. ``labels`` (as written in the input) adds the label column.
+    """
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        header = ["text"] + (["text_pair"] if examples.pairs is not None else [])
+        header += ["label"] if labels is not None else []
+        writer.writerow(header + ["prediction"] + [f"p_{label}" for label in label_names])
+        for i, text in enumerate(examples.texts):
+            row = [text] + ([examples.pairs[i]] if examples.pairs is not None else [])
+            row += [labels[i]] if labels is not None else []
+            writer.writerow(row + [predictions[i]] + [f"{p:.6f}" for p in probabilities[i].tolist()])
+    return path
 
 
 @dataclass(frozen=True)

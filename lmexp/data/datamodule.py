@@ -20,6 +20,7 @@ from lmexp.data.sources import lmexp_cache_dir, source_fingerprint
 from lmexp.data.tokenizer import resolve_tokenizer, special_tokens_for, tokenizer_identity
 from lmexp.data.windows import SlidingWindowBatches
 from lmexp.errors import ConfigError, DataError, check_choice, check_positive
+from lmexp.lightning_internals import batches_processed
 
 LM_TASKS = ("causal_lm", "masked_lm")
 
@@ -44,9 +45,7 @@ class ResumableDataModule(pl.LightningDataModule):
         trainer = self.trainer
         if trainer is None:
             return {}
-        # `processed` already counts the batch a checkpoint is taken after (`completed` lags).
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": trainer.current_epoch, "batches_done": int(done)}
+        return {"epoch": trainer.current_epoch, "batches_done": batches_processed(trainer)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
@@ -31,7 +33,14 @@ class MaskedLMHead(nn.Module):
 
 class BERT(nn.Module):
     """Bidirectional transformer with token-type embeddings, a [CLS] pooler and its heads: masked
-    LM, sentence order, and (with ``config.labels``) sequence classification."""
+    LM, sentence order, and (with ``config.labels``) sequence classification.
+
+    Answers the calls every lmexp network answers (``hidden_states``, ``logits``, ``pooled``,
+    ``classify``); ``forward`` returns hidden states, as the masked-LM objective decodes only
+    the masked positions (``mlm_logits``).
+    """
+
+    accepts_attention_mask: ClassVar[bool] = True
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -55,7 +64,26 @@ class BERT(nn.Module):
 
         attention_mask (B, T): 1 for real tokens, 0 for padding; token_type_ids (B, T): segment ids.
         """
+        return self.hidden_states(input_ids, attention_mask, token_type_ids)
+
+    def hidden_states(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None
+    ) -> Tensor:
+        """input_ids (B, T) -> final hidden states (B, T, C); the same as ``forward``."""
         return self.trunk(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+
+    def logits(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None
+    ) -> Tensor:
+        """input_ids (B, T) -> masked-LM logits (B, T, V) at every position."""
+        return self.mlm_logits(self(input_ids, attention_mask, token_type_ids))
+
+    def pooled(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None
+    ) -> Tensor:
+        """input_ids (B, T) -> (B, C): the pooled [CLS] state (through ``forward``, so its hooks see
+        the network run)."""
+        return self.pool(self(input_ids, attention_mask, token_type_ids))
 
     def mlm_logits(self, hidden: Tensor) -> Tensor:
         """hidden (B, T, C) -> logits (B, T, V). Apply it to masked positions only to save compute."""
@@ -71,4 +99,4 @@ class BERT(nn.Module):
         """input_ids (B, T) -> label logits (B, num_labels), from the pooled [CLS] state."""
         if self.classifier is None:
             raise ValueError("this BERT has no classification head: build it with labels in its config")
-        return self.classifier(self.pool(self(input_ids, attention_mask, token_type_ids)))
+        return self.classifier(self.pooled(input_ids, attention_mask, token_type_ids))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
@@ -13,7 +15,14 @@ from lmexp.models.layers import TransformerTrunk, init_gpt2_weights
 
 class GPT(nn.Module):
     """Causal transformer trunk and a linear head predicting the next token at every position;
-    with ``config.labels``, also a classification head on the last real token."""
+    with ``config.labels``, also a classification head on the last real token.
+
+    Answers the calls every lmexp network answers (``hidden_states``, ``logits``, ``pooled``,
+    ``classify``), so callers need not know which architecture they hold.
+    """
+
+    accepts_attention_mask: ClassVar[bool] = True
+    """``forward`` takes an attention_mask, so a left-padded batch of prompts can be generated."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -37,7 +46,41 @@ class GPT(nn.Module):
         cache, input_ids (and the mask) are the tokens after the cached ones; the cache is extended
         and remembers the mask.
         """
-        return self.lm_head(self.trunk(input_ids, attention_mask=attention_mask, cache=cache))
+        return self.logits(input_ids, attention_mask, cache=cache)
+
+    def hidden_states(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """input_ids (B, T) -> final hidden states (B, T, C); masks and cache as in ``forward``.
+
+        token_type_ids are accepted for a uniform interface and ignored: a GPT has no segment
+        embeddings (a pair is told apart by its separator tokens).
+        """
+        return self.trunk(input_ids, attention_mask=attention_mask, cache=cache)
+
+    def logits(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """input_ids (B, T) -> next-token logits (B, T, V) at every position."""
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, token_type_ids, cache))
+
+    def pooled(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None
+    ) -> Tensor:
+        """input_ids (B, T), right-padded -> (B, C): each row's last real token's state.
+
+        Causal attention keeps right padding from reaching any real token, so the mask is needed
+        only to find each row's last real token (and the fused causal kernel stays in use).
+        """
+        return self.pool(self.trunk(input_ids), attention_mask)
 
     def make_cache(
         self,
@@ -62,12 +105,10 @@ class GPT(nn.Module):
         """hidden (B, T, C) -> (B, C): the last real token's state (mask 1 = real token)."""
         return last_token_pool(hidden, attention_mask)
 
-    def classify(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """input_ids (B, T), right-padded -> label logits (B, num_labels).
-
-        Causal attention keeps right padding from reaching any real token, so the mask is needed
-        only to find each row's last real token (and the fused causal kernel stays in use).
-        """
+    def classify(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None
+    ) -> Tensor:
+        """input_ids (B, T), right-padded -> label logits (B, num_labels), from ``pooled``."""
         if self.classifier is None:
             raise ValueError("this GPT has no classification head: build it with labels in its config")
-        return self.classifier(self.pool(self.trunk(input_ids), attention_mask))
+        return self.classifier(self.pooled(input_ids, attention_mask, token_type_ids))

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from torch import Tensor, nn
 
 from lmexp.models.config import ModelConfig
 
 
 class LSTMLM(nn.Module):
-    """Embedding, stacked LSTM and an output projection (tied to the embedding by default)."""
+    """Embedding, stacked LSTM and an output projection (tied to the embedding by default).
+
+    Answers ``hidden_states`` and ``logits`` as the transformers do; it has no classification
+    head (``pooled`` and ``classify`` are transformer-only).
+    """
+
+    accepts_attention_mask: ClassVar[bool] = False
+    """A recurrence reads every position in order: it cannot skip left padding."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -36,6 +45,22 @@ class LSTMLM(nn.Module):
 
     def forward(self, input_ids: Tensor) -> Tensor:
         """input_ids (B, T) -> logits (B, T, V), each position seeing only the tokens before it."""
-        x = self.drop(self.tok_emb(input_ids))  # (B, T, C)
-        x, _ = self.lstm(x)  # (B, T, C)
-        return self.lm_head(self.drop(x))
+        return self.logits(input_ids)
+
+    def hidden_states(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None
+    ) -> Tensor:
+        """input_ids (B, T) -> LSTM outputs (B, T, C).
+
+        The masks are accepted for a uniform interface and not used: a position sees only the
+        tokens before it, so right padding never reaches a real token (left padding would; see
+        ``accepts_attention_mask``), and there are no segments.
+        """
+        x, _ = self.lstm(self.drop(self.tok_emb(input_ids)))
+        return x
+
+    def logits(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None
+    ) -> Tensor:
+        """input_ids (B, T) -> next-token logits (B, T, V)."""
+        return self.lm_head(self.drop(self.hidden_states(input_ids, attention_mask, token_type_ids)))

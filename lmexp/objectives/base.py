@@ -1,18 +1,17 @@
 """What every training objective shares, whatever the task: building the network (from a preset
-or a pretrained checkpoint), optimizer and parameter groups, schedule, clipping, throughput, and
-the state that makes a resumed run exact. Language modelling and classification sit on top."""
+or a pretrained checkpoint), optimizer and parameter groups, schedule, clipping and the loss; exact
+resume and throughput come as callbacks it configures (``resume``, ``throughput``). Language
+modelling and classification sit on top."""
 
 from __future__ import annotations
 
 import math
-import random
-import time
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -22,22 +21,28 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from lmexp.checkpoints import CHECKPOINT_KEY, LoadedModel, load_checkpoint
 from lmexp.data.contract import DataContract, Task
+from lmexp.deprecation import moved_names
 from lmexp.errors import CheckpointError, ConfigError, check_positive
 from lmexp.faults import poisoned
 from lmexp.hardware import cpu_has_bf16_units
+from lmexp.lightning_internals import logs_this_step as batch_is_logged
 from lmexp.models import ModelConfig, build_model, count_parameters, from_name
-from lmexp.objectives.optimizers import MuonWithAdamW, hidden_matrices
+from lmexp.objectives.optimizers import MuonWithAdamW, clip_gradients, hidden_matrices
+from lmexp.objectives.resume import ExactResume
 from lmexp.objectives.schedule import Schedule, lr_multiplier
+from lmexp.objectives.throughput import Throughput
+
+MOVED = {"logs_this_step": "lmexp.lightning_internals"}
+__getattr__ = moved_names(__name__, MOVED)
 
 
-def logs_this_step(trainer: pl.Trainer) -> bool:
-    """Whether Lightning writes this training batch's metrics (every ``log_every_n_steps``).
 
-    Anything logged or read back between those steps is wasted: a logged GPU tensor turned into
-    a number is a device sync.
-    """
-    connector = getattr(trainer, "_logger_connector", None)
-    return connector is None or connector.should_update_logs or bool(trainer.fast_dev_run)
+def attached_trainer(module: pl.LightningModule) -> pl.Trainer | None:
+    """The trainer running ``module``, or None outside one (a module built or loaded on its own)."""
+    try:
+        return module.trainer
+    except RuntimeError:  # Lightning's answer when no trainer is attached
+        return None
 
 
 def resolve_network(network: str | ModelConfig | Mapping[str, Any], overrides: Mapping[str, Any] | None) -> ModelConfig:
@@ -96,76 +101,6 @@ def check_stated_network(stated: Mapping[str, Any], saved_network: Mapping[str, 
 
 def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
-
-
-def _torch_rng_state() -> dict[str, Any]:
-    """The generators a training step draws from (dropout): cheap enough to take every step."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _rng_state() -> dict[str, Any]:
-    """Every global generator, for checkpoints."""
-    np_state = np.random.get_state()
-    return {
-        **_torch_rng_state(),
-        "python": random.getstate(),
-        # numpy arrays are not allowed by weights_only loading: store as a tensor
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(tuple(state["python"]))
-    kind, key, *rest = state["numpy"]
-    np.random.set_state((kind, key.numpy().astype(np.uint32), *rest))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _align_to_last_step(checkpoint: dict[str, Any], last_step_batch: int | None, datamodule_key: str | None) -> bool:
-    """Make a checkpoint describe the training state at the last optimizer step.
-
-    Two moments need it; everywhere else it changes nothing:
-    - Between optimizer steps (a crash or Ctrl-C inside an accumulation window or a batch):
-      the weights and optimizer state are those of the last step, but batches after it were
-      fetched or run. Counting them as done would skip their data on resume and shift
-      Lightning's validation schedule, so the loop counters and data position go back to the
-      batch that ended the last step (``last_step_batch``).
-    - Between epochs (``last_step_batch=None``): Lightning has moved to the next epoch but still
-      holds the finished epoch's batch counts, which would skip that many batches of the next
-      epoch on resume. The new epoch's counts are zero, and an epoch start interrupted before
-      its first batch starts again.
-
-    Returns whether the checkpoint was rewound into the middle of a step.
-    """
-    loops = checkpoint.get("loops", {}).get("fit_loop", {})
-    progress, epochs = loops.get("epoch_loop.batch_progress"), loops.get("epoch_progress")
-    if not progress or not epochs:
-        return False
-    current, total = progress["current"], progress["total"]
-    if last_step_batch is None:
-        for key in ("ready", "started", "processed", "completed"):
-            current[key] = 0
-        progress["is_last_batch"] = False  # it described the finished epoch's final batch
-        for counts in (epochs["current"], epochs["total"]):
-            counts["ready"] = counts["started"] = counts["completed"]
-        batches_done, rewound = 0, False
-    else:
-        rewound = False
-        for key in ("ready", "started", "processed", "completed"):
-            excess = current[key] - last_step_batch
-            if excess > 0:
-                current[key] -= excess
-                total[key] -= excess
-                rewound = True
-        batches_done = last_step_batch
-    if datamodule_key and isinstance(checkpoint.get(datamodule_key), dict):
-        checkpoint[datamodule_key]["batches_done"] = min(checkpoint[datamodule_key]["batches_done"], batches_done)
-    return rewound
 
 
 class TrainingObjective(pl.LightningModule):
@@ -265,12 +200,11 @@ class TrainingObjective(pl.LightningModule):
         self.network_config = resolve_network(network, network_overrides)
         self.check_network(self.network_config)
         self.model: nn.Module | None = None
-        self._pending_rng: dict[str, Any] | None = None
-        self._rng_at_step_start: tuple[tuple[int, int], dict[str, Any]] | None = None  # ((epoch, batch), state)
         self._schedule_steps: int | None = None
         self._saved_schedule_steps: int | None = None
-        self._throughput_start: tuple[float, int, int] | None = None  # (time, tokens since, examples since)
-        self._validation_started = 0.0
+        self._data_vocab_size: int | None = None  # what read_data found
+        self._data_labels: list[str] | None = None
+        self._log_train_now = False  # set by each training step
         if self.network_complete(self.network_config):
             self._build()
 
@@ -385,11 +319,16 @@ class TrainingObjective(pl.LightningModule):
             )
 
     def configure_model(self) -> None:
-        # Also called by load_from_checkpoint, where no trainer is attached.
-        datamodule = getattr(self._trainer, "datamodule", None)
-        self.read_data(datamodule)
-        vocab_size = getattr(datamodule, "vocab_size", None)
-        labels = getattr(datamodule, "labels", None)
+        """Build the network once the data has told what it decides (vocabulary, labels).
+
+        Under a trainer the data is the trainer's data module. Without one (``load_from_checkpoint``,
+        or building a network to probe it) it is what ``read_data`` last recorded: call
+        ``read_data(datamodule)`` first.
+        """
+        trainer = attached_trainer(self)
+        if trainer is not None:
+            self.read_data(trainer.datamodule)
+        vocab_size, labels = self._data_vocab_size, self._data_labels
         if self.model is not None and labels is not None and list(labels) != self.network_config.labels:
             raise CheckpointError(
                 f"the model was trained for labels {self.network_config.labels} but the data has {list(labels)}: "
@@ -423,8 +362,12 @@ class TrainingObjective(pl.LightningModule):
         self._build()
 
     def read_data(self, datamodule: Any) -> None:
-        """Take what the objective needs from the data module besides vocabulary and labels
-        (bytes per token, class counts); called before the network is built."""
+        """Take what the objective needs from the data module (vocabulary and labels; subclasses add
+        bytes per token, class counts) before the network is built. ``configure_model`` calls it with
+        the trainer's data module; overrides call ``super().read_data``."""
+        self._data_vocab_size = getattr(datamodule, "vocab_size", None)
+        labels = getattr(datamodule, "labels", None)
+        self._data_labels = list(labels) if labels is not None else None
 
     # ----------------------------------------------------------- optimization
     def parameter_groups(self) -> list[dict[str, Any]]:
@@ -519,25 +462,33 @@ class TrainingObjective(pl.LightningModule):
             return
         plugin = self.trainer.precision_plugin
         if gradient_clip_val and isinstance(plugin, MixedPrecision) and plugin.scaler is None:
-            if gradient_clip_algorithm == "value":
-                torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
-            else:
-                torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+            clip_gradients(self.parameters(), gradient_clip_val, gradient_clip_algorithm)
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # -------------------------------------------------------------- the step
-    def compute_loss(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        """The loss to optimize; subclasses also update their evaluation metrics here."""
+    def compute_loss(
+        self, batch: dict[str, torch.Tensor], stage: str, return_outputs: bool = False, loss_name: str = "loss",
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss to optimize; subclasses also update their evaluation metrics here.
+
+        Args:
+            batch: A batch as the data module makes it.
+            stage: ``train``, ``val`` or ``test``.
+            return_outputs: Also return what the loss was computed from, as ``(loss, outputs)``:
+                ``logits`` (as the network computed them), ``scored`` (the ``(N, K)`` rows of
+                logits the loss scores) and what else an objective adds. A method built on top of
+                the task's loss (distillation) reads them instead of hooking the network.
+            loss_name: Training logs the loss as ``train/<loss_name>``, on the progress bar only
+                as ``loss``: a method that logs its own total as ``loss`` names the task's part.
+        """
         raise NotImplementedError
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         # Training metrics are logged only on the steps Lightning writes: each self.log costs
         # ~1 ms of Python on a small model.
-        log = self._trainer is None or logs_this_step(self.trainer)
-        if log and self._trainer is not None and batch_idx % self.trainer.accumulate_grad_batches == 0:
-            self._log_throughput()  # here, not after the batch, so the progress bar reads it now
-        self._log_train_now = log
+        trainer = attached_trainer(self)
+        self._log_train_now = trainer is not None and batch_is_logged(trainer)
         loss = self.compute_loss(batch, "train")
         if poisoned("train.loss", self.global_step):  # LMEXP_FAULT=train.loss@N:nan|diverge (lmexp.faults)
             loss = loss * float("nan")
@@ -545,8 +496,9 @@ class TrainingObjective(pl.LightningModule):
 
     def log_train(self, name: str, value: torch.Tensor, batch_size: int, prog_bar: bool = False) -> None:
         """Log a training value on the steps Lightning writes, as a CPU copy: Lightning turns every
-        progress-bar value back into a number after each batch, a device sync per step otherwise."""
-        if getattr(self, "_log_train_now", True):
+        progress-bar value back into a number after each batch, a device sync per step otherwise.
+        Outside a training step (no trainer, a probe) nothing is logged."""
+        if self._log_train_now:
             self.log(f"train/{name}", value.detach().cpu(), prog_bar=prog_bar, batch_size=batch_size)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -555,38 +507,9 @@ class TrainingObjective(pl.LightningModule):
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self.compute_loss(batch, "test")
 
-    # ------------------------------------------------------------ throughput
-    def on_validation_start(self) -> None:
-        self._validation_started = time.perf_counter()
-
-    def on_validation_end(self) -> None:
-        # Validation time is not training time: move the window's start past it.
-        if self._throughput_start is not None:
-            started, tokens, examples = self._throughput_start
-            self._throughput_start = (started + time.perf_counter() - self._validation_started, tokens, examples)
-
-    def on_train_batch_end(self, outputs: Any, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        # The first batch only starts the clock, so start-up is not counted as training time.
-        if self._throughput_start is None:
-            self._throughput_start = (time.perf_counter(), 0, 0)
-            return
-        started, tokens, examples = self._throughput_start
-        ranks = self.trainer.world_size
-        self._throughput_start = (
-            started, tokens + batch["input_ids"].numel() * ranks, examples + batch["input_ids"].shape[0] * ranks
-        )
-
-    def _log_throughput(self) -> None:
-        """Tokens (padding included) and examples per second over the batches since the previous
-        logging step, validation time left out (a host timer: no device sync)."""
-        if self._throughput_start is None:
-            return
-        now = time.perf_counter()
-        started, tokens, examples = self._throughput_start
-        if tokens and now > started:
-            self.log("train/tokens_per_sec", torch.tensor(tokens / (now - started)), prog_bar=True)
-            self.log("train/examples_per_sec", torch.tensor(examples / (now - started)))
-            self._throughput_start = (now, 0, 0)
+    def configure_callbacks(self) -> list[Callback]:
+        """Exact resume and throughput logging, for any trainer (a plain ``pl.Trainer`` too)."""
+        return [ExactResume(), Throughput()]
 
     # ------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -595,20 +518,10 @@ class TrainingObjective(pl.LightningModule):
         checkpoint["hyper_parameters"]["network"] = self.network_config.to_dict()
         checkpoint["hyper_parameters"]["network_overrides"] = None
         checkpoint["hyper_parameters"]["pretrained"] = None  # its weights are in this checkpoint
-        datamodule = getattr(self._trainer, "datamodule", None)
-        rng = self._pending_rng or _rng_state()  # a restore not yet applied is the true state
-        if self._trainer is not None and self.trainer.state.fn == "fit":
-            datamodule_key = type(datamodule).__qualname__ if datamodule is not None else None
-            last_step = self._last_step_batch()
-            if _align_to_last_step(checkpoint, last_step, datamodule_key) and self._pending_rng is None:
-                # Random numbers drawn after the last step belong to the interrupted window:
-                # use the state it started from, when that snapshot is of this very window.
-                position, state = self._rng_at_step_start or (None, None)
-                if position == (self.trainer.current_epoch, last_step):
-                    rng = {**rng, **state}
-        extra: dict[str, Any] = {
-            "rng": rng, "objective": self.objective_name, "schedule_steps": self._schedule_steps,
-        }
+        # The random generators and the loop position: ExactResume, which runs first.
+        trainer = attached_trainer(self)
+        datamodule = trainer.datamodule if trainer is not None else None
+        extra: dict[str, Any] = {"objective": self.objective_name, "schedule_steps": self._schedule_steps}
         tokenizer = getattr(datamodule, "tokenizer", None)
         if tokenizer is None:
             tokenizer = self.source_tokenizer
@@ -618,43 +531,19 @@ class TrainingObjective(pl.LightningModule):
             extra["inputs"] = datamodule.input_settings()
         if self.transforms:
             extra["transforms"] = self.transforms
-        checkpoint[CHECKPOINT_KEY] = extra
-
-    def _last_step_batch(self) -> int | None:
-        """Batches of this epoch that ended with an optimizer step (all, at the epoch's end);
-        None between epochs, when Lightning's batch counts still describe the previous one."""
-        epochs = self.trainer.fit_loop.epoch_progress.current
-        if epochs.started == epochs.completed > 0:
-            return None
-        processed = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        if processed >= self.trainer.num_training_batches:
-            return processed  # the last, possibly shorter, accumulation window also steps
-        return processed - processed % self.trainer.accumulate_grad_batches
+        checkpoint.setdefault(CHECKPOINT_KEY, {}).update(extra)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         extra = checkpoint.get(CHECKPOINT_KEY, {})
         self.transforms = list(extra.get("transforms", []))
-        datamodule = getattr(self._trainer, "datamodule", None)
+        trainer = attached_trainer(self)
+        datamodule = trainer.datamodule if trainer is not None else None
         tokenizer = getattr(datamodule, "tokenizer", None)
-        if "tokenizer" in extra and tokenizer is not None:
-            if extra["tokenizer"] != tokenizer.to_str():
-                saved = checkpoint["hyper_parameters"]["network"].get("vocab_size")
-                raise CheckpointError(
-                    f"the checkpoint's tokenizer (vocab {saved}) differs from the one the data settings "
-                    f"produce (vocab {datamodule.vocab_size}): use the data settings the checkpoint was "
-                    "trained with (source, tokenizer, vocab_size, split)"
-                )
-        self._pending_rng = extra.get("rng")
+        if "tokenizer" in extra and tokenizer is not None and extra["tokenizer"] != tokenizer.to_str():
+            saved = checkpoint["hyper_parameters"]["network"].get("vocab_size")
+            raise CheckpointError(
+                f"the checkpoint's tokenizer (vocab {saved}) differs from the one the data settings "
+                f"produce (vocab {datamodule.vocab_size}): use the data settings the checkpoint was "
+                "trained with (source, tokenizer, vocab_size, split)"
+            )
         self._saved_schedule_steps = extra.get("schedule_steps")
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # Restore the RNG right before the first resumed step, after everything Lightning
-        # does between loading and training that might draw random numbers.
-        if self._pending_rng is not None:
-            _set_rng_state(self._pending_rng)
-            self._pending_rng = None
-        if batch_idx % self.trainer.accumulate_grad_batches == 0:
-            # A crash before this window's optimizer step rewinds to here (see on_save_checkpoint).
-            # A step draws only from torch's generators, so only those are kept (the full
-            # state costs ~60 us a step, this ~2).
-            self._rng_at_step_start = ((self.trainer.current_epoch, batch_idx), _torch_rng_state())

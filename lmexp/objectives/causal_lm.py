@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from lmexp.errors import ConfigError, check_positive
 from lmexp.models import ModelConfig
-from lmexp.objectives.language_model import LanguageModelObjective
+from lmexp.objectives.language_model import LanguageModelObjective, LMStep
 
 
 class CausalLM(LanguageModelObjective):
@@ -69,19 +69,22 @@ class CausalLM(LanguageModelObjective):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
 
-    def lm_loss(self, batch: dict[str, torch.Tensor], stage: str):
+    def lm_step(self, batch: dict[str, torch.Tensor], stage: str) -> LMStep:
         logits = self.model(batch["input_ids"])  # (B, T, V)
         flat_logits, flat_labels = logits.flatten(0, 1), batch["labels"].flatten()
         # Training optimizes the smoothed loss; evaluation reports the plain NLL.
         smoothing = self.label_smoothing if stage == "train" else 0.0
         if stage == "train":
             loss = F.cross_entropy(flat_logits, flat_labels, label_smoothing=smoothing)
-            return loss, loss, None, {}
+            return LMStep(loss, loss, None, {}, {"logits": logits})
         # Evaluation windows mark context-only and padding positions -100: sum over the rest.
         targets = flat_labels != -100
         nll = F.cross_entropy(flat_logits, flat_labels, reduction="sum") / targets.sum().clamp(min=1)
         correct = ((flat_logits.argmax(-1) == flat_labels) & targets).sum()
-        return nll, nll, correct, {}
+        return LMStep(nll, nll, correct, {}, {"logits": logits})
+
+    def scored_rows(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return logits[batch["labels"] != -100]  # (N, V): padding and context-only positions out
 
     def on_test_epoch_end(self) -> None:
         super().on_test_epoch_end()

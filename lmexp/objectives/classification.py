@@ -22,7 +22,7 @@ from torchmetrics.classification import (
 
 from lmexp.errors import ConfigError
 from lmexp.models import ModelConfig
-from lmexp.objectives.base import TrainingObjective
+from lmexp.objectives.base import TrainingObjective, attached_trainer
 
 EVAL_STAGES = ("val", "test")
 _BLOCK = re.compile(r"^trunk\.blocks\.(\d+)\.")
@@ -85,6 +85,7 @@ class SequenceClassification(TrainingObjective):
         return unused
 
     def read_data(self, datamodule: Any) -> None:
+        super().read_data(datamodule)
         counts = getattr(datamodule, "class_counts", None)
         self.class_counts = counts() if callable(counts) else None
 
@@ -154,26 +155,27 @@ class SequenceClassification(TrainingObjective):
     # -------------------------------------------------------------- the step
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Label logits (B, num_labels) of a batch as the data module makes them."""
-        if self.network_config.arch == "bert":
-            return self.model.classify(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
-        return self.model.classify(batch["input_ids"], batch["attention_mask"])
+        return self.model.classify(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
 
-    def compute_loss(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+    def compute_loss(
+        self, batch: dict[str, torch.Tensor], stage: str, return_outputs: bool = False, loss_name: str = "loss",
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = self(batch)
         labels = batch["labels"]
         weight = self.loss_weights if self.loss_weights.numel() else None
         loss = F.cross_entropy(logits, labels, weight=weight)
+        result = (loss, {"logits": logits, "scored": logits}) if return_outputs else loss
         batch_size = labels.shape[0]
         if stage == "train":
-            self.log_train("loss", loss, batch_size, prog_bar=True)
+            self.log_train(loss_name, loss, batch_size, prog_bar=loss_name == "loss")
             self.log_train("acc", (logits.argmax(-1) == labels).float().mean(), batch_size)
-            return loss
+            return result
         # Unweighted loss per example for reporting: comparable across class-weight settings.
         self.eval_loss[stage].update(F.cross_entropy(logits, labels, reduction="mean"), weight=batch_size)
         self.metrics[stage].update(logits, labels)
         if stage == "test":
             self.test_details.update(logits, labels)
-        return loss
+        return result
 
     def _log_eval_epoch(self, stage: str) -> dict[str, Any]:
         values = {f"{stage}/{name}": value for name, value in self.metrics[stage].compute().items()}
@@ -201,11 +203,12 @@ class SequenceClassification(TrainingObjective):
     @rank_zero_only
     def _report_confusion(self, confusion: torch.Tensor, labels: list[str]) -> None:
         rank_zero_info(format_confusion(confusion, labels))
-        folder = Path(self.trainer.default_root_dir) if self._trainer is not None else None
+        trainer = attached_trainer(self)
+        folder = Path(trainer.default_root_dir) if trainer is not None else None
         if folder is None or not folder.is_dir():
             return
         path = plot_confusion(confusion, labels, folder / "confusion_test.png")
-        for logger in self.trainer.loggers:
+        for logger in trainer.loggers:
             if hasattr(logger, "log_artifact"):
                 logger.log_artifact(path)
 

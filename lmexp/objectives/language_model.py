@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -12,6 +12,16 @@ from torchmetrics import MeanMetric
 from lmexp.objectives.base import TrainingObjective
 
 EVAL_STAGES = ("val", "test")
+
+
+class LMStep(NamedTuple):
+    """One batch through a language-model loss."""
+
+    loss: torch.Tensor  # what training optimizes
+    nll: torch.Tensor  # mean negative log-likelihood per target: what evaluation reports
+    correct: torch.Tensor | None  # correct top-1 predictions, or None
+    metrics: dict[str, torch.Tensor]  # extra values to log
+    outputs: dict[str, torch.Tensor]  # what the loss was computed from: "logits", ...
 
 
 class LanguageModelObjective(TrainingObjective):
@@ -31,31 +41,46 @@ class LanguageModelObjective(TrainingObjective):
         self.eval_acc = nn.ModuleDict({stage: MeanMetric() for stage in EVAL_STAGES})
 
     def read_data(self, datamodule: Any) -> None:
+        super().read_data(datamodule)
         if datamodule is not None and hasattr(datamodule, "bytes_per_token"):
             self.bytes_per_token = {split: datamodule.bytes_per_token(split) for split in EVAL_STAGES}
+
+    def lm_step(self, batch: dict[str, torch.Tensor], stage: str) -> LMStep:
+        """The loss of a batch and what it was computed from (override per objective)."""
+        raise NotImplementedError
 
     def lm_loss(
         self, batch: dict[str, torch.Tensor], stage: str
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
         """Return (loss to optimize, mean NLL per target, correct top-1 predictions or None,
         extra metrics to log). The NLL is what evaluation reports; training uses the loss."""
-        raise NotImplementedError
+        step = self.lm_step(batch, stage)
+        return step.loss, step.nll, step.correct, step.metrics
 
-    def compute_loss(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        loss, nll, correct, extra = self.lm_loss(batch, stage)
+    def scored_rows(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The (N, V) rows of ``logits`` the loss scores (override where it scores a subset)."""
+        return logits
+
+    def compute_loss(
+        self, batch: dict[str, torch.Tensor], stage: str, return_outputs: bool = False, loss_name: str = "loss",
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss, nll, correct, extra, outputs = self.lm_step(batch, stage)
+        if return_outputs:
+            outputs = {**outputs, "scored": self.scored_rows(outputs["logits"], batch)}
+        result = (loss, outputs) if return_outputs else loss
         batch_size = batch["input_ids"].shape[0]
         if stage == "train":
-            self.log_train("loss", loss, batch_size, prog_bar=True)
+            self.log_train(loss_name, loss, batch_size, prog_bar=loss_name == "loss")
             for name, value in extra.items():
                 self.log_train(name, value, batch_size)
-            return loss
+            return result
         n_targets = (batch["labels"] != -100).sum()
         self.eval_nll[stage].update(nll.detach(), weight=n_targets)
         if correct is not None:
             self.eval_acc[stage].update(correct / n_targets.clamp(min=1), weight=n_targets)
         for name, value in extra.items():
             self.log(f"{stage}/{name}", value, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
-        return loss
+        return result
 
     def _log_eval_epoch(self, stage: str) -> None:
         nll = self.eval_nll[stage].compute()

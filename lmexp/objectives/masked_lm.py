@@ -10,7 +10,8 @@ from torch import nn
 
 from lmexp.errors import ConfigError
 from lmexp.models import ModelConfig
-from lmexp.objectives.language_model import LanguageModelObjective
+from lmexp.objectives.base import attached_trainer
+from lmexp.objectives.language_model import LanguageModelObjective, LMStep
 
 
 class MaskedLM(LanguageModelObjective):
@@ -44,10 +45,11 @@ class MaskedLM(LanguageModelObjective):
         return unused
 
     def uses_sentence_order(self) -> bool:
-        datamodule = getattr(self._trainer, "datamodule", None)
+        trainer = attached_trainer(self)
+        datamodule = trainer.datamodule if trainer is not None else None
         return bool(getattr(datamodule, "sentence_order", True))
 
-    def lm_loss(self, batch: dict[str, torch.Tensor], stage: str):
+    def lm_step(self, batch: dict[str, torch.Tensor], stage: str) -> LMStep:
         hidden = self.model(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"))
         labels = batch["labels"]
         selected = labels != -100
@@ -66,4 +68,4 @@ class MaskedLM(LanguageModelObjective):
             loss = loss + self.sop_weight * sop_loss
             metrics["sop_loss"] = sop_loss
             metrics["sop_acc"] = (sop_logits.argmax(-1) == batch["sop_labels"]).float().mean()
-        return loss, nll, correct, metrics
+        return LMStep(loss, nll, correct, metrics, {"logits": logits, "hidden": hidden})

@@ -140,3 +140,22 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self.muon.step()
         self.adamw.step()
         return loss
+
+
+def clip_gradients(parameters: nn.Module | Iterable[torch.Tensor], value: float | None,
+                   algorithm: str | None = "norm") -> None:
+    """Clip gradients in place as a trainer's ``gradient_clip_val`` / ``gradient_clip_algorithm``
+    say: ``value`` clips each element, ``norm`` (or None) the total 2-norm; no value: no clipping.
+
+    Training clips through it where Lightning's precision plugin refuses to (fused optimizers
+    under bf16), and the precision probe clips as the run would.
+    """
+    if not value:
+        return
+    if algorithm not in (None, "norm", "value"):
+        raise ValueError(f"gradient_clip_algorithm={algorithm!r} is unknown: use 'norm' or 'value'")
+    params = parameters.parameters() if isinstance(parameters, nn.Module) else parameters
+    if algorithm == "value":
+        torch.nn.utils.clip_grad_value_(params, value)
+    else:
+        torch.nn.utils.clip_grad_norm_(params, value)

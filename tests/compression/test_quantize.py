@@ -28,7 +28,7 @@ from lmexp.cli import main as lmexp_main
 from lmexp.data import train_tokenizer
 from lmexp.errors import CheckpointError
 from lmexp.models import build_model, from_name
-from lmexp.predict import predict_file
+from lmexp.verbs.predict import predict_file
 from lmexp.runs import build
 from tests.conftest import make_corpus
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lmexp.chaos import Chaos
+from lmexp.verbs.chaos import Chaos
 from tests.conftest import make_corpus
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from lmexp.chaos import SCENARIOS, Chaos
 from lmexp.cli import main
+from lmexp.verbs.chaos import SCENARIOS, Chaos
 
 pytestmark = pytest.mark.fault
 

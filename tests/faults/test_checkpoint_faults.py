@@ -15,7 +15,7 @@ import torch
 
 from lmexp.atomic import TEMPORARY_PREFIX
 from lmexp.checkpoints import load_checkpoint, read_checkpoint
-from lmexp.runs import run_folders
+from lmexp.run_folders import run_folders
 from tests.faults.conftest import write_tiny_config
 
 pytestmark = pytest.mark.fault

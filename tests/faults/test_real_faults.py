@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from lmexp.chaos import RUN_NAME, Chaos, exit_problems, final_weights, saved_problems, temporaries, weight_problems
+from lmexp.verbs.chaos import (
+    RUN_NAME,
+    Chaos,
+    exit_problems,
+    final_weights,
+    saved_problems,
+    temporaries,
+    weight_problems,
+)
 from tests.faults.conftest import write_tiny_config
 
 pytestmark = pytest.mark.fault

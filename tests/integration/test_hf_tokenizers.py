@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lmexp.huggingface import load_hf_tokenizer
+from lmexp.formats.huggingface import load_hf_tokenizer
 from tests.conftest import shared_data
 
 transformers = pytest.importorskip("transformers", reason="the hf extra: pip install -e '.[hf]'")

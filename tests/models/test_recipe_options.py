@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from lmexp.checkpoints import export_safetensors, load_checkpoint
 from lmexp.errors import ConfigError
-from lmexp.huggingface import export_hf
+from lmexp.formats.huggingface import export_hf
 from lmexp.models import GPT, ModelConfig, build_model, count_parameters
 from lmexp.models.layers import MLP, Attention, RotaryEmbedding, SquaredReLU, activation, apply_rotary
 from tests.models.test_models import left_padded, random_ids, tiny

@@ -9,6 +9,7 @@ import torch
 
 from lmexp import CausalLM, TextDataModule
 from lmexp.callbacks import CheckpointOnException, LmexpCheckpoint
+from lmexp.objectives import ExactResume
 from tests.helpers import FailAtBatch, FailAtEpochStart
 
 
@@ -81,7 +82,7 @@ def test_resume_mid_epoch_equals_uninterrupted_run(tiny_corpus: Path, tmp_path: 
 def test_resume_without_rng_restore_would_differ(tiny_corpus: Path, tmp_path: Path, monkeypatch):
     """Guards the tests here: with dropout, skipping the RNG restore changes the result."""
     straight, _ = train(tiny_corpus, tmp_path / "a", 12)
-    monkeypatch.setattr(CausalLM, "on_train_batch_start", lambda self, batch, idx: None)
+    monkeypatch.setattr(ExactResume, "on_train_batch_start", lambda self, trainer, module, batch, idx: None)
     resumed, _ = train(tiny_corpus, tmp_path / "b", 12, ckpt_path=str(tmp_path / "a" / "step6.ckpt"))
     expected, actual = straight.state_dict(), resumed.state_dict()
     assert expected.keys() == actual.keys()

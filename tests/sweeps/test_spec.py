@@ -193,8 +193,8 @@ def test_the_shipped_sweep_files_check_against_their_fit_configs(monkeypatch):
 
 
 def test_a_study_with_tracking_off_records_nothing_and_goes_on(tmp_path):
+    from sweeps.study import TrialOutcome as Outcome
     from sweeps.tracking import StudyRun
-    from sweeps.worker import Outcome
 
     run = StudyRun.attach(spec_with(tracking_uri=False), "a-parent-run")
     study = optuna.create_study()
@@ -203,3 +203,11 @@ def test_a_study_with_tracking_off_records_nothing_and_goes_on(tmp_path):
     run.log_artifacts(tmp_path)
     run.end()
     assert run.client is None and run.run_id is None
+
+
+def test_the_old_path_of_a_trial_outcome_still_works_and_warns():
+    import sweeps.worker
+    from sweeps.study import TrialOutcome
+
+    with pytest.warns(DeprecationWarning, match="sweeps.study.TrialOutcome"):
+        assert sweeps.worker.Outcome is TrialOutcome
