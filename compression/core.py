@@ -76,27 +76,33 @@ def compressible_linears(model: nn.Module, skip: Sequence[str] = ()) -> dict[str
     }
 
 
-def trunk_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+def network_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     """The keyword arguments of the network's ``hidden_states`` that a data-module batch provides."""
     return {key: batch[key] for key in ("input_ids", "attention_mask", "token_type_ids") if key in batch}
 
 
 @torch.no_grad()
-def run_trunk(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> int:
-    """Run the network's transformer blocks (``hidden_states``, no head) over calibration
-    batches (hooks collect what they need); return the number of batches seen."""
+def run_blocks(model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> int:
+    """Run the network up to its last block's hidden states (``hidden_states``: embeddings and
+    transformer blocks, no head) over calibration batches, in eval mode, so hooks on the blocks'
+    layers collect what they need; return the number of batches seen."""
     was_training = model.training
     model.eval()
     seen = 0
     try:
         for batch in batches:
-            model.hidden_states(**trunk_inputs(batch))
+            model.hidden_states(**network_inputs(batch))
             seen += 1
     finally:
         model.train(was_training)
     if seen == 0:
         raise CompressionError("no calibration batches: pass data with at least one batch (--calibration-batches 1 or more)")
     return seen
+
+
+# Earlier names of the two functions above, kept so that existing imports keep working.
+trunk_inputs = network_inputs
+run_trunk = run_blocks
 
 
 def copy_loaded(loaded: LoadedModel) -> LoadedModel:
@@ -236,6 +242,8 @@ __all__ = [
     "format_sparsity",
     "is_main_process",
     "load",
+    "network_inputs",
+    "run_blocks",
     "run_logger",
     "run_trunk",
     "save",

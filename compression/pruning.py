@@ -43,8 +43,8 @@ from compression.core import (
     format_sparsity,
     is_main_process,
     load,
+    run_blocks,
     run_logger,
-    run_trunk,
     save,
     sparsity_table,
     track,
@@ -141,7 +141,7 @@ def activation_norms(
 
     handles = [linear.register_forward_hook(accumulate(name)) for name, linear in linears.items()]
     try:
-        seen = run_trunk(model, announced(calibration))
+        seen = run_blocks(model, announced(calibration))
     finally:
         for handle in handles:
             handle.remove()

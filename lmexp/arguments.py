@@ -2,18 +2,23 @@
 
 A bad flag or value prints ``error: ... (see PROG --help)`` in one line and exits 2, instead of
 a usage text or jsonargparse's nested explanation of every type a value was tried as: the fix is
-in ``--help``. ``OneLineErrors`` serves jsonargparse parsers (LightningCLI's and the verbs'),
+in ``--help``. ``OneLineErrors`` serves jsonargparse parsers (LightningCLI's, and the verbs' made by
+``json_parser``),
 ``OneLineArgumentParser`` plain ``argparse`` ones (``compression``, ``sweeps``, ``chaos``).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import sys
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-__all__ = ["OneLineArgumentParser", "OneLineErrors", "one_line", "summarize_parse_error"]
+if TYPE_CHECKING:
+    from jsonargparse import ArgumentParser
+
+__all__ = ["OneLineArgumentParser", "OneLineErrors", "json_parser", "one_line", "summarize_parse_error"]
 
 
 def one_line(message: str, max_lines: int | None = None) -> str:
@@ -53,7 +58,7 @@ def summarize_parse_error(message: str) -> str:
             inner.append(line)
         section = "\n".join(inner)
         expected = []
-        for class_name, choices in re.findall(r"Expected a (?:<class '([^']+)'>|typing\.Literal\[(.*?)\])(?=\.|\s*$)", section, re.M):
+        for class_name, choices in re.findall(r"Expected a (?:<class '([^']+)'>|typing\.Literal\[(.*?)\])(?=\.|\s*$)", section, re.MULTILINE):
             if choices:
                 expected.append(f"one of {choices}")
             else:
@@ -82,6 +87,24 @@ class OneLineErrors:
             super().error(message, ex)  # type: ignore[misc]  # raises for callers that catch it
         parser = getattr(ex, "subcommand_parser", None) or self
         exit_with_usage_error(summarize_parse_error(message), parser.prog.replace(" [options]", ""))
+
+
+def json_parser(prog: str, description: str) -> ArgumentParser:
+    """A jsonargparse parser with one-line errors, for a verb that takes a function's arguments.
+
+    jsonargparse is imported on the first call, so a module that defines a verb starts without it.
+    """
+    return _json_parser_class()(prog=prog, description=description)
+
+
+@functools.cache
+def _json_parser_class() -> type[ArgumentParser]:
+    from jsonargparse import ArgumentParser
+
+    class OneLineJsonParser(OneLineErrors, ArgumentParser):
+        pass
+
+    return OneLineJsonParser
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lmexp.deprecation import warn_moved
 
-warn_moved("lmexp.chaos", "lmexp.verbs.chaos", stacklevel=2)
+warn_moved("lmexp.chaos", "lmexp.verbs.chaos")
 
 from lmexp.verbs.chaos import *
 from lmexp.verbs.chaos import __all__  # noqa: F401

@@ -3,6 +3,7 @@
 ``lmexp`` (the console script), ``python -m lmexp`` and tests all call ``main``. A verb's module
 is imported only when it is called, and Lightning only for the trainer verbs (and probe), so
 ``lmexp generate`` starts without it. Nothing in lmexp imports this module: it is the top.
+``lmexp --help`` prints ``lmexp.lightning_cli.DESCRIPTION``, which lists every verb.
 """
 
 from __future__ import annotations
@@ -17,20 +18,9 @@ from lmexp.deprecation import moved_names
 from lmexp.errors import find_user_error
 from lmexp.hardware import process_rank
 
-DESCRIPTION = (
-    "Train and use language models. Verbs: fit, validate, test (each with --help); "
-    "generate: sample text from a checkpoint (lmexp generate --help); "
-    "predict: label a table of texts with a fine-tuned classifier (lmexp predict --help); "
-    "prompt: classify by prompting a GPT, zero- or few-shot (lmexp prompt --help); "
-    "export: write a checkpoint as a Hugging Face transformers folder (lmexp export --help); "
-    "probe: time a run's training steps in 32-true and bf16-mixed and print what --trainer.precision auto "
-    "would choose (lmexp probe --help); "
-    "runs: list tracked runs (lmexp runs --help); "
-    "chaos: inject kills, full disks and NaNs into short runs of a config and check nothing is lost (lmexp chaos --help)."
-)
-
 # Verbs that make no training run: name -> the module whose run(argv) serves it, imported on use.
-VERBS = {
+# fit, validate and test, the others, go to lmexp.runs.command_line_run.
+VERB_MODULES = {
     "generate": "lmexp.verbs.generate",
     "runs": "lmexp.verbs.runs",
     "predict": "lmexp.verbs.predict",
@@ -49,6 +39,7 @@ MOVED = {
     "run_export": "lmexp.verbs.export",
     "OneLineErrors": "lmexp.arguments",
     "summarize_parse_error": "lmexp.arguments",
+    "DESCRIPTION": "lmexp.lightning_cli",
 }
 __getattr__ = moved_names(__name__, MOVED)
 
@@ -73,9 +64,9 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of ``lmexp`` and ``python -m lmexp``: user errors become one line and exit 2;
     a run stopped by SIGTERM or Ctrl-C exits 143 or 130 once its checkpoint is written."""
     words = sys.argv[1:] if argv is None else list(argv)
-    if words and words[0] in VERBS:
+    if words and words[0] in VERB_MODULES:
         try:
-            importlib.import_module(VERBS[words[0]]).run(words[1:])
+            importlib.import_module(VERB_MODULES[words[0]]).run(words[1:])
         except Exception as err:  # noqa: BLE001  (re-raised unless it is the user's error)
             _exit_on_user_error(err)
         return
@@ -85,9 +76,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         # None lets LightningCLI read sys.argv itself (and keep its own checks quiet).
-        built = command_line_run(None if argv is None else words, description=DESCRIPTION)
-        if built is not None:
-            built.execute()
+        command_line_run(None if argv is None else words).execute()
     except SystemExit as stop:
         raise SystemExit(_stop_status(stop)) from None
     except KeyboardInterrupt:  # before or after the trainer, which handles its own
@@ -99,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         _exit_on_user_error(err)
 
 
-def _exit_on_user_error(err: Exception) -> None:
+def _exit_on_user_error(err: Exception) -> NoReturn:
     user_error = find_user_error(err)
     if user_error is None:
         raise err

@@ -2,8 +2,9 @@
 
 A module whose names moved declares ``MOVED = {"name": "new.module", ...}`` and
 ``__getattr__ = moved_names(__name__, MOVED)``; a module that moved whole becomes a shim that
-calls ``warn_moved`` and re-exports the new module. ``tests/test_layering.py`` reads every
-``MOVED`` table as imports, so an old path can only point down the layers, like any import.
+calls ``warn_moved`` (with the default ``stacklevel``) and re-exports the new module.
+``tests/test_layering.py`` reads every ``MOVED`` table as imports, so an old path can only point
+down the layers, like any import.
 """
 
 from __future__ import annotations
@@ -17,6 +18,12 @@ __all__ = ["moved_names", "warn_moved"]
 
 
 def warn_moved(old: str, new: str, stacklevel: int = 3) -> None:
+    """Warn that ``old`` moved to ``new``, blaming the caller of the function that calls this.
+
+    Called at a shim's top level, that caller is the line importing the shim (``warnings`` skips
+    the import machinery's frames). Python's default filters show a DeprecationWarning only when
+    it blames code in __main__, so one that blamed the shim itself would never be seen.
+    """
     warnings.warn(f"{old} is deprecated and goes in the next release: use {new}", DeprecationWarning,
                   stacklevel=stacklevel)
 

@@ -50,11 +50,11 @@ def _sample(
 def supports_attention_mask(model: nn.Module) -> bool:
     """Whether model.forward takes an attention_mask, which a left-padded batch needs.
 
-    lmexp's networks say so in their ``accepts_attention_mask`` class attribute; another model
-    is taken at its word that it does, and refused in one line if its forward then rejects the
-    mask (see ``_forward``).
+    A model says so in its ``accepts_attention_mask`` attribute (lmexp's networks all do). One
+    that does not say is taken not to: its prompts are then batched by length or right-padded,
+    which always works, where passing a mask it does not take would fail.
     """
-    return bool(getattr(model, "accepts_attention_mask", True))
+    return bool(getattr(model, "accepts_attention_mask", False))
 
 
 def first_nonfinite(model: nn.Module) -> str | None:
@@ -91,9 +91,9 @@ def generate(
     when it returns True (stop strings need the tokenizer, so they live in its caller).
 
     Prompts of different lengths go in one batch left-padded, with attention_mask (B, T) 1 for
-    real tokens and 0 for the padding before them; the model must take an attention_mask
-    (GPT does: each row then gets the tokens of its prompt alone, while the batch fits the
-    context). Several samples of one prompt are rows repeated by the caller.
+    real tokens and 0 for the padding before them; the model must take an attention_mask and say
+    so (``supports_attention_mask``; GPT does: each row then gets the tokens of its prompt alone,
+    while the batch fits the context). Several samples of one prompt are rows repeated by the caller.
 
     repetition_penalty (CTRL, as in HF transformers) divides the positive logits and multiplies
     the negative ones of every token already in the row, prompt included; 1.0 disables it.

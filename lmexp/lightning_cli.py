@@ -41,7 +41,18 @@ from lmexp.run_folders import continued_run_dir, default_experiment, new_run_dir
 from lmexp.tracking import MLflowTracker
 
 NAMED_CHECKPOINTS = ("last", "best", "hpc")  # --ckpt_path values that name a file rather than give one
-DESCRIPTION = "Train and evaluate language models: lmexp fit|validate|test (each with --help)."
+# What ``lmexp --help`` and every trainer verb's --help say: all the verbs, not just the trainer's.
+DESCRIPTION = (
+    "Train and use language models. Verbs: fit, validate, test (each with --help); "
+    "generate: sample text from a checkpoint (lmexp generate --help); "
+    "predict: label a table of texts with a fine-tuned classifier (lmexp predict --help); "
+    "prompt: classify by prompting a GPT, zero- or few-shot (lmexp prompt --help); "
+    "export: write a checkpoint as a Hugging Face transformers folder (lmexp export --help); "
+    "probe: time a run's training steps in 32-true and bf16-mixed and print what --trainer.precision auto "
+    "would choose (lmexp probe --help); "
+    "runs: list tracked runs (lmexp runs --help); "
+    "chaos: inject kills, full disks and NaNs into short runs of a config and check nothing is lost (lmexp chaos --help)."
+)
 
 
 class LmexpArgumentParser(OneLineErrors, LightningArgumentParser):

@@ -9,10 +9,13 @@ underscore attribute of Lightning.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+
+if TYPE_CHECKING:
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 # ------------------------------------------------------------------ trainer, loops, checkpoints
 
@@ -24,9 +27,10 @@ def logs_this_step(trainer: pl.Trainer) -> bool:
     ``global_step`` do not say it, since Lightning counts the batches that stepped (accumulation)
     in a private loop counter and also logs when training stops. Anything logged or read back
     between those steps is wasted: a logged GPU tensor turned into a number is a device sync.
+    Read directly, so a Lightning that renames it raises ``AttributeError`` here rather than
+    quietly logging (and syncing) every step.
     """
-    connector = getattr(trainer, "_logger_connector", None)
-    return connector is None or connector.should_update_logs or bool(trainer.fast_dev_run)
+    return trainer._logger_connector.should_update_logs or bool(trainer.fast_dev_run)
 
 
 def batches_processed(trainer: pl.Trainer) -> int:
@@ -134,11 +138,6 @@ class SelectiveRichProgressBar(RichProgressBar):
 
 
 # ------------------------------------------------------------------ LightningCLI
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-
 
 class CheckpointMergeMixin:
     """LightningCLI mixin that decides how the hyperparameters saved in ``--ckpt_path``'s

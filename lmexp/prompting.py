@@ -185,9 +185,9 @@ def score_continuations(
 ) -> Tensor:
     """log p(continuation | prompt) per ``(prompt ids, continuation ids)`` row -> (len(rows),).
 
-    One forward per row. Rows are batched by length; a model that takes an attention mask gets
-    them left-padded (continuations end together), others right-padded, which a causal model's
-    real positions never see. The logits at position i predict token i + 1, so the
+    One forward per row. Rows are batched by length; a model that says it takes an attention mask
+    (``supports_attention_mask``) gets them left-padded (continuations end together), others
+    right-padded, which a causal model's real positions never see. The logits at position i predict token i + 1, so the
     continuation's tokens at [s, s + m) are read from the logits at [s - 1, s + m - 1).
     """
     check_positive("batch_size", batch_size)

@@ -1,7 +1,9 @@
-"""The README's Layout names every module of the packages, and nothing that is gone."""
+"""The README's Layout names every module of the packages, and nothing that is gone, in the order
+the imports run; its examples are the shipped files."""
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import re
 from pathlib import Path
@@ -64,6 +66,60 @@ def test_readme_layout_names_every_module_and_no_missing_one() -> None:
     assert not gone, f"the README's Layout names modules that do not exist: {gone}"
     for package in PACKAGES:
         assert package in named
+
+
+def lmexp_entries(lines: list[str]) -> list[tuple[str, str]]:
+    """The top-level entries under ``lmexp/`` in the tree, in order: (module prefix, description)."""
+    entries, inside = [], False
+    for line in lines:
+        if not line.startswith(" "):
+            inside = line.startswith("lmexp/")
+            continue
+        if inside and line.startswith("  ") and not line.startswith("    "):
+            name, _, description = line.strip().partition(" ")
+            entries.append(("lmexp." + name.removesuffix(".py").removesuffix("/"), description.strip()))
+    return entries
+
+
+def lmexp_imports(path: Path) -> set[str]:
+    """The lmexp modules a file imports anywhere in it (lazy imports included)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.update([node.module, *(f"{node.module}.{alias.name}" for alias in node.names)])
+    return {name for name in names if name.startswith("lmexp.")}
+
+
+def upward_in_tree(entries: list[tuple[str, str]]) -> list[str]:
+    """Imports of an entry listed above the importing one (deprecated paths, listed last, excepted)."""
+    position = {name: i for i, (name, _) in enumerate(entries)}
+    problems = []
+    for i, (name, description) in enumerate(entries):
+        if description.startswith("deprecated"):
+            continue
+        folder = ROOT / Path(*name.split("."))
+        files = sorted(folder.rglob("*.py")) if folder.is_dir() else [folder.with_suffix(".py")]
+        for path in files:
+            for imported in lmexp_imports(path):
+                parts = imported.split(".")
+                target = next((".".join(parts[:n]) for n in range(len(parts), 1, -1) if ".".join(parts[:n]) in position), None)
+                if target is not None and position[target] < i:
+                    problems.append(f"{path.relative_to(ROOT)} imports {imported}, listed above it")
+    return problems
+
+
+def test_readme_layout_lists_lmexp_from_the_top_layer_down() -> None:
+    entries = lmexp_entries(layout_block((ROOT / "README.md").read_text(encoding="utf-8")))
+    assert entries[0][0] == "lmexp.__main__" and len(entries) > 20
+    assert upward_in_tree(entries) == []
+
+
+def test_upward_in_tree_finds_an_import_of_an_entry_listed_above() -> None:
+    entries = [("lmexp.errors", "one-line errors"), ("lmexp.cli", "the verbs")]
+    assert "lmexp/cli.py imports lmexp.errors.find_user_error, listed above it" in upward_in_tree(entries)
+    assert upward_in_tree(entries[::-1]) == []
 
 
 def test_readme_sweep_example_is_the_shipped_study() -> None:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from lmexp.errors import ConfigError
-from lmexp.generation import cut_at_stop, generate, sample_next_token
+from lmexp.generation import cut_at_stop, generate, sample_next_token, supports_attention_mask
 from lmexp.models import GPT, LSTMLM, ModelConfig, from_name
 from lmexp.verbs import generate as cli
 from lmexp.verbs.generate import generate_text
@@ -306,6 +306,8 @@ def test_lstm_rejects_padding_but_takes_a_full_mask():
 class FixedLogits(nn.Module):
     """A model whose next-token logits are always `logits`; it takes (and ignores) a mask."""
 
+    accepts_attention_mask = True
+
     def __init__(self, logits: dict[int, float], default: float = -10.0) -> None:
         super().__init__()
         self.logits = torch.full((VOCAB,), default)
@@ -386,7 +388,7 @@ def tiny_export(folder: Path, arch: str = "gpt") -> Path:
 
 
 class GenerateSpy:
-    """Wraps lmexp.cli.generate to record how many tokens each call generated."""
+    """Wraps the generate that lmexp.verbs.generate calls, to record how many tokens each call generated."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.new_tokens: list[int] = []
@@ -474,8 +476,15 @@ def test_prompts_file_and_bad_settings(tmp_path):
         generate_text(export, "a", stop=[""])
 
 
-def test_a_model_that_does_not_say_whether_it_takes_a_mask_is_refused_in_one_line_if_it_does_not():
+class SaysItTakesAMask(AlwaysToken):
+    accepts_attention_mask = True  # but its forward takes none
+
+
+def test_a_model_reads_a_left_padded_batch_only_if_it_says_it_takes_a_mask():
     ids, mask = left_pad([prompt(1, 4)[0], prompt(1, 2)[0]])
-    with pytest.raises(ValueError, match="AlwaysToken.forward takes no attention_mask, so it cannot read a left-padded batch"):
-        generate(AlwaysToken(3), ids, 2, attention_mask=mask)
+    assert not supports_attention_mask(AlwaysToken(3)) and supports_attention_mask(FixedLogits({3: 1.0}))
+    for model in (AlwaysToken(3), SaysItTakesAMask(3)):
+        with pytest.raises(ValueError, match=f"{type(model).__name__}.forward takes no attention_mask, so it cannot read"):
+            generate(model, ids, 2, attention_mask=mask)
+        assert generate(model, prompt(), 2, temperature=0).shape == (2, 7)  # one length: no mask needed
     assert generate(FixedLogits({3: 1.0}), ids, 2, attention_mask=mask).shape == (2, 6)

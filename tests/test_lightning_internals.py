@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from lmexp.lightning_internals import CheckpointMergeMixin, leave_verb_to_caller, subcommand_parser
+from lmexp.lightning_internals import CheckpointMergeMixin, leave_verb_to_caller, logs_this_step, subcommand_parser
 
 
 class WidthModel(BoringModel):
@@ -86,8 +88,6 @@ def quiet_trainer(tmp_path: Path, **kwargs) -> pl.Trainer:
 
 
 def test_trainer_logs_this_step_follows_log_every_n_steps(tmp_path: Path):
-    from lmexp.lightning_internals import logs_this_step
-
     seen: list[tuple[int, bool]] = []
 
     class Record(pl.Callback):
@@ -98,6 +98,12 @@ def test_trainer_logs_this_step_follows_log_every_n_steps(tmp_path: Path):
     assert isinstance(type(trainer._logger_connector).should_update_logs, property)
     trainer.fit(BoringModel())
     assert [step for step, logs in seen if logs] == [2, 5]  # the batches whose values reach the loggers
+
+
+def test_logs_this_step_raises_when_lightning_drops_the_connector():
+    """Without the private connector, every step logging (and syncing) would go unnoticed."""
+    with pytest.raises(AttributeError, match="_logger_connector"):
+        logs_this_step(SimpleNamespace(fast_dev_run=False))
 
 
 def test_trainer_loop_progress_counts_batches_and_epochs(tmp_path: Path):

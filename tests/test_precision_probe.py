@@ -13,8 +13,9 @@ import yaml
 
 from lmexp import CausalLM, TextDataModule
 from lmexp import precision as probe_module
-from lmexp.cli import DESCRIPTION, main
+from lmexp.cli import main
 from lmexp.errors import ConfigError
+from lmexp.lightning_cli import DESCRIPTION
 from lmexp.precision import BF16, FP32, PRECISION_VARIABLE, choose_precision, probe_precision, resolve_auto_precision
 from lmexp.runs import build
 

@@ -54,6 +54,8 @@ class BigramStub(nn.Module):
     """A causal 'language model' whose continuation is known: after ':' comes ' ', then 'y'es or
     'n'o depending on the '!' (for yes) and '?' (for no) read so far, plus a fixed bias to yes."""
 
+    accepts_attention_mask = True
+
     def __init__(self, tokenizer, bias: float = 0.0, block_size: int = 200) -> None:
         super().__init__()
         self.config = SimpleNamespace(arch="gpt", block_size=block_size, vocab_size=tokenizer.get_vocab_size())
@@ -147,6 +149,30 @@ def test_stub_with_known_continuation_classifies_as_expected(tokenizer, batch_si
     if batch_size > 1:  # rows of different lengths share a batch: left-padded, with the mask
         assert model.masks and all(bool(mask[:, -1].all()) for mask in model.masks)
         assert any(not bool(mask[:, 0].all()) for mask in model.masks)
+
+
+class NoMaskStub(nn.Module):
+    """A model from elsewhere: its forward takes no attention_mask, and it does not say so."""
+
+    def __init__(self, tokenizer) -> None:
+        super().__init__()
+        self.inner = BigramStub(tokenizer)
+        self.config = self.inner.config
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.inner(input_ids)
+
+
+def test_a_model_that_does_not_say_it_takes_a_mask_is_scored_right_padded(tokenizer) -> None:
+    model = NoMaskStub(tokenizer)
+    texts = ["great!", "meh?", "wow, so good! really!", "bad? really? no"]
+    labels = ["pos", "neg", "pos", "neg"]
+    result = classify(model, tokenizer, Examples(texts, None, labels), PromptSpec(verbalizers=YES_NO), batch_size=8)
+    assert result.predictions == labels
+    assert len(model.inner.calls) == 1  # rows of different lengths in one batch, without a mask
+    rows = [([5, 6, 7], [8]), ([9], [10, 11, 12, 13]), ([1, 2, 3, 4, 5, 6], [7, 8])]
+    expected = torch.tensor([brute_force(model, list(p), list(c)) for p, c in rows])
+    torch.testing.assert_close(score_continuations(model, rows, batch_size=3), expected, atol=1e-4, rtol=1e-5)
 
 
 def test_metrics_per_class_precision_recall(tokenizer) -> None:

@@ -12,7 +12,8 @@ from lmexp import runs
 from lmexp.crossval import CrossValidation
 from lmexp.errors import ConfigError
 from lmexp.runs import configure
-from tests.test_cli import ROOT
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("name", sorted(runs.MOVED))

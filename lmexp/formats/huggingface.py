@@ -54,7 +54,7 @@ __all__ = [
     "read_hf_weights",
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("lmexp.huggingface")  # the name it had before the module moved: logging settings use it
 
 CONFIG_FILE, WEIGHTS_FILE, SHARD_INDEX, PICKLE_FILE, PICKLE_INDEX = (
     "config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")

@@ -25,7 +25,7 @@ from lmexp.deprecation import moved_names
 from lmexp.errors import CheckpointError, ConfigError, check_positive
 from lmexp.faults import poisoned
 from lmexp.hardware import cpu_has_bf16_units
-from lmexp.lightning_internals import logs_this_step as batch_is_logged
+from lmexp.lightning_internals import logs_this_step as _logs_this_step  # its old name here warns (MOVED)
 from lmexp.models import ModelConfig, build_model, count_parameters, from_name
 from lmexp.objectives.optimizers import MuonWithAdamW, clip_gradients, hidden_matrices
 from lmexp.objectives.resume import ExactResume
@@ -34,7 +34,6 @@ from lmexp.objectives.throughput import Throughput
 
 MOVED = {"logs_this_step": "lmexp.lightning_internals"}
 __getattr__ = moved_names(__name__, MOVED)
-
 
 
 def attached_trainer(module: pl.LightningModule) -> pl.Trainer | None:
@@ -111,6 +110,15 @@ class TrainingObjective(pl.LightningModule):
     the data decides (vocabulary size, class labels) is filled in from the data module before
     the weights are made; what the model decides (task, context, a pretrained tokenizer) is
     handed to the data as a ``DataContract``.
+
+    To write an objective: set ``task`` (the kind of batches the data makes: ``causal_lm``,
+    ``masked_lm`` or ``classification``) and implement ``compute_loss``; a subclass of
+    ``LanguageModelObjective`` implements ``lm_step`` instead, and its ``compute_loss`` logs and
+    accumulates the metrics. Optional hooks: ``check_network`` (refuse a network it cannot train),
+    ``network_complete``, ``build_heads`` (modules made once the network exists), ``read_data``
+    (calling ``super().read_data``), ``unused_modules``. An override of ``configure_callbacks``
+    keeps ``super().configure_callbacks()`` in its list: without it a resumed run does not
+    continue exactly and throughput goes unlogged.
 
     Args:
         network: Preset name (``gpt-nano``, ``bert-mini``, ...) or a full model config.
@@ -476,9 +484,12 @@ class TrainingObjective(pl.LightningModule):
             batch: A batch as the data module makes it.
             stage: ``train``, ``val`` or ``test``.
             return_outputs: Also return what the loss was computed from, as ``(loss, outputs)``:
-                ``logits`` (as the network computed them), ``scored`` (the ``(N, K)`` rows of
-                logits the loss scores) and what else an objective adds. A method built on top of
-                the task's loss (distillation) reads them instead of hooking the network.
+                ``logits``, ``scored`` (the ``(N, K)`` rows of logits the loss scores) and what
+                else an objective adds. ``logits`` differ per objective: ``CausalLM``, every
+                position ``(B, T, V)``; ``MaskedLM``, only the masked positions ``(N, V)``
+                (``hidden`` holds the network's full ``(B, T, H)`` states);
+                ``SequenceClassification``, one row per example ``(B, K)``. A method built on top
+                of the task's loss (distillation) reads them instead of hooking the network.
             loss_name: Training logs the loss as ``train/<loss_name>``, on the progress bar only
                 as ``loss``: a method that logs its own total as ``loss`` names the task's part.
         """
@@ -488,7 +499,7 @@ class TrainingObjective(pl.LightningModule):
         # Training metrics are logged only on the steps Lightning writes: each self.log costs
         # ~1 ms of Python on a small model.
         trainer = attached_trainer(self)
-        self._log_train_now = trainer is not None and batch_is_logged(trainer)
+        self._log_train_now = trainer is not None and _logs_this_step(trainer)
         loss = self.compute_loss(batch, "train")
         if poisoned("train.loss", self.global_step):  # LMEXP_FAULT=train.loss@N:nan|diverge (lmexp.faults)
             loss = loss * float("nan")

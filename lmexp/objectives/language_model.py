@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -33,6 +34,21 @@ class LanguageModelObjective(TrainingObjective):
     """
 
     reports_bits_per_byte: ClassVar[bool] = True  # meaningful when every token is predicted
+    # Whether the loss comes from an ``lm_loss`` override below the class that gives ``lm_step``.
+    _steps_through_lm_loss: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        owner = {name: next(i for i, klass in enumerate(mro) if name in vars(klass)) for name in ("lm_loss", "lm_step")}
+        cls._steps_through_lm_loss = owner["lm_loss"] < owner["lm_step"]
+        if "lm_loss" in vars(cls) and cls._steps_through_lm_loss:
+            # Warned where the class is defined: the user's code, which the default filters show.
+            warnings.warn(
+                f"{cls.__qualname__} overrides lm_loss, which is deprecated and goes in the next release: "
+                "implement lm_step, returning an LMStep (its outputs feed compute_loss(return_outputs=True))",
+                DeprecationWarning, stacklevel=2,
+            )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -46,14 +62,25 @@ class LanguageModelObjective(TrainingObjective):
             self.bytes_per_token = {split: datamodule.bytes_per_token(split) for split in EVAL_STAGES}
 
     def lm_step(self, batch: dict[str, torch.Tensor], stage: str) -> LMStep:
-        """The loss of a batch and what it was computed from (override per objective)."""
-        raise NotImplementedError
+        """The loss of a batch and what it was computed from (override per objective).
+
+        A subclass that overrides the older ``lm_loss`` instead keeps training through it, with
+        empty ``outputs``."""
+        if not self._steps_through_lm_loss:
+            raise NotImplementedError(f"{type(self).__name__} must implement lm_step")
+        return self._step_from_lm_loss(batch, stage)
+
+    def _step_from_lm_loss(self, batch: dict[str, torch.Tensor], stage: str) -> LMStep:
+        loss, nll, correct, metrics = self.lm_loss(batch, stage)
+        return LMStep(loss, nll, correct, metrics, {})
 
     def lm_loss(
         self, batch: dict[str, torch.Tensor], stage: str
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
         """Return (loss to optimize, mean NLL per target, correct top-1 predictions or None,
         extra metrics to log). The NLL is what evaluation reports; training uses the loss."""
+        if type(self).lm_step is LanguageModelObjective.lm_step:  # an override's super().lm_loss
+            raise NotImplementedError(f"{type(self).__name__} must implement lm_step")
         step = self.lm_step(batch, stage)
         return step.loss, step.nll, step.correct, step.metrics
 
@@ -64,7 +91,15 @@ class LanguageModelObjective(TrainingObjective):
     def compute_loss(
         self, batch: dict[str, torch.Tensor], stage: str, return_outputs: bool = False, loss_name: str = "loss",
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        loss, nll, correct, extra, outputs = self.lm_step(batch, stage)
+        if self._steps_through_lm_loss:
+            if return_outputs:
+                raise NotImplementedError(
+                    f"{type(self).__name__} computes its loss in lm_loss, which gives no logits: implement lm_step"
+                )
+            step = self._step_from_lm_loss(batch, stage)
+        else:
+            step = self.lm_step(batch, stage)
+        loss, nll, correct, extra, outputs = step
         if return_outputs:
             outputs = {**outputs, "scored": self.scored_rows(outputs["logits"], batch)}
         result = (loss, outputs) if return_outputs else loss

@@ -28,6 +28,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 from lmexp.arguments import OneLineArgumentParser
 from lmexp.atomic import TEMPORARY_PREFIX, write_text
@@ -153,7 +154,7 @@ class Chaos:
         started = time.perf_counter()
         try:
             problems = self._check(scenario)
-        except Exception as err:  # noqa: BLE001  (the check itself broke (a file it needs is missing): a failed scenario)
+        except Exception as err:  # noqa: BLE001  (the check itself broke, e.g. a file it needs is missing: a failed scenario)
             problems = [f"{type(err).__name__}: {err}"]
         outcome = Outcome(scenario.name, not problems, problems, time.perf_counter() - started)
         self.log(f"{scenario.name}: {'ok' if outcome.ok else 'FAILED: ' + '; '.join(problems)} "
@@ -323,6 +324,6 @@ def run_chaos(argv: list[str]) -> int:
         return 1 if failed else 0
 
 
-def run(argv: list[str]) -> None:
+def run(argv: list[str]) -> NoReturn:
     """``lmexp chaos``: exits 0 when every scenario passed, 1 otherwise."""
     raise SystemExit(run_chaos(argv))

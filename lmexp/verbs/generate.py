@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from lmexp.arguments import OneLineErrors
+from lmexp.arguments import json_parser
 from lmexp.checkpoints import load_checkpoint
 from lmexp.data.tokenizer import describe_unknown, encode_prompt, load_tokenizer
 from lmexp.errors import CheckpointError, ConfigError
@@ -149,12 +149,7 @@ def generate_text(
 
 def run(argv: list[str]) -> list[str]:
     """``lmexp generate``: parse the flags, generate, print the samples (grouped when several)."""
-    from jsonargparse import ArgumentParser
-
-    class Parser(OneLineErrors, ArgumentParser):
-        pass
-
-    parser = Parser(prog="lmexp generate", description=generate_text.__doc__.splitlines()[0])
+    parser = json_parser(prog="lmexp generate", description=generate_text.__doc__.splitlines()[0])
     # Repeatable flags, taken literally (a list-typed flag would parse "[x]" as YAML and a repeated
     # one would keep only its last value).
     parser.add_function_arguments(generate_text, as_positional=False, skip={"prompt", "stop"})

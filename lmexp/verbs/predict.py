@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from lmexp.arguments import OneLineErrors
+from lmexp.arguments import json_parser
 from lmexp.checkpoints import load_checkpoint
 from lmexp.data.classification import encode_examples, label_ids, pad_batch, read_examples, write_predictions_csv
 from lmexp.data.sources import table_columns
@@ -93,12 +93,7 @@ def predict_file(
 
 def run(argv: list[str]) -> Path:
     """``lmexp predict``: parse the flags, check the input exists, predict."""
-    from jsonargparse import ArgumentParser
-
-    class Parser(OneLineErrors, ArgumentParser):
-        pass
-
-    parser = Parser(prog="lmexp predict", description=(predict_file.__doc__ or "").splitlines()[0])
+    parser = json_parser(prog="lmexp predict", description=(predict_file.__doc__ or "").splitlines()[0])
     parser.add_function_arguments(predict_file, as_positional=False)
     config = parser.parse_args(argv)
     if not Path(config.input).expanduser().is_file():

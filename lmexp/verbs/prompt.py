@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lmexp.arguments import OneLineErrors
+from lmexp.arguments import json_parser
 from lmexp.prompting import PromptResult, evaluate_prompt, format_report
 
 __all__ = ["run", "run_prompt"]
@@ -10,12 +10,7 @@ __all__ = ["run", "run_prompt"]
 
 def run(argv: list[str]) -> PromptResult:
     """``lmexp prompt``: parse the flags, classify, print the report."""
-    from jsonargparse import ArgumentParser
-
-    class Parser(OneLineErrors, ArgumentParser):
-        pass
-
-    parser = Parser(prog="lmexp prompt", description=(evaluate_prompt.__doc__ or "").splitlines()[0])
+    parser = json_parser(prog="lmexp prompt", description=(evaluate_prompt.__doc__ or "").splitlines()[0])
     switches = {
         "calibrate": "Contextual calibration against the content-free input N/A (--calibrate, or --calibrate false).",
         "length_normalize": "Score verbalizers by mean instead of summed token log-probability.",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from lmexp.arguments import OneLineErrors
+from lmexp.arguments import json_parser
 
 __all__ = ["list_tracked_runs", "run", "run_runs", "sync_journal_file"]
 
@@ -37,25 +37,20 @@ def sync_journal_file(journal: str, tracking_uri: str | None = None) -> str:
 
 def run(argv: list[str]) -> None:
     """``lmexp runs`` (a table of the newest runs), ``lmexp runs sync JOURNAL``, ``lmexp runs clean``."""
-    from jsonargparse import ArgumentParser
-
-    class Parser(OneLineErrors, ArgumentParser):
-        pass
-
     if argv and argv[0] == "clean":
         from lmexp.verbs.clean import run as run_clean
 
         run_clean(argv[1:])
         return
     if argv and argv[0] == "sync":
-        parser = Parser(prog="lmexp runs sync", description=sync_journal_file.__doc__.splitlines()[0])
+        parser = json_parser(prog="lmexp runs sync", description=sync_journal_file.__doc__.splitlines()[0])
         parser.add_function_arguments(sync_journal_file, as_positional=True)
         config = parser.parse_args(argv[1:])
         run_id = sync_journal_file(config.journal, config.tracking_uri)
         print(f"sent {config.journal} to MLflow run {run_id}")
         return
-    parser = Parser(prog="lmexp runs", description=list_tracked_runs.__doc__.splitlines()[0]
-                    + " (lmexp runs sync JOURNAL: send records kept during a tracking outage)")
+    parser = json_parser(prog="lmexp runs", description=list_tracked_runs.__doc__.splitlines()[0]
+                         + " (lmexp runs sync JOURNAL: send records kept during a tracking outage)")
     parser.add_function_arguments(list_tracked_runs, as_positional=False)
     config = parser.parse_args(argv)
     rows = list_tracked_runs(**{k: v for k, v in config.as_dict().items() if k != "config"})

@@ -1,6 +1,6 @@
 """Every scenario of ``lmexp chaos`` on a tiny config: a fault at an exact point, then a resume.
 
-Each asserts (lmexp.chaos): the faulted run exits as it should, with one ``error:`` line and no
+Each asserts (lmexp.verbs.chaos): the faulted run exits as it should, with one ``error:`` line and no
 traceback where it reports; everything complete that was on disk still loads and is finite; the
 resumed run ends with exactly the weights of an uninterrupted run; no temporary file and no
 process is left.

@@ -1,14 +1,19 @@
 """The objectives' public pieces for code that runs them outside a trainer: building the network
 from a data module, the loss with what it was computed from, gradient clipping; and the old
-import path of ``logs_this_step``."""
+import path of ``logs_this_step``; an objective still written against ``lm_loss``."""
 
+import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
+import lightning.pytorch as pl
 import pytest
 import torch
+import torch.nn.functional as F
 
-from lmexp import CausalLM, MaskedLM
-from lmexp.objectives import ExactResume, SequenceClassification, Throughput, clip_gradients
+from lmexp import CausalLM, MaskedLM, TextDataModule
+from lmexp.checkpoints import CHECKPOINT_KEY
+from lmexp.objectives import LanguageModelObjective, SequenceClassification, clip_gradients
 
 
 def test_read_data_then_configure_model_builds_without_a_trainer():
@@ -84,9 +89,51 @@ def test_clip_gradients_without_a_value_leaves_gradients_alone():
         clip_gradients([param], 1.0, "l1")
 
 
-def test_every_objective_brings_exact_resume_and_throughput():
-    kinds = {type(callback) for callback in CausalLM("gpt-tiny").configure_callbacks()}
-    assert kinds == {ExactResume, Throughput}
+def test_every_objective_brings_exact_resume_and_throughput(tiny_corpus: Path, cpu_trainer_kwargs: dict):
+    """A plain ``pl.Trainer`` with no callbacks of its own still logs throughput and saves the generators."""
+    trainer = pl.Trainer(**cpu_trainer_kwargs, max_steps=3, log_every_n_steps=1, limit_val_batches=0)
+    trainer.fit(CausalLM("gpt-tiny", warmup_steps=0), datamodule=TextDataModule(str(tiny_corpus), batch_size=2))
+    assert "train/tokens_per_sec" in trainer.callback_metrics
+    trainer.save_checkpoint(tiny_corpus.parent / "last.ckpt")
+    saved = torch.load(tiny_corpus.parent / "last.ckpt", weights_only=False)
+    assert torch.equal(saved[CHECKPOINT_KEY]["rng"]["torch"], torch.get_rng_state())
+
+
+def test_an_lm_loss_override_still_trains_and_warns():
+    """``lm_loss`` was the extension point before ``lm_step``: a subclass of either kind keeps its loss."""
+    batch = lm_batch(50)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+
+        class OwnLoss(LanguageModelObjective):
+            task = "causal_lm"
+
+            def lm_loss(self, batch, stage):
+                logits = self.model(batch["input_ids"]).flatten(0, 1)
+                nll = F.cross_entropy(logits, batch["labels"].flatten())
+                return nll * 2, nll, None, {"half": nll / 2} if stage == "train" else {}
+
+        class Regularized(CausalLM):
+            def lm_loss(self, batch, stage):
+                loss, nll, correct, metrics = super().lm_loss(batch, stage)
+                return loss + 1, nll, correct, metrics
+
+    # Each names the new method and points at the class in the caller's file (shown by default in a script).
+    assert [(w.category, "implement lm_step" in str(w.message), w.filename) for w in record] \
+        == [(DeprecationWarning, True, __file__)] * 2
+    own = OwnLoss("gpt-tiny", network_overrides={"vocab_size": 50})
+    assert torch.equal(own.compute_loss(batch, "train"), own.lm_loss(batch, "train")[0])
+    assert own.lm_step(batch, "train").outputs == {}
+    own.compute_loss(batch, "val")
+    assert torch.equal(own.eval_nll["val"].compute(), own.lm_loss(batch, "val")[1])
+
+    torch.manual_seed(0)
+    regularized = Regularized("gpt-tiny", network_overrides={"vocab_size": 50})
+    torch.manual_seed(0)
+    plain = CausalLM("gpt-tiny", network_overrides={"vocab_size": 50})
+    assert torch.allclose(regularized.compute_loss(batch, "train"), plain.compute_loss(batch, "train") + 1)
+    with pytest.raises(NotImplementedError, match="implement lm_step"):
+        regularized.compute_loss(batch, "train", return_outputs=True)
 
 
 def test_logs_this_step_old_path_still_works_and_warns():
