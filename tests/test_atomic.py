@@ -103,3 +103,20 @@ def test_a_full_disk_met_by_any_library_is_one_line():
     found = find_user_error(wrapped)
     assert isinstance(found, StorageError) and "disk full while writing '/runs/x/samples.txt'" in str(found)
     assert find_user_error(OSError(errno.EIO, "Input/output error")) is None
+
+
+def test_a_predictions_table_is_written_whole_or_not_at_all(tmp_path):
+    import torch
+
+    from lmexp.data.classification import Examples, write_predictions_csv
+
+    examples = Examples(texts=["good", "bad, really"], pairs=None, labels=None)
+    path = write_predictions_csv(tmp_path / "out" / "p.csv", examples, ["neg", "pos"], ["pos", "neg"],
+                                 torch.tensor([[0.25, 0.75], [0.9, 0.1]]))
+    before = path.read_text(encoding="utf-8")
+    assert before.splitlines() == ["text,prediction,p_neg,p_pos", "good,pos,0.250000,0.750000",
+                                   '"bad, really",neg,0.900000,0.100000']
+    with pytest.raises(IndexError):  # a failure on the second row, after the first is written
+        write_predictions_csv(path, examples, ["neg", "pos"], ["neg", "neg"], torch.tensor([[0.5, 0.5]]))
+    assert path.read_text(encoding="utf-8") == before
+    assert [p.name for p in path.parent.iterdir()] == ["p.csv"]

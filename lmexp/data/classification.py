@@ -7,6 +7,7 @@ predict`` and prompting, so a model sees its inputs framed the same way everywhe
 from __future__ import annotations
 
 import csv
+import io
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, IterableDataset
 
+from lmexp.atomic import write_text
 from lmexp.data.contract import DataContract
 from lmexp.data.datamodule import ResumableDataModule, bound_contract
 from lmexp.data.sources import cell_text, read_rows, table_columns
@@ -145,16 +147,16 @@ def write_predictions_csv(
     column by column. ``labels`` (as written in the input) adds the label column.
     """
     path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        header = ["text"] + (["text_pair"] if examples.pairs is not None else [])
-        header += ["label"] if labels is not None else []
-        writer.writerow(header + ["prediction"] + [f"p_{label}" for label in label_names])
-        for i, text in enumerate(examples.texts):
-            row = [text] + ([examples.pairs[i]] if examples.pairs is not None else [])
-            row += [labels[i]] if labels is not None else []
-            writer.writerow(row + [predictions[i]] + [f"{p:.6f}" for p in probabilities[i].tolist()])
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    header = ["text"] + (["text_pair"] if examples.pairs is not None else [])
+    header += ["label"] if labels is not None else []
+    writer.writerow(header + ["prediction"] + [f"p_{label}" for label in label_names])
+    for i, text in enumerate(examples.texts):
+        row = [text] + ([examples.pairs[i]] if examples.pairs is not None else [])
+        row += [labels[i]] if labels is not None else []
+        writer.writerow(row + [predictions[i]] + [f"{p:.6f}" for p in probabilities[i].tolist()])
+    write_text(path, table.getvalue())  # whole or not at all: an earlier table survives a failure
     return path
 
 
