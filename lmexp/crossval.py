@@ -20,6 +20,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
+from lmexp.atomic import write_text
 from lmexp.data.classification import Examples
 from lmexp.mlflow_store import TrackingStore, default_tracking_uri
 from lmexp.run_folders import new_run_dir
@@ -104,7 +105,7 @@ class CrossValidation:
         lines += [f"  {name}: {s['mean']:.4f} ± {s['std']:.4f}" for name, s in summary.items()]
         print("\n".join(lines))
         record = {"folds": folds, "summary": summary, "splits": splits}
-        (self.run_dir / "crossval.json").write_text(json.dumps(record, indent=2))
+        write_text(self.run_dir / "crossval.json", json.dumps(record, indent=2))
         if parent is not None:
             values = {f"cv/{name}_{stat}": value for name, s in summary.items() for stat, value in s.items()}
             parent.apply({"kind": "metrics", "values": values, "time": int(time.time() * 1000), "step": 0})
