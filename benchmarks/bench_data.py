@@ -4,44 +4,55 @@
 
 Each tokenizer builds its cache ``--repeats`` times through the settings ``TextDataModule``
 derives, each time into a fresh empty cache folder so every build is cold (the OS file cache
-is warm: this measures lmexp, not the disk). The stages are timed by wrapping the cache
-module's own steps, so there is no second implementation of the build to drift from it:
+is warm: this measures lmexp, not the disk). The stages are the ones the build records in its
+``manifest.json``, so there is no second implementation of the build to drift from it:
 
-- read + clean: reading the source and ``clean_documents`` (reading is lazy, so they overlap);
-- train: ``train_tokenizer`` on the train split;
-- encode + write: ``encode_batch`` over every split and writing the ``.bin`` memmaps;
-- other: the rest (split, saving the tokenizer, ``meta.json``, the rename, reloading).
+- tokenizer: reading the sample and training the tokenizer on it (a given tokenizer: saving it);
+- shards: reading, cleaning, encoding and writing every shard, summed over the shards (with
+  several workers this exceeds the time they take together);
+- other: the rest (planning the shards, starting workers, the manifest, loading the entry).
 
 The row shown is the repeat with the median total. MB/s divide the source size by the whole
-build and by the encoding stage. A cache hit is the same call again (fingerprint, key,
-``meta.json`` and tokenizer load), the median of several. Without ``--source`` the built-in
-offline ``python-docs`` corpus is used. Results are printed and appended to BENCHMARKS.md.
+build and by the shard stage. A cache hit is the same call again (fingerprint, key, manifest
+and tokenizer load), the median of several. Without ``--source`` the built-in offline
+``python-docs`` corpus is used. Results are printed and appended to BENCHMARKS.md.
 The WordPiece trainer of ``tokenizers`` is not deterministic (its vocabulary can differ from
 build to build), so its token count may vary slightly between runs.
+
+    python benchmarks/bench_data.py --sweep 100,1000,4000
+
+``--sweep`` measures corpora too large for a table of stages: sizes in MB of a corpus generated
+from a real text (``--text``, unique paragraphs of random lines, seeded) in ``--scratch`` (a
+temporary folder, deleted afterwards unless ``--keep``). Per size and tokenizer, the lmexp build
+runs in a fresh process that imports torch first, and so does the anchor, Hugging Face
+``datasets`` as nanoGPT's ``prepare.py`` uses it with ``--procs`` processes and the tokenizer the
+lmexp build trained (the same ids); then lmexp again with that tokenizer given
+(``data.tokenizer=PATH``: no training, the anchor's exact task). Each row gives the time, the peak memory of the whole process
+tree (workers included), and lmexp's ratios to the anchor; see ``benchmarks/data_sweep.py``.
+``datasets`` comes with the ``bench`` extra.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import lmexp.data.cache as cache_module  # noqa: E402
+from benchmarks import data_sweep  # noqa: E402
 from benchmarks.report import BENCHMARKS_FILE, append_entry, markdown_table  # noqa: E402
 from lmexp.data.datamodule import TextDataModule  # noqa: E402
 from lmexp.data.sources import BUILTIN_SOURCES, read_documents, resolve_files  # noqa: E402
 
-# Stage name -> the cache module attribute whose calls make up that stage.
-STAGES = {"read + clean": "clean_documents", "train": "train_tokenizer", "encode + write": "_encode_all"}
+STAGES = ("tokenizer", "shards")  # the keys of the manifest's "seconds"
 HIT_REPEATS = 7
 
 
@@ -52,38 +63,18 @@ def source_megabytes(source: str) -> float:
     return sum(path.stat().st_size for path in resolve_files(source)) / 1e6
 
 
-@contextmanager
-def timed_stages() -> Iterator[dict[str, float]]:
-    """Wrap the cache module's stage functions so each call adds its seconds to the yielded dict."""
-    seconds = dict.fromkeys(STAGES, 0.0)
-    originals = {stage: getattr(cache_module, name) for stage, name in STAGES.items()}
-
-    def timed(stage: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                seconds[stage] += time.perf_counter() - started
-
-        return wrapper
-
-    for stage, fn in originals.items():
-        setattr(cache_module, STAGES[stage], timed(stage, fn))
-    try:
-        yield seconds
-    finally:
-        for stage, fn in originals.items():
-            setattr(cache_module, STAGES[stage], fn)
+def quiet(_: str) -> None:
+    """The build's log, unwanted while it is timed."""
 
 
 def cold_build(data: TextDataModule, scratch: Path) -> tuple[dict[str, float], cache_module.TokenCache, Path]:
     """One build into a fresh empty folder under ``scratch``; returns stage seconds, the cache, its folder."""
     root = Path(tempfile.mkdtemp(dir=scratch))
-    with timed_stages() as seconds:
-        started = time.perf_counter()
-        cache = cache_module.build_token_cache(root, data.cache_settings(), log=lambda _: None)
-        total = time.perf_counter() - started
+    started = time.perf_counter()
+    cache = cache_module.build_token_cache(root, data.cache_settings(), log=quiet, workers=data.workers)
+    total = time.perf_counter() - started
+    recorded = cache.meta.get("seconds") or {}
+    seconds = {stage: float(recorded.get(stage) or 0.0) for stage in STAGES}
     return {**seconds, "other": total - sum(seconds.values()), "total": total}, cache, root
 
 
@@ -92,7 +83,7 @@ def hit_milliseconds(data: TextDataModule, root: Path) -> float:
     times = []
     for _ in range(HIT_REPEATS):
         started = time.perf_counter()
-        cache_module.build_token_cache(root, data.cache_settings(), log=lambda _: None)
+        cache_module.build_token_cache(root, data.cache_settings(), log=quiet)
         times.append(time.perf_counter() - started)
     return statistics.median(times) * 1e3
 
@@ -109,42 +100,103 @@ def measure(source: str, kind: str, vocab_size: int, repeats: int, megabytes: fl
         f"{megabytes:.2f}",
         str(cache.meta["vocab_size"]),
         f"{tokens:,}",
+        str(len(cache.meta.get("shards") or [None])),
         f"{seconds['total']:.2f}",
         *(f"{seconds[stage]:.2f}" for stage in (*STAGES, "other")),
         f"{megabytes / seconds['total']:.2f}",
-        f"{megabytes / seconds['encode + write']:.2f}",
+        f"{megabytes / max(seconds['shards'], 1e-9):.2f}",
         f"{hit_ms:.1f}",
     ]
+
+
+def sizes(text: str) -> list[int]:
+    """A comma-separated list of positive whole numbers (MB)."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of whole MB, e.g. 100,1000,4000") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} needs sizes of at least 1 MB, e.g. 100,1000,4000")
+    return values
+
+
+DEFAULT_TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", default="python-docs", help="text file, folder, glob or built-in corpus name")
-    parser.add_argument("--tokenizers", default="char,bpe,wordpiece", help="comma-separated: char, bpe, wordpiece")
-    parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--tokenizers", help="comma-separated: char, bpe, wordpiece (default: all three; "
+                        "with --sweep: char,bpe)")
+    parser.add_argument("--vocab-size", type=int, help="default 4096; with --sweep 2048")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output", default=str(BENCHMARKS_FILE))
+    sweep = parser.add_argument_group("corpus-size sweep")
+    sweep.add_argument("--sweep", type=sizes, help="corpus sizes in MB, e.g. 100,1000,4000")
+    sweep.add_argument("--text", default=str(DEFAULT_TEXT), help="the real text the corpus is drawn from")
+    sweep.add_argument("--scratch", help="folder for the corpus, caches and anchor files (default: a new one in /tmp)")
+    sweep.add_argument("--keep", action="store_true", help="keep --scratch (a later run reuses its corpus)")
+    sweep.add_argument("--seed", type=int, default=0, help="seed of the generated corpus")
+    sweep.add_argument("--workers", type=int, help="lmexp build workers (default: its own, all cores)")
+    sweep.add_argument("--shard-mb", type=int, help="lmexp source MB per cache shard (default: its own, 64)")
+    sweep.add_argument("--procs", type=int, default=len(os.sched_getaffinity(0)),
+                       help="datasets map(num_proc=...) (default: the cores this process may use)")
+    sweep.add_argument("--sizes-only-lmexp", type=sizes, default=[], help="sizes (MB) at which only the lmexp build runs (no anchor, no tokenizer-given row)")
+    sweep.add_argument("--timeout", type=float, default=4 * 3600, help="seconds each build may take before it is killed")
     args = parser.parse_args()
-    kinds = [kind.strip() for kind in args.tokenizers.split(",") if kind.strip()]
+    kinds = [kind.strip() for kind in (args.tokenizers or ("char,bpe" if args.sweep else "char,bpe,wordpiece"))
+             .split(",") if kind.strip()]
     unknown = sorted(set(kinds) - {"char", "bpe", "wordpiece"})
     if unknown:
         parser.error(f"--tokenizers has unknown {unknown}: choose from char, bpe, wordpiece")
     if args.repeats < 1:
         parser.error(f"--repeats={args.repeats} must be at least 1")
+    if args.sweep:
+        run_sweep(parser, args, kinds)
+        return
+    vocab_size = args.vocab_size or 4096
 
     megabytes = source_megabytes(args.source)
-    rows = [measure(args.source, kind, args.vocab_size, args.repeats, megabytes) for kind in kinds]
+    rows = [measure(args.source, kind, vocab_size, args.repeats, megabytes) for kind in kinds]
     append_entry(
         f"Token cache build, {args.source} ({megabytes:.2f} MB)",
         f"python benchmarks/bench_data.py --source {args.source} --tokenizers {','.join(kinds)} "
-        f"--vocab-size {args.vocab_size} --repeats {args.repeats}",
+        f"--vocab-size {vocab_size} --repeats {args.repeats}",
         markdown_table(
             [
-                "tokenizer", "source MB", "vocab", "tokens", "cold build (s)", "read + clean (s)", "train (s)",
-                "encode + write (s)", "other (s)", "build MB/s", "encode MB/s", "cache hit (ms)",
+                "tokenizer", "source MB", "vocab", "tokens", "shards", "cold build (s)", "tokenizer (s)", "shards (s)",
+                "other (s)", "build MB/s", "shards MB/s", "cache hit (ms)",
             ],
             rows,
         ),
+        Path(args.output),
+    )
+
+
+def run_sweep(parser: argparse.ArgumentParser, args: argparse.Namespace, kinds: list[str]) -> None:
+    """``--sweep``: every size and tokenizer through lmexp and the datasets anchor (benchmarks/data_sweep.py)."""
+    if not Path(args.text).is_file():
+        parser.error(f"--text {args.text} is not a file: pass a real text file to draw the corpus from")
+    if args.procs < 1 or any(value is not None and value < 1 for value in (args.workers, args.shard_mb)):
+        parser.error("--procs, --workers and --shard-mb must be at least 1")
+    args.tokenizers, args.vocab_size = kinds, args.vocab_size or 2048
+    cores = len(os.sched_getaffinity(0))
+    args.baselines = {}
+    rows = data_sweep.sweep(args)
+    text = Path(args.text).name
+    append_entry(
+        f"Token cache build at {', '.join(f'{size} MB' for size in sorted(args.sweep))} (corpus from {text}), "
+        "lmexp and a datasets anchor",
+        "python benchmarks/bench_data.py " + shlex.join(sys.argv[1:]),
+        markdown_table(data_sweep.SWEEP_HEADER, data_sweep.sweep_table(rows, cores))
+        + f"\n\nMB/s per core: MB/s over the {cores} cores this run could use (both tools may use all of them: "
+        "tokenizers encodes on several threads). Peak RSS tree: the summed VmRSS of the build process and its "
+        "workers, sampled every 0.1 s (a page shared by forked workers counts once per process); PSS: the same "
+        "with each shared page divided among its sharers, every 0.5 s (the tree's own footprint); both count the "
+        "resident pages of memory-mapped files. Largest process: the kernel's max RSS of the biggest single one. "
+        f"Imports alone: {data_sweep.baseline_note(args.baselines)}. Seconds start after these imports. "
+        "lmexp trains its tokenizer (on a sample of at most 100 MB) and encodes; 'lmexp, tokenizer given' and the "
+        "anchor only encode, with the tokenizer lmexp trained: those two rows compare the same work.",
         Path(args.output),
     )
 

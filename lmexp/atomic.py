@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
+import socket
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,6 +33,7 @@ __all__ = [
     "process_alive",
     "remove_stale_temporaries",
     "replace_folder",
+    "stale_temporary",
     "storage_error",
     "temporary_sibling",
     "write_bytes",
@@ -40,9 +43,27 @@ __all__ = [
 TEMPORARY_PREFIX = ".lmexp-tmp-"
 
 
-def temporary_sibling(path: Path) -> Path:
-    """A name beside ``path`` for its temporary version, unique to this process."""
-    return path.with_name(f"{TEMPORARY_PREFIX}{os.getpid()}-{path.name}")
+def temporary_sibling(path: Path, shared: bool = False) -> Path:
+    """A name beside ``path`` for its temporary version, unique to this process. ``shared``
+    (a folder several machines write, such as a token cache built by many hosts) also names this
+    machine, so that another machine never takes it for a dead process's leftover."""
+    owner = f"{os.getpid()}@{host_tag()}" if shared else str(os.getpid())
+    return path.with_name(f"{TEMPORARY_PREFIX}{owner}-{path.name}")
+
+
+def host_tag() -> str:
+    """A short name for this machine that contains no ``-``."""
+    return hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()
+
+
+def stale_temporary(path: Path) -> bool:
+    """Whether a temporary file or folder was left by a process that no longer runs. One named
+    by another machine's process is never stale here: that machine may still be writing it."""
+    owner = path.name[len(TEMPORARY_PREFIX):].split("-", 1)[0]
+    pid, _, host = owner.partition("@")
+    if host and host != host_tag():
+        return False
+    return not (pid.isdigit() and process_alive(int(pid)))
 
 
 def fsync_folder(folder: Path) -> None:
@@ -97,8 +118,8 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
     for entry in folder.iterdir():
         if not entry.name.startswith(TEMPORARY_PREFIX):
             continue
-        pid, _, rest = entry.name[len(TEMPORARY_PREFIX):].partition("-")
-        if pid.isdigit() and process_alive(int(pid)):
+        rest = entry.name[len(TEMPORARY_PREFIX):].partition("-")[2]
+        if not stale_temporary(entry):
             continue
         if rest.startswith("old-") and not (folder / rest[4:]).exists():
             with contextlib.suppress(OSError):
@@ -189,7 +210,8 @@ def write_text(path: str | Path, text: str, fault: str | None = None) -> None:
     write_bytes(path, text.encode("utf-8"), fault)
 
 
-def replace_folder(folder: str | Path, fill: Callable[[Path], Any], fault: str | None = None) -> Path:
+def replace_folder(folder: str | Path, fill: Callable[[Path], Any], fault: str | None = None,
+                   shared: bool = False) -> Path:
     """Make ``folder`` anew as a whole: ``fill(temporary)`` writes its files into a sibling
     temporary folder, every file is fsynced, and the folder is swapped into place. Whoever reads
     ``folder`` sees the old one or the new one, never a mix; a failure leaves the old one.
@@ -201,7 +223,7 @@ def replace_folder(folder: str | Path, fill: Callable[[Path], Any], fault: str |
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(folder.parent)
-    temporary = temporary_sibling(folder)
+    temporary = temporary_sibling(folder, shared)
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
     try:
@@ -217,7 +239,7 @@ def replace_folder(folder: str | Path, fill: Callable[[Path], Any], fault: str |
         if folder.exists() and _exchange(temporary, folder):
             old = temporary  # the exchange left the old folder under the temporary name
         else:
-            old = folder.with_name(f"{TEMPORARY_PREFIX}{os.getpid()}-old-{folder.name}")
+            old = temporary_sibling(folder.with_name(f"old-{folder.name}"), shared)
             if folder.exists():
                 os.replace(folder, old)
             os.replace(temporary, folder)

@@ -26,6 +26,7 @@ VERB_MODULES = {
     "predict": "lmexp.verbs.predict",
     "prompt": "lmexp.verbs.prompt",
     "export": "lmexp.verbs.export",
+    "data": "lmexp.verbs.data",
     "probe": "lmexp.verbs.probe",
     "chaos": "lmexp.verbs.chaos",
 }

@@ -48,6 +48,8 @@ DESCRIPTION = (
     "predict: label a table of texts with a fine-tuned classifier (lmexp predict --help); "
     "prompt: classify by prompting a GPT, zero- or few-shot (lmexp prompt --help); "
     "export: write a checkpoint as a Hugging Face transformers folder (lmexp export --help); "
+    "data: build a config's token cache ahead of training, on one machine or as --shard k/N parts of several "
+    "(lmexp data prepare --help); "
     "probe: time a run's training steps in 32-true and bf16-mixed and print what --trainer.precision auto "
     "would choose (lmexp probe --help); "
     "runs: list tracked runs (lmexp runs --help); "

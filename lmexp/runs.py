@@ -90,7 +90,8 @@ class Run:
 
         The config's seed is set here, where the weights are made (the model is built from the
         data's vocabulary as the verb starts), so a run gives the same result whatever was built
-        or run before it in the same process.
+        or run before it in the same process. A fit's schedule is checked against the trainer's
+        step limit before the data is prepared.
         """
         seed = self.config.get("seed_everything")
         if isinstance(seed, int) and not isinstance(seed, bool):
@@ -103,6 +104,9 @@ class Run:
             self.datamodule.accept(self.model.data_contract())  # task, context, a pretrained tokenizer
         method = getattr(self.trainer, self.verb)
         try:
+            if self.verb == "fit" and hasattr(self.model, "check_training_length"):
+                # Settings that need no data fail now, not after the data is prepared (long, for a large corpus).
+                self.model.check_training_length(self.trainer.max_steps, self.trainer.max_epochs)
             return method(self.model, datamodule=self.datamodule, ckpt_path=self.ckpt_path,
                           weights_only=self.weights_only)
         except BaseException:

@@ -44,6 +44,16 @@ class CleaningReport:
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
 
+    @classmethod
+    def total(cls, reports: Iterable[dict[str, int]]) -> CleaningReport:
+        """The sum of several reports (one per shard) as one."""
+        total = cls()
+        for report in reports:
+            for name, value in report.items():
+                if hasattr(total, name):
+                    setattr(total, name, getattr(total, name) + int(value))
+        return total
+
 
 def clean_text(text: str, normalization: Normalization = "NFC") -> tuple[str, bool, int]:
     """Normalize one document; returns (text, whether normalization changed it, controls removed).
@@ -57,6 +67,56 @@ def clean_text(text: str, normalization: Normalization = "NFC") -> tuple[str, bo
     return cleaned.strip("\n"), normalized != text, removed
 
 
+class DocumentCleaner:
+    """Cleans documents one at a time, keeping only 16-byte hashes of what it has seen.
+
+    Memory grows with the number of distinct documents (or lines), never with their text, so a
+    corpus of any size streams through one cleaner per shard.
+    """
+
+    def __init__(self, normalization: Normalization = "NFC", min_chars: int = 1, dedupe: Dedupe = "documents") -> None:
+        self.normalization = normalization
+        self.min_chars = min_chars
+        self.dedupe = dedupe
+        self.report = CleaningReport()
+        self._seen_documents: set[bytes] = set()
+        self._seen_lines: set[bytes] = set()
+
+    def clean(self, raw: str) -> str | None:
+        """The cleaned document, or None when it is dropped (the report says why)."""
+        report = self.report
+        report.documents_in += 1
+        report.byte_order_marks_removed += raw.count(BOM)
+        text, changed, removed = clean_text(raw, self.normalization)
+        report.normalized += changed
+        report.control_chars_removed += removed
+        if self.dedupe == "lines":
+            lines = []
+            for line in text.split("\n"):
+                key = hashlib.blake2b(line.encode(), digest_size=16).digest()
+                if line.strip() and key in self._seen_lines:
+                    report.duplicate_lines_dropped += 1
+                    continue
+                self._seen_lines.add(key)
+                lines.append(line)
+            text = "\n".join(lines)
+        if not text.strip():
+            report.empty_dropped += 1
+            return None
+        if len(text) < self.min_chars:
+            report.too_short_dropped += 1
+            return None
+        if self.dedupe != "none":
+            key = hashlib.blake2b(text.encode(), digest_size=16).digest()
+            if key in self._seen_documents:
+                report.duplicates_dropped += 1
+                return None
+            self._seen_documents.add(key)
+        report.documents_out += 1
+        report.chars_out += len(text)
+        return text
+
+
 def clean_documents(
     texts: Iterable[str],
     normalization: Normalization = "NFC",
@@ -68,39 +128,6 @@ def clean_documents(
     ``dedupe="lines"`` also drops every line seen before anywhere in the corpus (useful for
     scraped text with boilerplate; harmful for verse or code, where lines legitimately repeat).
     """
-    report = CleaningReport()
-    seen_documents: set[bytes] = set()
-    seen_lines: set[bytes] = set()
-    kept: list[str] = []
-    for raw in texts:
-        report.documents_in += 1
-        report.byte_order_marks_removed += raw.count(BOM)
-        text, changed, removed = clean_text(raw, normalization)
-        report.normalized += changed
-        report.control_chars_removed += removed
-        if dedupe == "lines":
-            lines = []
-            for line in text.split("\n"):
-                key = hashlib.blake2b(line.encode(), digest_size=16).digest()
-                if line.strip() and key in seen_lines:
-                    report.duplicate_lines_dropped += 1
-                    continue
-                seen_lines.add(key)
-                lines.append(line)
-            text = "\n".join(lines)
-        if not text.strip():
-            report.empty_dropped += 1
-            continue
-        if len(text) < min_chars:
-            report.too_short_dropped += 1
-            continue
-        if dedupe != "none":
-            key = hashlib.blake2b(text.encode(), digest_size=16).digest()
-            if key in seen_documents:
-                report.duplicates_dropped += 1
-                continue
-            seen_documents.add(key)
-        kept.append(text)
-        report.chars_out += len(text)
-    report.documents_out = len(kept)
-    return kept, report
+    cleaner = DocumentCleaner(normalization, min_chars, dedupe)
+    kept = [text for text in map(cleaner.clean, texts) if text is not None]
+    return kept, cleaner.report

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
 from lmexp.data.batches import BatchTransform, TokenBatches, causal_lm_batch, count_windows
-from lmexp.data.cache import TokenCache, build_token_cache
+from lmexp.data.cache import PrepareReport, TokenCache, build_token_cache, prepare_token_cache
 from lmexp.data.cleaning import Dedupe, Normalization
 from lmexp.data.contract import DataContract, Task
 from lmexp.data.masking import MLMBatchTransform
@@ -66,9 +66,13 @@ class TextDataModule(ResumableDataModule):
     cache and reads its own share of the batches.
 
     Args:
-        source: A text file, folder, glob, ``.jsonl``/``.csv``/``.tsv`` file, or a built-in
-            corpus: ``python-docs`` (offline, the default), ``python-stdlib``, ``tinyshakespeare``.
-        text_column: Field or column that holds the text in JSONL/CSV/TSV input.
+        source: A text file, folder or glob (plain text, ``.jsonl``, ``.csv``, ``.tsv``,
+            ``.parquet``, each also gzip or zstd compressed), or a built-in corpus:
+            ``python-docs`` (offline, the default), ``python-stdlib``, ``tinyshakespeare``.
+        train: Explicit training files (a path, folder or glob), instead of ``source``.
+        val: Explicit validation files, used as given (``val_fraction`` then carves nothing).
+        test: Explicit test files, used as given (``test_fraction`` then carves nothing).
+        text_column: Field or column that holds the text in JSONL/CSV/TSV/Parquet input.
         tokenizer: ``char``, ``bpe`` (byte-level) or ``wordpiece`` to train one on the training
             split, or the path of a ``tokenizer.json`` to use as it is. A pretrained model's own
             tokenizer (``model.pretrained``) always wins.
@@ -85,6 +89,11 @@ class TextDataModule(ResumableDataModule):
         mlm_probability: Share of tokens selected for masked LM.
         sentence_order: Add sentence-order prediction labels (masked LM only).
         cache_dir: Where token caches live; default ``$LMEXP_CACHE_DIR`` or ``~/.cache/lmexp``.
+        shard_mb: Source megabytes per cache shard: the unit of parallel building (and of exact
+            de-duplication). Changing it builds a new cache.
+        tokenizer_sample_mb: Megabytes of train text the tokenizer is trained on, drawn from
+            every shard (a smaller corpus is used whole).
+        workers: Processes that build the cache; ``None`` uses every core.
         num_workers: DataLoader workers; 0 is fastest here since batches are memory-map slices.
         eval_stride: Causal LM validation and test slide a window of ``block_size`` tokens over
             the whole split, this many tokens at a time, and score every token exactly once
@@ -95,7 +104,10 @@ class TextDataModule(ResumableDataModule):
 
     def __init__(
         self,
-        source: str = "python-docs",
+        source: str | None = None,
+        train: str | None = None,
+        val: str | None = None,
+        test: str | None = None,
         text_column: str = "text",
         tokenizer: str = "char",
         vocab_size: int = 4096,
@@ -113,8 +125,19 @@ class TextDataModule(ResumableDataModule):
         cache_dir: str | None = None,
         num_workers: int = 0,
         eval_stride: int | None = None,
+        shard_mb: int = 16,
+        tokenizer_sample_mb: int = 100,
+        workers: int | None = None,
     ) -> None:
         super().__init__()
+        if source is not None and train is not None:
+            raise ConfigError(
+                f"data.source={source!r} and data.train={train!r} both name the training text: give one of them"
+            )
+        for name, value in (("shard_mb", shard_mb), ("tokenizer_sample_mb", tokenizer_sample_mb)):
+            check_positive(f"data.{name}", value)
+        if workers is not None:
+            check_positive("data.workers", workers)
         for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"data.{name}={value} must be in [0, 1), e.g. 0.1")
@@ -139,7 +162,11 @@ class TextDataModule(ResumableDataModule):
         if not 0.0 < mlm_probability < 1.0:
             raise ConfigError(f"data.mlm_probability={mlm_probability} must be in (0, 1), typically 0.15")
         self.save_hyperparameters()
-        self.source = source
+        self.source = train or source or "python-docs"
+        self.split_sources = {split: path for split, path in (("val", val), ("test", test)) if path is not None}
+        self.shard_mb = shard_mb
+        self.tokenizer_sample_mb = tokenizer_sample_mb
+        self.workers = workers
         self.text_column = text_column
         self.tokenizer_kind = tokenizer
         self.vocab_size_target = vocab_size
@@ -160,6 +187,9 @@ class TextDataModule(ResumableDataModule):
         self.given_tokenizer = given_tokenizer
         self.contract: DataContract | None = None
         self.cache: TokenCache | None = None
+
+    def has_val_split(self) -> bool:
+        return "val" in self.split_sources or self.val_fraction > 0
 
     def accept(self, contract: DataContract) -> None:
         """Take the model's side of the contract (task, context, a pretrained tokenizer)."""
@@ -198,15 +228,22 @@ class TextDataModule(ResumableDataModule):
     def cache_settings(self) -> dict[str, Any]:
         task = self.resolved_task()
         given = self.encoding_tokenizer()
+        exclude = (self.cache_root,)
         return {
             "source": self.source,
-            "fingerprint": source_fingerprint(self.source),
+            "fingerprint": source_fingerprint(self.source, exclude=exclude),
+            "split_files": {
+                split: {"source": path, "fingerprint": source_fingerprint(path, exclude=exclude)}
+                for split, path in self.split_sources.items()
+            },
+            "shard_mb": self.shard_mb,
+            "tokenizer_sample_mb": self.tokenizer_sample_mb,
             "text_column": self.text_column,
             "normalization": self.normalization,
             "min_chars": self.min_chars,
             "dedupe": self.dedupe,
-            "val_fraction": self.val_fraction,
-            "test_fraction": self.test_fraction,
+            "val_fraction": 0.0 if "val" in self.split_sources else self.val_fraction,
+            "test_fraction": 0.0 if "test" in self.split_sources else self.test_fraction,
             "seed": self.seed,
             "tokenizer": tokenizer_identity(given) if given is not None else self.tokenizer_kind,
             "vocab_size": None if given is not None else self.vocab_size_target,
@@ -215,16 +252,26 @@ class TextDataModule(ResumableDataModule):
 
     # ------------------------------------------------------------------ Lightning hooks
     def prepare_data(self) -> None:
-        build_token_cache(self.cache_root, self.cache_settings(), log=rank_zero_info, tokenizer=self.encoding_tokenizer())
+        build_token_cache(self.cache_root, self.cache_settings(), log=rank_zero_info,
+                          tokenizer=self.encoding_tokenizer(), workers=self.workers)
+
+    def prepare_cache(
+        self, part: tuple[int, int] | None = None, workers: int | None = None, log: Any = print
+    ) -> PrepareReport:
+        """Build this data's token cache ahead of training, or the shards ``part`` = (k, N) names
+        (every N-th, from the k-th) so that N machines sharing ``cache_dir`` build it together."""
+        return prepare_token_cache(self.cache_root, self.cache_settings(), log=log, tokenizer=self.encoding_tokenizer(),
+                                   part=part, workers=workers or self.workers)
 
     def setup(self, stage: str | None = None) -> None:
         if self.cache is None:
             self.cache = build_token_cache(
-                self.cache_root, self.cache_settings(), log=lambda _: None, tokenizer=self.encoding_tokenizer()
+                self.cache_root, self.cache_settings(), log=lambda _: None, tokenizer=self.encoding_tokenizer(),
+                workers=self.workers,
             )
         self._check_sizes()
         needed = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"]}.get(stage or "fit", [])
-        if self.val_fraction == 0 and stage in ("fit", None):
+        if not self.has_val_split() and stage in ("fit", None):
             needed.remove("val")  # training without validation
         window, stride = self._window()
         ranks = self.trainer.world_size if self.trainer else 1
@@ -349,7 +396,7 @@ class TextDataModule(ResumableDataModule):
         )
 
     def val_dataloader(self) -> DataLoader | list:
-        if self.val_fraction == 0:
+        if not self.has_val_split():
             return []  # no validation split: Lightning skips validation
         return self._loader(self._eval_batches("val"))
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal, get_args
 
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from lmexp.data.contract import Task
@@ -148,3 +150,50 @@ def resolve_tokenizer(setting: str) -> Tokenizer | None:
             "data), or give the path of a tokenizer.json"
         )
     return load_tokenizer(Path(setting).expanduser())
+
+
+class CharTable:
+    """Encodes text for a character tokenizer with one array lookup per code point.
+
+    A character tokenizer (a BPE model with no merges, no normalizer and no pre-tokenizer) maps
+    each code point to its id on its own, so a whole chunk of documents can be encoded at once
+    with numpy: the same ids as ``Tokenizer.encode``, many times faster. Unknown characters become
+    the unknown token, or vanish when the tokenizer has none, as in ``tokenizers``.
+    """
+
+    def __init__(self, table: np.ndarray, unk_id: int | None) -> None:
+        self.table = table  # code point -> id, -1 for unknown; the last entry is -1 for anything beyond
+        self.unk_id = unk_id
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer) -> CharTable | None:
+        """The table for ``tokenizer`` when it is a character tokenizer, else None."""
+        spec = json.loads(tokenizer.to_str())
+        model = spec.get("model") or {}
+        if (
+            model.get("type") != "BPE" or model.get("merges") or model.get("dropout") or model.get("fuse_unk")
+            or model.get("byte_fallback") or model.get("continuing_subword_prefix")
+            or model.get("end_of_word_suffix") or spec.get("normalizer") or spec.get("pre_tokenizer")
+            or spec.get("post_processor") or not tokenizer.encode_special_tokens
+            or any(not token.get("special") for token in spec.get("added_tokens") or [])
+        ):
+            return None
+        vocab: dict[str, int] = model.get("vocab") or {}
+        singles = {ord(token): token_id for token, token_id in vocab.items() if len(token) == 1}
+        if not singles:
+            return None
+        table = np.full(max(singles) + 2, -1, dtype=np.int64)
+        table[list(singles)] = list(singles.values())
+        unk = model.get("unk_token")
+        return cls(table, vocab.get(unk) if unk is not None else None)
+
+    def encode(self, text: str) -> tuple[np.ndarray, int]:
+        """(ids, UTF-8 bytes of ``text``)."""
+        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        n_bytes = int(codes.size + np.count_nonzero(codes >= 0x80) + np.count_nonzero(codes >= 0x800)
+                      + np.count_nonzero(codes >= 0x10000))
+        ids = self.table[np.minimum(codes, self.table.size - 1)]
+        unknown = ids < 0
+        if unknown.any():
+            ids = ids[~unknown] if self.unk_id is None else np.where(unknown, self.unk_id, ids)
+        return ids, n_bytes

@@ -429,14 +429,36 @@ class TrainingObjective(pl.LightningModule):
             betas=betas, momentum=self.hparams.muon_momentum, fused=self.hparams.fused_adamw or None,
         )
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.build_optimizer()
-        planned = self.hparams.max_steps or self.trainer.estimated_stepping_batches
+    def check_training_length(self, max_steps: int | None, max_epochs: int | None) -> None:
+        """Refuse, before a fit reads any data, a schedule ``configure_optimizers`` would refuse.
+
+        A fit prepares its data (long, for a large corpus) before Lightning asks
+        for the optimizers: whatever the trainer's ``max_steps``/``max_epochs`` (-1: no limit)
+        already settle is checked here, the rest when the data gives the length.
+        """
+        if self.hparams.max_steps:
+            self._check_warmup(self.hparams.max_steps)
+        elif max_steps is not None and max_steps > 0:
+            self._check_warmup(max_steps)  # the training steps are at most max_steps
+        elif max_steps == -1 and max_epochs == -1:
+            self._check_warmup(math.inf)
+
+    def _check_warmup(self, planned: float) -> None:
         if not math.isfinite(planned):
             raise ConfigError(
                 "training has no end (trainer.max_steps and max_epochs are both -1), so the LR schedule "
                 "has no length: set trainer.max_steps, trainer.max_epochs or model.max_steps"
             )
+        if self.hparams.warmup_steps >= planned:
+            raise ConfigError(
+                f"warmup_steps={self.hparams.warmup_steps} is not below the {int(planned)} training steps: "
+                "lower model.warmup_steps or train longer"
+            )
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.build_optimizer()
+        planned = self.hparams.max_steps or self.trainer.estimated_stepping_batches
+        self._check_warmup(planned)
         total = int(planned)
         if self._saved_schedule_steps and self._saved_schedule_steps != total:
             rank_zero_warn(
@@ -445,11 +467,6 @@ class TrainingObjective(pl.LightningModule):
                 f"--model.max_steps {self._saved_schedule_steps} to keep the original schedule"
             )
         self._schedule_steps = total
-        if self.hparams.warmup_steps >= total:
-            raise ConfigError(
-                f"warmup_steps={self.hparams.warmup_steps} is not below the {total} training steps: "
-                "lower model.warmup_steps or train longer"
-            )
         hp = self.hparams
         scheduler = LambdaLR(
             optimizer, lr_multiplier(hp.schedule, hp.warmup_steps, total, hp.min_lr_ratio, hp.decay_fraction)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmexp.arguments import OneLineArgumentParser
-from lmexp.atomic import TEMPORARY_PREFIX, process_alive, remove_stale_temporaries
+from lmexp.atomic import TEMPORARY_PREFIX, process_alive, remove_stale_temporaries, stale_temporary
 from lmexp.checkpoints import read_checkpoint
 from lmexp.errors import CheckpointError, ConfigError
 from lmexp.run_folders import read_run_mark
@@ -105,13 +105,8 @@ def _temporaries(run_dir: Path) -> list[Path]:
     found = []
     for folder in (run_dir, run_dir / "checkpoints", *(p for p in (run_dir / "checkpoints").glob("*") if p.is_dir())):
         if folder.is_dir():
-            found += [p for p in folder.iterdir() if p.name.startswith(TEMPORARY_PREFIX) and _stale_temporary(p)]
+            found += [p for p in folder.iterdir() if p.name.startswith(TEMPORARY_PREFIX) and stale_temporary(p)]
     return found
-
-
-def _stale_temporary(path: Path) -> bool:
-    pid = path.name[len(TEMPORARY_PREFIX):].split("-", 1)[0]
-    return not (pid.isdigit() and process_alive(int(pid)))
 
 
 def remove(leftovers: list[Leftover]) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import lmexp.faults
+from lmexp.atomic import TEMPORARY_PREFIX
 from lmexp.data.cache import TokenCache, build_token_cache, verify_cache_entry
 from lmexp.errors import StorageError
 from tests.data.test_tokenizer_cache import settings_for
@@ -38,11 +39,12 @@ def drop_last_token(path: Path) -> None:
 
 
 DAMAGES: dict[str, tuple[str, Callable[[Path], None], str]] = {
-    "meta cut short": ("meta.json", cut_short, "meta.json"),
-    "meta without splits": ("meta.json", lambda p: p.write_text(json.dumps({"dtype": "uint16"})), "meta.json"),
-    "train cut short": ("train.bin", cut_short, "train.bin has"),
-    "train garbled": ("train.bin", out_of_vocabulary, "train.bin holds id 60000"),
-    "val missing": ("val.bin", Path.unlink, "val.bin"),
+    "manifest cut short": ("manifest.json", cut_short, "manifest.json"),
+    "manifest without splits": ("manifest.json", lambda p: p.write_text(json.dumps({"dtype": "uint16"})), "manifest.json"),
+    "train cut short": ("shards/00000/train.bin", cut_short, "shards/00000/train.bin has"),
+    "train garbled": ("shards/00000/train.bin", out_of_vocabulary, "shards/00000/train.bin holds id 60000"),
+    "val missing": ("shards/00000/val.bin", Path.unlink, "shards/00000/val.bin"),
+    "shard record missing": ("shards/00000/shard.json", Path.unlink, "shards/00000/shard.json is missing"),
     "tokenizer cut short": ("tokenizer.json", cut_short, "tokenizer.json"),
     "tokenizer of another vocabulary": ("tokenizer.json", drop_last_token, "tokenizer.json"),
 }
@@ -74,17 +76,17 @@ def test_a_damaged_entry_is_rebuilt_with_one_notice(damage: str, tiny_corpus: Pa
 
 def test_the_notice_says_how_short_a_split_is(tiny_corpus: Path, tmp_path: Path):
     original = build(tmp_path / "c", tiny_corpus)
-    train = original.path / "train.bin"
+    train = original.path / "shards" / "00000" / "train.bin"
     size = train.stat().st_size
     train.write_bytes(train.read_bytes()[:1000])
     messages: list[str] = []
     build(tmp_path / "c", tiny_corpus, messages)
-    assert f"(train.bin has 1000 bytes, expected {size}): rebuilding" in " ".join(messages)
+    assert f"(shards/00000/train.bin has 1000 bytes, expected {size}): rebuilding" in " ".join(messages)
 
 
 def test_full_verification_catches_a_changed_id_the_cheap_check_misses(tiny_corpus: Path, tmp_path: Path):
     cache = build(tmp_path / "c", tiny_corpus)
-    train = cache.path / "train.bin"
+    train = cache.path / "shards" / "00000" / "train.bin"
     ids = np.fromfile(train, dtype=np.uint16)
     ids[len(ids) // 3] = (ids[len(ids) // 3] + 1) % cache.meta["vocab_size"]  # still a valid id
     ids.tofile(train)
@@ -98,15 +100,16 @@ def test_full_verification_catches_a_changed_id_the_cheap_check_misses(tiny_corp
 
 def test_an_entry_written_without_checksums_still_loads(tiny_corpus: Path, tmp_path: Path, monkeypatch):
     cache = build(tmp_path / "c", tiny_corpus)
-    meta = json.loads((cache.path / "meta.json").read_text())
-    assert meta.pop("checksums")  # what the earlier version wrote had none
-    (cache.path / "meta.json").write_text(json.dumps(meta, indent=2))
+    record_file = cache.path / "shards" / "00000" / "shard.json"
+    record = json.loads(record_file.read_text())
+    assert record.pop("checksums")  # a shard whose checksums are not recorded is checked for the rest
+    record_file.write_text(json.dumps(record, indent=2))
     expected = np.array(cache.tokens("train"))
 
     def no_reading(*args, **kwargs):
         raise AssertionError("the cache was rebuilt")
 
-    monkeypatch.setattr("lmexp.data.cache.read_documents", no_reading)
+    monkeypatch.setattr("lmexp.data.cache.plan_source", no_reading)
     messages: list[str] = []
     again = build(tmp_path / "c", tiny_corpus, messages)
     assert any("hit" in m for m in messages) and np.array_equal(np.array(again.tokens("train")), expected)
@@ -127,14 +130,15 @@ def test_a_full_disk_while_building_is_one_line_and_leaves_no_temporary(
         lmexp.faults.reload()
     message = str(caught.value)
     assert "\n" not in message and "disk full" in message and str(root) in message and "needed" in message
-    assert list(root.iterdir()) == []
+    assert not list(root.rglob(f"{TEMPORARY_PREFIX}*")) and not list(root.rglob("manifest.json"))
+    assert not list(root.rglob("shard.json"))  # no shard is half there
     build(root, tiny_corpus)  # with space again it builds
 
 
 def test_the_cheap_check_reads_a_bounded_sample_of_a_long_split(tiny_corpus: Path, tmp_path: Path, monkeypatch):
-    monkeypatch.setattr("lmexp.data.cache._SAMPLE_WIDTH", 16)  # the tiny splits count as long
+    monkeypatch.setattr("lmexp.data.shards.SAMPLE_WIDTH", 16)  # the tiny splits count as long
     cache = build(tmp_path / "c", tiny_corpus)
-    train = cache.path / "train.bin"
+    train = cache.path / "shards" / "00000" / "train.bin"
     ids = np.fromfile(train, dtype=np.uint16)
     ids[len(ids) - 1] = 60000  # the last slice is always read
     ids.tofile(train)

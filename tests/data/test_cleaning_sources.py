@@ -17,7 +17,8 @@ def test_clean_documents_reports_every_drop():
     docs = ["hello world", "", "   ", "hi", "hello world", "another doc"]
     kept, report = clean_documents(docs, min_chars=5)
     assert kept == ["hello world", "another doc"]
-    assert (report.documents_in, report.empty_dropped, report.too_short_dropped, report.duplicates_dropped) == (6, 2, 1, 1)
+    counts = (report.documents_in, report.empty_dropped, report.too_short_dropped, report.duplicates_dropped)
+    assert counts == (6, 2, 1, 1)
     assert report.documents_out == 2 and report.chars_out == len("hello world") + len("another doc")
     assert "2 kept" in report.summary()
 

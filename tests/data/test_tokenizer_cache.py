@@ -67,12 +67,12 @@ def test_cache_is_built_once_and_reused(tiny_corpus: Path, tmp_path: Path, monke
     def no_reading(*args, **kwargs):
         raise AssertionError("the cache was rebuilt")
 
-    monkeypatch.setattr("lmexp.data.cache.read_documents", no_reading)
+    monkeypatch.setattr("lmexp.data.cache.plan_source", no_reading)
     messages.clear()
     second = build_token_cache(tmp_path / "c", settings_for(tiny_corpus), log=messages.append)
     assert second.path == first.path and any("hit" in m for m in messages)
     train = second.tokens("train")
-    assert isinstance(train, np.memmap) and train.dtype == np.uint16
+    assert isinstance(train, np.memmap) and train.dtype == np.uint16  # one shard: the file itself
     decoded = first.tokenizer.decode(train[:200].astype(int).tolist())
     assert decoded and decoded in "\n\n".join(split_documents(make_corpus().strip("\n").split("\n\n"), 0.1, 0.1, 1)["train"])
 
@@ -92,16 +92,16 @@ def test_editing_the_source_invalidates_the_cache(tiny_corpus: Path, tmp_path: P
 
 
 def test_split_is_deterministic_by_seed_and_disjoint():
-    docs = [f"doc {i}" for i in range(100)]
+    docs = [f"doc {i}" for i in range(1000)]
     a, b, c = split_documents(docs, 0.1, 0.1, 3), split_documents(docs, 0.1, 0.1, 3), split_documents(docs, 0.1, 0.1, 4)
     assert a == b and a != c
-    assert (len(a["train"]), len(a["val"]), len(a["test"])) == (80, 10, 10)
-    assert set(a["train"]) | set(a["val"]) | set(a["test"]) == set(docs)
+    assert 60 <= len(a["val"]) <= 140 and 60 <= len(a["test"]) <= 140  # each document by a hash: about 10%
+    assert sorted(a["train"] + a["val"] + a["test"]) == sorted(docs)
 
 
 def test_meta_records_bytes_per_token(tiny_corpus: Path, tmp_path: Path):
     cache = build_token_cache(tmp_path / "c", settings_for(tiny_corpus), log=lambda _: None)
-    meta = json.loads((cache.path / "meta.json").read_text())
+    meta = json.loads((cache.path / "manifest.json").read_text())
     # Pure ASCII text with a character tokenizer: exactly one byte per token.
     assert cache.bytes_per_token("train") == pytest.approx(1.0)
     assert meta["cleaning"]["documents_in"] == 200

@@ -41,13 +41,17 @@ def test_a_build_killed_half_way_is_never_trusted_and_the_next_build_cleans_up(t
     killed = run_python(BUILD, str(root), str(tiny_corpus), fault="cache.write:kill")
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     entry = root / cache_key(settings_for(tiny_corpus))
-    left = [p.name for p in root.iterdir()]
-    assert not entry.exists() and left and all(name.startswith(TEMPORARY_PREFIX) for name in left)
+    # The kill came while the shard was written: no manifest, no shard, only a temporary.
+    assert not (entry / "manifest.json").exists() and not (entry / "shards" / "00000").exists()
+    left = [p.name for p in (entry / "shards").iterdir()]
+    assert left and all(name.startswith(TEMPORARY_PREFIX) for name in left)
+    assert "manifest.json is missing" in (verify_cache_entry(entry) or "")
 
     messages: list[str] = []
     cache = build_token_cache(root, settings_for(tiny_corpus), log=messages.append)
     assert any("built" in m for m in messages)
     assert [p.name for p in root.iterdir()] == [entry.name]
+    assert not list(root.rglob(f"{TEMPORARY_PREFIX}*"))
     assert verify_cache_entry(cache.path, full=True) is None
 
 
@@ -66,5 +70,5 @@ def test_a_fit_killed_while_caching_trains_normally_when_run_again(tiny_corpus: 
     again = run_python(fit, *args)
     assert again.returncode == 0, again.stderr[-3000:]
     entries = list(cache_dir.iterdir())
-    assert len(entries) == 1 and not entries[0].name.startswith(TEMPORARY_PREFIX)
+    assert len(entries) == 1 and not list(cache_dir.rglob(f"{TEMPORARY_PREFIX}*"))
     assert verify_cache_entry(entries[0], full=True) is None
