@@ -70,6 +70,7 @@ CACHE_FORMAT = 2
 LEGACY_FORMAT = 1  # one meta.json and one file per split, built in memory
 SHARD_SETTINGS = ("split_files", "shard_mb", "tokenizer_sample_mb")  # settings earlier versions did not have
 PROGRESS_SECONDS = 10.0  # a progress line this often when no terminal shows a bar
+WORKER_COMMAND = [sys.executable, "-m", "lmexp.data.shards"]  # + the entry; shard indices on its stdin
 
 
 def cache_key(settings: dict[str, Any], cache_format: int = CACHE_FORMAT) -> str:
@@ -552,29 +553,28 @@ def _run_workers(entry: Path, indices: list[int], workers: int, progress: BuildP
         failure: BaseException | None = None
         try:
             for _ in range(workers):
-                process = subprocess.Popen([sys.executable, "-m", "lmexp.data.shards", str(entry)], env=env,
-                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, text=True,
-                                           bufsize=1)
+                process = subprocess.Popen([*WORKER_COMMAND, str(entry)], env=env,
+                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, text=True)
                 processes.append(process)
                 selector.register(process.stdout, selectors.EVENT_READ, process)
-            open_streams = len(processes)
-            while open_streams and failure is None:
+            # Read the pipes' bytes directly: a buffered readline could keep a second line (a
+            # worker's "done") where select no longer sees it, and the worker would wait for ever.
+            pending = {process.stdout.fileno(): b"" for process in processes if process.stdout is not None}
+            while pending and failure is None:
                 for key, _ in selector.select(timeout=1.0):
-                    line = key.fileobj.readline()
-                    if not line:
+                    descriptor = key.fileobj.fileno()
+                    data = os.read(descriptor, 1 << 16)
+                    if not data:
                         selector.unregister(key.fileobj)
-                        open_streams -= 1
+                        del pending[descriptor]
                         continue
-                    try:
-                        message = json.loads(line)
-                    except ValueError:
-                        continue
-                    if "error" in message:
-                        failure = _worker_error(message)
+                    *lines, pending[descriptor] = (pending[descriptor] + data).split(b"\n")
+                    for line in lines:
+                        failure = _relay(line, key.data, progress, hand_out)
+                        if failure is not None:
+                            break
+                    if failure is not None:
                         break
-                    progress.advance(int(message.get("bytes", 0)), int(message.get("documents", 0)))
-                    if "ready" in message or "done" in message:
-                        hand_out(key.data)
         except BaseException:
             failure = failure or sys.exc_info()[1]
             raise
@@ -597,6 +597,21 @@ def _run_workers(entry: Path, indices: list[int], workers: int, progress: BuildP
             status = failed[0].returncode if failed else 0
             raise DataError(f"a token cache worker exited with status {status} "
                             f"({lines[-1] if lines else 'no message'}): run again; the shards built so far are kept")
+
+
+def _relay(line: bytes, process: subprocess.Popen, progress: BuildProgress,
+           hand_out: Callable[[subprocess.Popen], None]) -> BaseException | None:
+    """Act on one line from a worker: progress, a request for the next shard, or its failure."""
+    try:
+        message = json.loads(line)
+    except ValueError:
+        return None
+    if "error" in message:
+        return _worker_error(message)
+    progress.advance(int(message.get("bytes", 0)), int(message.get("documents", 0)))
+    if "ready" in message or "done" in message:
+        hand_out(process)
+    return None
 
 
 def _worker_error(message: dict[str, Any]) -> BaseException:

@@ -260,3 +260,23 @@ def test_a_shard_worker_process_imports_neither_torch_nor_lightning():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2])
     assert out.stdout.strip() == "[]"
+
+
+FAKE_WORKER = r"""
+import json, sys
+print(json.dumps({"ready": True}), flush=True)
+for line in sys.stdin:
+    # Progress and "done" in one write: the builder must act on both lines.
+    sys.stdout.write(json.dumps({"bytes": 1, "documents": 1}) + "\n" + json.dumps({"done": int(line)}) + "\n")
+    sys.stdout.flush()
+"""
+
+
+@pytest.mark.timeout(60)
+def test_two_lines_a_worker_writes_at_once_are_both_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import sys
+
+    monkeypatch.setattr(cache_module, "WORKER_COMMAND", [sys.executable, "-c", FAKE_WORKER])
+    progress = cache_module.BuildProgress(10, lambda _: None, tmp_path / "build.log", workers=2)
+    cache_module._run_workers(tmp_path, list(range(6)), 2, progress)  # returns: every shard was handed out
+    assert progress.documents == 6
