@@ -148,17 +148,18 @@ def process_alive(pid: int) -> bool:
 
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "wb", fault: str | None = None,
-                 needed_bytes: int | None = None) -> Iterator[IO[Any]]:
+                 needed_bytes: int | None = None, shared: bool = False) -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path``; on leaving the block, fsync it and rename it onto
     ``path``. On any error the temporary file is removed and ``path`` keeps its old contents.
 
     ``fault``: the fault point (lmexp.faults) hit once the first bytes are on disk, and
-    ``<fault>``'s ``.commit`` sibling just before the rename.
+    ``<fault>``'s ``.commit`` sibling just before the rename. ``shared``: a folder several
+    machines write (``temporary_sibling``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path.parent)
-    temporary = temporary_sibling(path)
+    temporary = temporary_sibling(path, shared)
     try:
         with open(temporary, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
             yield _Tripwire(handle, fault, path) if fault else handle
@@ -198,16 +199,16 @@ class _Tripwire:
         return getattr(self._handle, name)
 
 
-def write_bytes(path: str | Path, data: bytes, fault: str | None = None) -> None:
+def write_bytes(path: str | Path, data: bytes, fault: str | None = None, shared: bool = False) -> None:
     """``path`` holds exactly ``data`` afterwards, or (on any failure) what it held before."""
-    with atomic_write(path, "wb", fault=fault, needed_bytes=len(data)) as handle:
+    with atomic_write(path, "wb", fault=fault, needed_bytes=len(data), shared=shared) as handle:
         half = len(data) // 2
         handle.write(data[:half])  # a fault armed at ``fault`` strikes here, half written
         handle.write(data[half:])
 
 
-def write_text(path: str | Path, text: str, fault: str | None = None) -> None:
-    write_bytes(path, text.encode("utf-8"), fault)
+def write_text(path: str | Path, text: str, fault: str | None = None, shared: bool = False) -> None:
+    write_bytes(path, text.encode("utf-8"), fault, shared)
 
 
 def replace_folder(folder: str | Path, fill: Callable[[Path], Any], fault: str | None = None,

@@ -117,9 +117,12 @@ def test_fit_after_prepare_reads_the_prepared_cache_without_building(tmp_path, c
 def test_shard_parts_on_several_machines_make_one_complete_entry(tmp_path, capsys, isolated_cache):
     folder = tmp_path / "corpus"
     folder.mkdir()
-    for i in range(4):  # files are never merged into one shard: four shards
+    for i in range(4):
         (folder / f"part{i}.txt").write_text(make_corpus(60, seed=i))
-    argv = ["prepare", "--config", QUICKSTART, f"--data.source={folder}", "--workers", "1"]
+    sizes = [path.stat().st_size for path in folder.iterdir()]
+    assert 2 * min(sizes) > max(sizes)  # shards of the largest file's size: one file each, four shards
+    argv = ["prepare", "--config", QUICKSTART, f"--data.source={folder}", "--workers", "1",
+            f"--data.shard_mb={max(sizes) / 1e6}"]
 
     first = data_verb([*argv, "--shard", "1/2"])
     assert first.built == [1, 3] and first.missing == [0, 2] and not first.complete

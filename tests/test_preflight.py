@@ -76,3 +76,22 @@ def test_a_length_that_comes_from_the_data_is_checked_once_the_data_is_ready(tmp
     assert "warmup_steps=100000 is not below the" in message and "training steps" in message
     assert "prepare_data" in prepared
 
+
+
+def test_a_data_setting_that_contradicts_the_model_fails_before_the_cache_is_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from lmexp.data.contract import DataContract
+    from lmexp.errors import ConfigError
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(make_corpus(50))
+    built: list[str] = []
+    monkeypatch.setattr("lmexp.data.datamodule.build_token_cache", lambda *a, **k: built.append("build"))
+    monkeypatch.setattr("lmexp.data.datamodule.prepare_token_cache", lambda *a, **k: built.append("prepare"))
+    data = TextDataModule(source=str(corpus), block_size=512, cache_dir=str(tmp_path / "cache"))
+    data.accept(DataContract(task="causal_lm", block_size=128))
+    for step in (data.prepare_data, data.prepare_cache):
+        with pytest.raises(ConfigError, match="data.block_size=512 exceeds the model's context of 128"):
+            step()
+    assert built == []

@@ -3,7 +3,7 @@
 A cache entry is a folder named by a hash of everything that decides its contents (source
 identity, cleaning, split, shard size and tokenizer settings)::
 
-    <key>/plan.json       the source's pieces, one per shard, and the settings
+    <key>/plan.json       the shards: which pieces of the source each reads, and the settings
     <key>/tokenizer.json  trained once on a bounded sample of the train split
     <key>/shards/NNNNN/   train.bin, val.bin, test.bin and shard.json of one piece
     <key>/manifest.json   written last, once every shard is there: the entry is complete
@@ -70,6 +70,8 @@ CACHE_FORMAT = 2
 LEGACY_FORMAT = 1  # one meta.json and one file per split, built in memory
 SHARD_SETTINGS = ("split_files", "shard_mb", "tokenizer_sample_mb")  # settings earlier versions did not have
 PROGRESS_SECONDS = 10.0  # a progress line this often when no terminal shows a bar
+MAX_SHARDS = 4096  # beyond, shards grow: files and memory maps stay bounded
+SAMPLE_SHARDS = 64  # a large corpus's tokenizer sample comes from the heads of this many shards
 WORKER_COMMAND = [sys.executable, "-m", "lmexp.data.shards"]  # + the entry; shard indices on its stdin
 
 
@@ -143,6 +145,7 @@ class PrepareReport:
     present: list[int] = field(default_factory=list)
     missing: list[int] = field(default_factory=list)  # shards nobody has built yet (other parts)
     complete: bool = False
+    cache: TokenCache | None = field(default=None, repr=False)  # the entry, opened, when complete
 
     def summary(self) -> str:
         """One line: the entry, and what is left to build."""
@@ -327,7 +330,7 @@ def build_token_cache(
     identify it.
     """
     report = prepare_token_cache(root, settings, log=log, tokenizer=tokenizer, workers=workers)
-    return TokenCache.load(report.entry)
+    return report.cache or TokenCache.load(report.entry)
 
 
 def prepare_token_cache(
@@ -353,7 +356,7 @@ def prepare_token_cache(
         else:
             log(f"token cache hit: {cache.path} ({cache.meta['splits']['train']['tokens']:,} train tokens, "
                 "one file per split as earlier versions wrote it)")
-            return PrepareReport(cache.path, complete=True)
+            return PrepareReport(cache.path, complete=True, cache=cache)
     entry = root / cache_key(settings)
     announced = None
     if (entry / "manifest.json").exists():
@@ -365,13 +368,13 @@ def prepare_token_cache(
             (entry / "manifest.json").unlink(missing_ok=True)
         else:
             log(f"token cache hit: {entry} ({cache.meta['splits']['train']['tokens']:,} train tokens)")
-            return PrepareReport(entry, present=list(range(len(cache.meta["shards"]))), complete=True)
+            return PrepareReport(entry, present=list(range(len(cache.meta["shards"]))), complete=True, cache=cache)
     started = time.perf_counter()
     try:
         plan, tokenizer = _plan_and_tokenizer(root, entry, settings, tokenizer, log if announced is None else _quiet)
     except OSError as err:
         raise storage_error(err, entry) from None
-    count = len(plan["pieces"])
+    count = len(plan["shards"])
     mine = [i for i in range(count) if part is None or i % part[1] == part[0]]
     report = PrepareReport(entry)
     shards = entry / "shards"
@@ -394,7 +397,9 @@ def prepare_token_cache(
     if pending:
         used = _build_shards(entry, plan, pending, tokenizer, workers, log)
         report.built = pending
-    report.missing = [i for i in range(count) if not (shards / shard_name(i) / "shard.json").exists()]
+    # Every shard is checked before the manifest vouches for it: another part's may be damaged.
+    sound = set(report.built) | set(report.present)
+    report.missing = [i for i in range(count) if i not in sound and shard_problem(shards / shard_name(i), plan)]
     if not report.missing:
         _write_manifest(entry, plan, settings, time.perf_counter() - started, used, log)
         report.complete = True
@@ -417,80 +422,103 @@ def _plan_and_tokenizer(root: Path, entry: Path, settings: dict[str, Any], given
     entry.mkdir(exist_ok=True)
     with FileLock(str(entry / ".plan.lock")):
         if (entry / "plan.json").exists() and (entry / "tokenizer.json").exists():
+            # A read that fails (a network filesystem's hiccup) raises: only contents that do not
+            # check out are damage, which discards every machine's shards.
             try:
                 plan = read_plan(entry)
-                if plan.get("tokenizer") == file_checksum(entry / "tokenizer.json"):
+                if plan.get("format") == CACHE_FORMAT and plan.get("tokenizer") == file_checksum(entry / "tokenizer.json"):
                     return plan, tokenizer_from_json((entry / "tokenizer.json").read_text(encoding="utf-8"))
-            except (OSError, ValueError):
+            except ValueError:
                 pass
             log(f"token cache entry {entry} is damaged (plan.json or tokenizer.json does not check out): rebuilding")
             for name in ("manifest.json", "plan.json"):
                 (entry / name).unlink(missing_ok=True)
             _set_aside(entry / "shards")
         plan = _plan(root, settings)
-        append_log(entry / "build.log", f"planned {len(plan['pieces'])} shard(s) of {plan['source_bytes'] / 1e6:,.1f} MB")
+        append_log(entry / "build.log", f"planned {len(plan['shards'])} shard(s) of {plan['source_bytes'] / 1e6:,.1f} MB")
         started = time.perf_counter()
         tokenizer = given if given is not None else _train_on_sample(plan, settings, log)
         tokenizer.encode_special_tokens = True  # text that spells "[MASK]" is text, not the special id
-        write_text(entry / "tokenizer.json", tokenizer.to_str(pretty=True))
+        write_text(entry / "tokenizer.json", tokenizer.to_str(pretty=True), shared=True)
         plan.update(
             tokenizer=file_checksum(entry / "tokenizer.json"),
             vocab_size=tokenizer.get_vocab_size(),
             dtype=token_dtype(tokenizer.get_vocab_size()).name,
             tokenizer_seconds=round(time.perf_counter() - started, 3),
         )
-        write_text(entry / "plan.json", json.dumps(plan, indent=1))
+        write_text(entry / "plan.json", json.dumps(plan, indent=1), shared=True)
         return plan, tokenizer
 
 
 def _plan(root: Path, settings: dict[str, Any]) -> dict[str, Any]:
-    """Cut every source into pieces, one shard each; say which split each piece feeds."""
-    piece_bytes = max(1, int(float(settings.get("shard_mb") or 16) * 1_000_000))
+    """Cut every source into pieces of about ``shard_mb``, then group them into shards: a large
+    file gives several, small files share one. Past ``MAX_SHARDS`` shards the size grows, so a
+    corpus of any size keeps a bounded number of files and memory maps."""
     split_files = settings.get("split_files") or {}
     sources = [(None, settings["source"])] + [(split, split_files[split]["source"]) for split in ("val", "test")
                                                if split in split_files]
-    pieces = [
-        {"piece": piece.to_dict(), "split": split}
-        for split, source in sources
-        for piece in plan_source(source, piece_bytes, exclude=(root,))
-    ]
+    shard_bytes = max(1, int(float(settings.get("shard_mb") or 16) * 1_000_000))
+    while True:
+        shards = _group([(split, piece) for split, source in sources
+                         for piece in plan_source(source, shard_bytes, exclude=(root,))], shard_bytes)
+        if len(shards) <= MAX_SHARDS:
+            break
+        shard_bytes *= 2
     carve = {split: settings[f"{split}_fraction"] for split in ("val", "test")
              if split not in split_files and settings[f"{split}_fraction"] > 0}
     return {
         "format": CACHE_FORMAT,
         "settings": settings,
-        "pieces": pieces,
+        "shard_bytes": shard_bytes,
+        "shards": shards,
         "carve": carve,
         "seed": settings["seed"],
         "text_column": settings["text_column"],
         "cleaning": {key: settings[key] for key in ("normalization", "min_chars", "dedupe")},
-        "source_bytes": sum(p["piece"]["size"] for p in pieces),
+        "source_bytes": sum(shard["size"] for shard in shards),
     }
 
 
+def _group(pieces: list[tuple[str | None, Piece]], shard_bytes: int) -> list[dict[str, Any]]:
+    """Consecutive pieces of one split, together up to ``shard_bytes``, make a shard."""
+    shards: list[dict[str, Any]] = []
+    for split, piece in pieces:
+        last = shards[-1] if shards else None
+        if last is None or last["split"] != split or last["size"] + piece.size > shard_bytes:
+            last = {"split": split, "pieces": [], "size": 0}
+            shards.append(last)
+        last["pieces"].append(piece.to_dict())
+        last["size"] += piece.size
+    return shards
+
+
 def _train_on_sample(plan: dict[str, Any], settings: dict[str, Any], log: Callable[[str], None]) -> Tokenizer:
-    """Train the tokenizer on the train documents at the head of every piece, in proportion to
-    its size, up to ``tokenizer_sample_mb`` in all: the whole train split of a smaller corpus."""
-    budget = int(settings.get("tokenizer_sample_mb") or 100) * 1_000_000
-    train_pieces = [(i, entry) for i, entry in enumerate(plan["pieces"]) if entry["split"] is None]
-    total = max(sum(entry["piece"]["size"] for _, entry in train_pieces), 1)
+    """Train the tokenizer on at most ``tokenizer_sample_mb`` of train text: a smaller corpus
+    whole, a larger one from the head of up to ``SAMPLE_SHARDS`` shards spread over it."""
+    budget = int(float(settings.get("tokenizer_sample_mb") or 100) * 1_000_000)
+    train = [shard for shard in plan["shards"] if shard["split"] is None]
+    total = sum(shard["size"] for shard in train)
+    if total > budget and len(train) > SAMPLE_SHARDS:
+        train = [train[round(i * (len(train) - 1) / (SAMPLE_SHARDS - 1))] for i in range(SAMPLE_SHARDS)]
+    quota = budget / max(len(train), 1) if total > budget else math.inf
     reports: list[CleaningReport] = []
-    seen = [0, 0]  # documents, bytes
+    seen = [0, 0]  # documents, characters
 
     def sample() -> Iterator[str]:
-        for _, entry in train_pieces:
-            size = entry["piece"]["size"]
-            quota = budget * size / total if size else budget  # a built-in corpus: size unknown
+        for shard in train:
             taken = 0
             cleaner = new_cleaner(plan)
             reports.append(cleaner.report)
-            for split, text in cleaned_documents(Piece.from_dict(entry["piece"]), None, plan, cleaner):
-                if split != "train":
-                    continue
-                yield text
-                taken += len(text)
-                seen[0] += 1
-                seen[1] += len(text)
+            for piece in shard["pieces"]:
+                for split, text in cleaned_documents(Piece.from_dict(piece), None, plan, cleaner):
+                    if split != "train":
+                        continue
+                    yield text
+                    taken += len(text)
+                    seen[0] += 1
+                    seen[1] += len(text)
+                    if taken >= quota:
+                        break
                 if taken >= quota:
                     break
 
@@ -511,7 +539,7 @@ def _build_shards(entry: Path, plan: dict[str, Any], indices: list[int], tokeniz
     """Build ``indices`` (returns the number of workers that did): in this process for one shard or one worker (the tokenizer's own
     threads then use every core), else in worker processes that each take every n-th shard."""
     workers = max(1, min(workers or default_workers(), len(indices)))
-    total = sum(plan["pieces"][i]["piece"]["size"] for i in indices)
+    total = sum(plan["shards"][i]["size"] for i in indices)
     progress = BuildProgress(total, log, entry / "build.log", workers)
     append_log(entry / "build.log", f"building {len(indices)} shard(s) of {total / 1e6:,.1f} MB on {workers} worker(s)")
     try:
@@ -630,10 +658,12 @@ def _write_manifest(entry: Path, plan: dict[str, Any], settings: dict[str, Any],
                     log: Callable[[str], None]) -> None:
     """Sum the shards into the manifest; writing it marks the entry complete."""
     shards = []
-    for index in range(len(plan["pieces"])):
+    unknown = 0
+    for index in range(len(plan["shards"])):
         record = json.loads((entry / "shards" / shard_name(index) / "shard.json").read_text(encoding="utf-8"))
         shards.append({"name": shard_name(index), "splits": record["splits"], "cleaning": record["cleaning"],
                        "seconds": record.get("seconds")})
+        unknown += int(record.get("unknown_characters") or 0)
     splits = {split: {key: sum(s["splits"][split][key] for s in shards) for key in ("documents", "tokens", "bytes")}
               for split in SPLITS}
     cleaning = CleaningReport.total(s["cleaning"] for s in shards)
@@ -644,6 +674,10 @@ def _write_manifest(entry: Path, plan: dict[str, Any], settings: dict[str, Any],
             f"min_chars={settings['min_chars']}): check the source or lower data.min_chars"
         )
     log(cleaning.summary())
+    if unknown:
+        log(f"token cache: {unknown:,} characters were not in the {settings['tokenizer']} tokenizer's alphabet "
+            f"(trained on {settings.get('tokenizer_sample_mb') or 100} MB of the text) and became [UNK] or nothing: "
+            "raise data.tokenizer_sample_mb to learn them")
     manifest = {
         "format": CACHE_FORMAT,
         "settings": settings,
@@ -653,13 +687,14 @@ def _write_manifest(entry: Path, plan: dict[str, Any], settings: dict[str, Any],
         "shards": shards,
         "checksums": {"tokenizer.json": plan["tokenizer"]},
         "cleaning": cleaning.to_dict(),
+        "unknown_characters": unknown,
         "seconds": {"tokenizer": plan.get("tokenizer_seconds"),
                     "shards": round(sum(s["seconds"] or 0 for s in shards), 3)},
         "build_seconds": round(seconds, 3),
         "workers": workers,  # of the process that built the last shards (0: none were left to build)
         "source_bytes": plan["source_bytes"],
     }
-    write_text(entry / "manifest.json", json.dumps(manifest, indent=1))
+    write_text(entry / "manifest.json", json.dumps(manifest, indent=1), shared=True)
     total = sum(s["tokens"] for s in splits.values())
     line = (f"token cache built in {seconds:.1f}s: {entry} ({total:,} tokens in {len(shards)} shard(s), "
             f"vocab {plan['vocab_size']}, {plan['dtype']})")

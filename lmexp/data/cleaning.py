@@ -13,6 +13,7 @@ Normalization = Literal["NFC", "NFKC", "none"]
 Dedupe = Literal["documents", "lines", "none"]
 
 BOM = "\ufeff"
+DEDUPE_WINDOW = 2_000_000  # distinct hashes a cleaner keeps (about 200 MB); a cache shard holds far fewer
 # Control characters (Unicode category Cc) except newline and tab, which carry layout.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
@@ -70,8 +71,9 @@ def clean_text(text: str, normalization: Normalization = "NFC") -> tuple[str, bo
 class DocumentCleaner:
     """Cleans documents one at a time, keeping only 16-byte hashes of what it has seen.
 
-    Memory grows with the number of distinct documents (or lines), never with their text, so a
-    corpus of any size streams through one cleaner per shard.
+    Memory grows with the number of distinct documents (or lines), never with their text, and
+    stops at ``DEDUPE_WINDOW`` of them (the set then starts anew), so any stream, even one
+    compressed file of billions of lines, goes through one cleaner in bounded memory.
     """
 
     def __init__(self, normalization: Normalization = "NFC", min_chars: int = 1, dedupe: Dedupe = "documents") -> None:
@@ -81,6 +83,11 @@ class DocumentCleaner:
         self.report = CleaningReport()
         self._seen_documents: set[bytes] = set()
         self._seen_lines: set[bytes] = set()
+
+    def _remember(self, seen: set[bytes], key: bytes) -> None:
+        if len(seen) >= DEDUPE_WINDOW:
+            seen.clear()  # bounded memory: exact within windows of DEDUPE_WINDOW distinct documents (or lines)
+        seen.add(key)
 
     def clean(self, raw: str) -> str | None:
         """The cleaned document, or None when it is dropped (the report says why)."""
@@ -97,7 +104,7 @@ class DocumentCleaner:
                 if line.strip() and key in self._seen_lines:
                     report.duplicate_lines_dropped += 1
                     continue
-                self._seen_lines.add(key)
+                self._remember(self._seen_lines, key)
                 lines.append(line)
             text = "\n".join(lines)
         if not text.strip():
@@ -111,7 +118,7 @@ class DocumentCleaner:
             if key in self._seen_documents:
                 report.duplicates_dropped += 1
                 return None
-            self._seen_documents.add(key)
+            self._remember(self._seen_documents, key)
         report.documents_out += 1
         report.chars_out += len(text)
         return text

@@ -125,8 +125,8 @@ class TextDataModule(ResumableDataModule):
         cache_dir: str | None = None,
         num_workers: int = 0,
         eval_stride: int | None = None,
-        shard_mb: int = 16,
-        tokenizer_sample_mb: int = 100,
+        shard_mb: float = 16,
+        tokenizer_sample_mb: float = 100,
         workers: int | None = None,
     ) -> None:
         super().__init__()
@@ -135,7 +135,8 @@ class TextDataModule(ResumableDataModule):
                 f"data.source={source!r} and data.train={train!r} both name the training text: give one of them"
             )
         for name, value in (("shard_mb", shard_mb), ("tokenizer_sample_mb", tokenizer_sample_mb)):
-            check_positive(f"data.{name}", value)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigError(f"data.{name}={value!r} must be a positive number of megabytes, e.g. 16")
         if workers is not None:
             check_positive("data.workers", workers)
         for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
@@ -252,6 +253,7 @@ class TextDataModule(ResumableDataModule):
 
     # ------------------------------------------------------------------ Lightning hooks
     def prepare_data(self) -> None:
+        self._preflight()
         build_token_cache(self.cache_root, self.cache_settings(), log=rank_zero_info,
                           tokenizer=self.encoding_tokenizer(), workers=self.workers)
 
@@ -260,6 +262,7 @@ class TextDataModule(ResumableDataModule):
     ) -> PrepareReport:
         """Build this data's token cache ahead of training, or the shards ``part`` = (k, N) names
         (every N-th, from the k-th) so that N machines sharing ``cache_dir`` build it together."""
+        self._preflight()
         return prepare_token_cache(self.cache_root, self.cache_settings(), log=log, tokenizer=self.encoding_tokenizer(),
                                    part=part, workers=workers or self.workers)
 
@@ -284,6 +287,16 @@ class TextDataModule(ResumableDataModule):
                     f"(block_size={self.resolved_block_size()}) for each of {ranks} device(s): use more text, "
                     f"a smaller block_size{fraction[split]}"
                 )
+
+    def _preflight(self) -> None:
+        """Settings that need no data fail before a long build, not after it. The cache itself
+        does not depend on the block size: without one (no model bound yet) there is nothing to check."""
+        contract = self._contract()
+        if self.block_size is None and (contract is None or contract.block_size is None):
+            return
+        if self.task is None and contract is None:
+            return
+        self._check_sizes()
 
     def _check_sizes(self) -> None:
         block_size = self.resolved_block_size()

@@ -18,6 +18,7 @@ finishes the last, and reports progress as JSON lines on standard output.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -44,7 +45,6 @@ HASH_BLOCK = 1 << 20
 SAMPLE_SLICES = 8  # the cheap check reads this many strided slices of each file ...
 SAMPLE_WIDTH = 4096  # ... of this many ids
 
-Encoder = Callable[[list[str]], tuple[np.ndarray, int]]
 Progress = Callable[[int, int], None]  # (source bytes read, documents read) since the last call
 
 
@@ -84,23 +84,29 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def make_encoder(tokenizer: Tokenizer, dtype: np.dtype) -> Encoder:
+class Encoder:
     """texts -> (their ids joined, their UTF-8 bytes). A character tokenizer is encoded with a
-    numpy table (same ids, much faster); any other with the tokenizer's batch encoding."""
-    table = CharTable.of(tokenizer)
-    if table is not None:
-        def encode_chars(texts: list[str]) -> tuple[np.ndarray, int]:
-            ids, n_bytes = table.encode("".join(texts))  # each character encodes on its own
-            return ids.astype(dtype), n_bytes
+    numpy table (same ids, much faster), any other with the tokenizer's batch encoding."""
 
-        return encode_chars
+    def __init__(self, tokenizer: Tokenizer, dtype: np.dtype) -> None:
+        self.tokenizer = tokenizer
+        self.dtype = dtype
+        self.table = CharTable.of(tokenizer)
 
-    def encode_batch(texts: list[str]) -> tuple[np.ndarray, int]:
-        encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
-        ids = np.concatenate([np.asarray(e.ids, dtype=dtype) for e in encodings]) if encodings else np.zeros(0, dtype)
+    @property
+    def unknown(self) -> int:
+        """Characters a character tokenizer did not know (trained on a sample, it can miss rare ones)."""
+        return self.table.unknown if self.table is not None else 0
+
+    def __call__(self, texts: list[str]) -> tuple[np.ndarray, int]:
+        if self.table is not None:
+            ids, n_bytes = self.table.encode("".join(texts))  # each character encodes on its own
+            return ids.astype(self.dtype), n_bytes
+        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
+        if not encodings:
+            return np.zeros(0, self.dtype), 0
+        ids = np.concatenate([np.asarray(e.ids, dtype=self.dtype) for e in encodings])
         return ids, len("".join(texts).encode("utf-8", "surrogatepass"))
-
-    return encode_batch
 
 
 class SplitWriter:
@@ -166,30 +172,32 @@ def new_cleaner(plan: dict[str, Any]) -> DocumentCleaner:
 
 def build_shard(entry: Path, plan: dict[str, Any], index: int, tokenizer: Tokenizer,
                 progress: Progress | None = None) -> dict[str, Any]:
-    """Build shard ``index`` of the planned entry into ``entry/shards/NNNNN``; returns its record."""
-    piece = Piece.from_dict(plan["pieces"][index]["piece"])
-    fixed_split = plan["pieces"][index]["split"]
+    """Build shard ``index`` of the planned entry into ``entry/shards/NNNNN``; returns its record.
+    A shard holds one piece of a large file, or several small files read one after another."""
+    shard = plan["shards"][index]
+    pieces = [Piece.from_dict(piece) for piece in shard["pieces"]]
     dtype = np.dtype(plan["dtype"])
-    encode = make_encoder(tokenizer, dtype)
+    encode = Encoder(tokenizer, dtype)
     record: dict[str, Any] = {}
     started = time.perf_counter()
-    reported = 0
+    budget = [0]  # source bytes this piece may still report: characters stand in for bytes
 
     def counted(size: int, documents: int) -> None:
-        nonlocal reported
-        if progress is not None and reported < piece.size:
-            step = min(size, piece.size - reported)
-            reported += step
+        step = min(size, budget[0])
+        budget[0] -= step
+        if progress is not None:
             progress(step, documents)
-        elif progress is not None:
-            progress(0, documents)
 
     def fill(folder: Path) -> None:
         cleaner = new_cleaner(plan)
         writers = {split: SplitWriter(folder / f"{split}.bin", encode) for split in SPLITS}
         try:
-            for split, text in cleaned_documents(piece, fixed_split, plan, cleaner, counted):
-                writers[split].add(text)
+            for piece in pieces:
+                budget[0] = piece.size
+                for split, text in cleaned_documents(piece, shard["split"], plan, cleaner, counted):
+                    writers[split].add(text)
+                if progress is not None and budget[0]:
+                    progress(budget[0], 0)  # the piece is read: its whole size is done
             stats = {split: writer.close() for split, writer in writers.items()}
         finally:
             for writer in writers.values():
@@ -197,19 +205,25 @@ def build_shard(entry: Path, plan: dict[str, Any], index: int, tokenizer: Tokeni
         record.update(
             format=2,
             index=index,
-            piece=piece.to_dict(),
+            pieces=shard["pieces"],
             tokenizer=plan["tokenizer"],
             dtype=dtype.name,
             splits={split: {key: s[key] for key in ("documents", "tokens", "bytes")} for split, s in stats.items()},
             checksums={f"{split}.bin": s["checksum"] for split, s in stats.items()},
+            unknown_characters=encode.unknown,
             cleaning=cleaner.report.to_dict(),
             seconds=round(time.perf_counter() - started, 3),
         )
         (folder / "shard.json").write_text(json.dumps(record, indent=2))  # inside the temporary folder
 
-    replace_folder(entry / "shards" / shard_name(index), fill, shared=True)
-    if progress is not None and reported < piece.size:
-        progress(piece.size - reported, 0)
+    folder = entry / "shards" / shard_name(index)
+    try:
+        replace_folder(folder, fill, shared=True)
+    except OSError as err:
+        # Another machine renamed the same shard in between our look and our rename: the
+        # shards are identical, keep theirs.
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not (folder / "shard.json").exists():
+            raise
     return record
 
 

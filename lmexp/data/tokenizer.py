@@ -164,6 +164,7 @@ class CharTable:
     def __init__(self, table: np.ndarray, unk_id: int | None) -> None:
         self.table = table  # code point -> id, -1 for unknown; the last entry is -1 for anything beyond
         self.unk_id = unk_id
+        self.unknown = 0  # characters outside the alphabet encoded so far
 
     @classmethod
     def of(cls, tokenizer: Tokenizer) -> CharTable | None:
@@ -195,5 +196,6 @@ class CharTable:
         ids = self.table[np.minimum(codes, self.table.size - 1)]
         unknown = ids < 0
         if unknown.any():
+            self.unknown += int(np.count_nonzero(unknown))
             ids = ids[~unknown] if self.unk_id is None else np.where(unknown, self.unk_id, ids)
         return ids, n_bytes

@@ -11,6 +11,7 @@ N-th shard of the entry, starting at shard k, so N jobs on several machines fill
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -49,7 +50,8 @@ def prepare(fit_args: list[str], part: tuple[int, int] | None = None, workers: i
         )
     if hasattr(configured.model, "data_contract"):
         data.accept(configured.model.data_contract())  # task, context, a pretrained tokenizer: as fit binds them
-    return data.prepare_cache(part=part, workers=workers, log=print)
+    # Flushed line by line: under a pipe (a scheduler's log file) progress shows as it happens.
+    return data.prepare_cache(part=part, workers=workers, log=functools.partial(print, flush=True))
 
 
 def _add_prepare(actions: Any) -> None:
@@ -71,7 +73,7 @@ def _run_prepare(options: argparse.Namespace, fit_args: list[str]) -> PrepareRep
     if options.workers is not None:
         check_positive("--workers", options.workers)
     report = prepare(fit_args, part=options.shard, workers=options.workers)
-    print(report.summary())
+    print(report.summary(), flush=True)
     return report
 
 

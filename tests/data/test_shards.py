@@ -280,3 +280,72 @@ def test_two_lines_a_worker_writes_at_once_are_both_read(tmp_path: Path, monkeyp
     progress = cache_module.BuildProgress(10, lambda _: None, tmp_path / "build.log", workers=2)
     cache_module._run_workers(tmp_path, list(range(6)), 2, progress)  # returns: every shard was handed out
     assert progress.documents == 6
+
+
+def test_small_files_share_a_shard_and_the_shard_count_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    folder = tmp_path / "books"
+    folder.mkdir()
+    text = make_corpus(300).split("\n\n")
+    for i in range(30):
+        (folder / f"book{i:02d}.txt").write_text("\n\n".join(text[i * 10 : i * 10 + 10]) + "\n")
+    base = settings_for(folder)
+    one = build_token_cache(tmp_path / "one", base, log=lambda _: None)
+    grouped = build_token_cache(tmp_path / "grouped", {**base, "shard_mb": 0.004}, log=lambda _: None, workers=1)
+    assert 1 < len(grouped.meta["shards"]) < 30  # about 4 KB each: several books per shard
+    assert all_ids(grouped) == all_ids(one)
+    monkeypatch.setattr(cache_module, "MAX_SHARDS", 3)
+    bounded = build_token_cache(tmp_path / "bounded", {**base, "shard_mb": 0.001}, log=lambda _: None, workers=1)
+    assert len(bounded.meta["shards"]) <= 3 and all_ids(bounded) == all_ids(one)
+
+
+def test_characters_outside_a_sampled_alphabet_are_counted_and_reported(tmp_path: Path):
+    path = corpus_file(tmp_path)
+    with path.open("a") as handle:
+        handle.write("\n\nthe rare glyph \u2603 appears late\n")
+    messages: list[str] = []
+    cache = build_token_cache(tmp_path / "c", {**settings_for(path, val_fraction=0.0, test_fraction=0.0),
+                                               "tokenizer_sample_mb": 0.001}, log=messages.append)
+    assert cache.meta["unknown_characters"] == 1
+    assert any("1 characters were not in the char tokenizer's alphabet" in m and "tokenizer_sample_mb" in m
+               for m in messages), messages
+
+
+def test_the_manifest_is_not_written_over_another_parts_damaged_shard(tmp_path: Path):
+    path = corpus_file(tmp_path)
+    settings = {**settings_for(path), "shard_mb": 0.005}
+    first = prepare_token_cache(tmp_path / "shared", settings, part=(0, 2), log=lambda _: None, workers=1)
+    second = prepare_token_cache(tmp_path / "shared", settings, part=(1, 2), log=lambda _: None, workers=1)
+    (second.entry / "manifest.json").unlink()
+    damaged = second.entry / "shards" / "00000" / "train.bin"  # part 0's
+    damaged.write_bytes(damaged.read_bytes()[:4])
+    again = prepare_token_cache(tmp_path / "shared", settings, part=(1, 2), log=lambda _: None, workers=1)
+    assert not again.complete and again.missing == [0] and not (again.entry / "manifest.json").exists()
+    fixed = prepare_token_cache(tmp_path / "shared", settings, part=(0, 2), log=lambda _: None, workers=1)
+    assert fixed.complete and fixed.built == [0] and first.entry == fixed.entry
+
+
+def test_a_plan_that_cannot_be_read_is_an_error_not_damage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import errno
+
+    path = corpus_file(tmp_path)
+    settings = {**settings_for(path), "shard_mb": 0.005}
+    cache = build_token_cache(tmp_path / "c", settings, log=lambda _: None, workers=1)
+    (cache.path / "manifest.json").unlink()  # as while other machines still build
+
+    def unreadable(entry: Path) -> dict:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(cache_module, "read_plan", unreadable)
+    with pytest.raises(OSError, match="Input/output error"):
+        prepare_token_cache(tmp_path / "c", settings, log=lambda _: None, workers=1)
+    assert (cache.path / "shards" / "00000" / "shard.json").exists()  # nobody's shards were discarded
+
+
+def test_a_cleaner_keeps_a_bounded_number_of_hashes(monkeypatch: pytest.MonkeyPatch):
+    import lmexp.data.cleaning as cleaning
+
+    monkeypatch.setattr(cleaning, "DEDUPE_WINDOW", 3)
+    cleaner = cleaning.DocumentCleaner()
+    kept = [cleaner.clean(text) for text in ["a", "b", "a", "c", "d", "a", "e"]]
+    assert kept == ["a", "b", None, "c", "d", "a", "e"]  # exact within each window of 3 distinct documents
+    assert len(cleaner._seen_documents) <= 3
