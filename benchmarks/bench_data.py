@@ -193,7 +193,7 @@ def run_sweep(parser: argparse.ArgumentParser, args: argparse.Namespace, kinds: 
         "tokenizers encodes on several threads). Peak RSS tree: the summed VmRSS of the build process and its "
         "workers, sampled every 0.1 s (a page shared by forked workers counts once per process); PSS: the same "
         "with each shared page divided among its sharers, every 0.5 s (the tree's own footprint); both count the "
-        "resident pages of memory-mapped files. Largest process: the kernel's max RSS of the biggest single one. "
+        "resident pages of memory-mapped files. "
         f"Imports alone: {data_sweep.baseline_note(args.baselines)}. Seconds start after these imports. "
         "lmexp trains its tokenizer (on a sample of at most 100 MB) and encodes; 'lmexp, tokenizer given' and the "
         "anchor only encode, with the tokenizer lmexp trained: those two rows compare the same work.",

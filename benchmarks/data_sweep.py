@@ -13,7 +13,7 @@ module holds the three parts that the per-tokenizer table mode does not need:
   counted, allocated and filled in shards, each shard's ids taken from the flat Arrow column);
 - the meter: every 0.1 s the parent sums VmRSS over the child and all of its descendants, so
   worker processes count, and every 0.5 s their PSS (smaps_rollup, dearer to read); ``wait4``
-  adds the child's CPU seconds and the largest single-process max RSS the kernel saw.
+  adds the child's CPU seconds.
 
 Summed RSS counts a page shared by forked workers (``datasets``' workers are forks of a process
 with torch loaded) once per worker; PSS divides each shared page among the processes sharing it,
@@ -450,7 +450,7 @@ def _tail(measured: Measured) -> str:
 
 SWEEP_HEADER = [
     "corpus MB", "tokenizer", "vocab", "tool", "workers / procs", "seconds", "MB/s", "MB/s per core", "CPU s",
-    "peak RSS tree (GB)", "peak PSS tree (GB)", "largest process (GB)", "processes", "tokens", "stages (s)",
+    "peak RSS tree (GB)", "peak PSS tree (GB)", "processes", "tokens", "stages (s)",
     "lmexp / anchor MB/s", "lmexp / anchor RSS (PSS)",
 ]
 
@@ -485,7 +485,7 @@ def sweep_table(rows: list[Row], cores: int) -> list[list[str]]:
         lines.append([
             f"{row.source_mb:.0f}", row.tokenizer, str(result["vocab_size"]), row.tool, str(result["workers"]),
             f"{result['seconds']:.1f}", f"{rate:.2f}", f"{rate / cores:.2f}", f"{m.cpu:.0f}",
-            f"{m.peak_rss_gb:.2f}", f"{m.peak_pss_gb:.2f}", f"{m.largest_maxrss_gb:.2f}", str(m.max_processes),
+            f"{m.peak_rss_gb:.2f}", f"{m.peak_pss_gb:.2f}", str(m.max_processes),
             f"{result['tokens']:,}", stages, *ratios,
         ])
     return lines

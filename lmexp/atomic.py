@@ -18,6 +18,7 @@ import errno
 import hashlib
 import os
 import socket
+import time
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -56,13 +57,22 @@ def host_tag() -> str:
     return hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()
 
 
+FOREIGN_STALE_SECONDS = 24 * 3600  # another machine's temporary untouched this long was left by a dead process
+
+
 def stale_temporary(path: Path) -> bool:
-    """Whether a temporary file or folder was left by a process that no longer runs. One named
-    by another machine's process is never stale here: that machine may still be writing it."""
+    """Whether a temporary file or folder was left by a process that no longer runs. Whether
+    another machine's process still runs cannot be asked from here: its temporary is stale once
+    nothing in it has changed for ``FOREIGN_STALE_SECONDS``."""
     owner = path.name[len(TEMPORARY_PREFIX):].split("-", 1)[0]
     pid, _, host = owner.partition("@")
     if host and host != host_tag():
-        return False
+        try:
+            files = [path, *path.rglob("*")] if path.is_dir() else [path]
+            newest = max(file.stat().st_mtime for file in files)
+        except OSError:
+            return False  # changing under us: someone is at work
+        return time.time() - newest > FOREIGN_STALE_SECONDS
     return not (pid.isdigit() and process_alive(int(pid)))
 
 

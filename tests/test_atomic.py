@@ -120,3 +120,22 @@ def test_a_predictions_table_is_written_whole_or_not_at_all(tmp_path):
         write_predictions_csv(path, examples, ["neg", "pos"], ["neg", "neg"], torch.tensor([[0.5, 0.5]]))
     assert path.read_text(encoding="utf-8") == before
     assert [p.name for p in path.parent.iterdir()] == ["p.csv"]
+
+
+def test_another_machines_temporary_is_left_alone_until_it_is_old(tmp_path: Path):
+    import time
+
+    from lmexp.atomic import FOREIGN_STALE_SECONDS, stale_temporary
+
+    foreign = tmp_path / f"{TEMPORARY_PREFIX}1@ffffffff-00003"  # a pid on a machine that is not this one
+    foreign.mkdir()
+    (foreign / "train.bin").write_bytes(b"being written")
+    assert not stale_temporary(foreign)
+    remove_stale_temporaries(tmp_path)
+    assert foreign.exists()
+    old = time.time() - FOREIGN_STALE_SECONDS - 60
+    for path in (foreign / "train.bin", foreign):
+        os.utime(path, (old, old))
+    assert stale_temporary(foreign)
+    remove_stale_temporaries(tmp_path)
+    assert not foreign.exists()

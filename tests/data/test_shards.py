@@ -349,3 +349,47 @@ def test_a_cleaner_keeps_a_bounded_number_of_hashes(monkeypatch: pytest.MonkeyPa
     kept = [cleaner.clean(text) for text in ["a", "b", "a", "c", "d", "a", "e"]]
     assert kept == ["a", "b", None, "c", "d", "a", "e"]  # exact within each window of 3 distinct documents
     assert len(cleaner._seen_documents) <= 3
+
+
+def test_the_key_of_an_earlier_versions_entry_is_the_one_it_wrote():
+    """The value below is what the previous release's ``cache_key`` gave these settings."""
+    settings = {"source": "/data/corpus.txt", "fingerprint": "f" * 64, "text_column": "text", "normalization": "NFC",
+                "min_chars": 1, "dedupe": "documents", "val_fraction": 0.1, "test_fraction": 0.0, "seed": 1337,
+                "tokenizer": "char", "vocab_size": 4096, "special_tokens": ["[UNK]"]}
+    new = {**settings, "split_files": {}, "shard_mb": 16, "tokenizer_sample_mb": 100}
+    assert legacy_cache_key(new) == "cfbdc2f0e03be1c58378"
+    assert legacy_cache_key({**new, "split_files": {"val": {"source": "v", "fingerprint": "x"}}}) is None
+
+
+PART = """
+import json, sys
+from pathlib import Path
+from lmexp.data.cache import prepare_token_cache
+settings = json.loads(sys.argv[2])
+k = int(sys.argv[3])
+report = prepare_token_cache(Path(sys.argv[1]), settings, part=(k, 2), log=lambda _: None, workers=1)
+print(json.dumps({"built": report.built, "complete": report.complete}))
+"""
+
+
+def test_two_parts_running_at_once_share_one_tokenizer_and_fill_one_entry(tmp_path: Path):
+    import subprocess
+    import sys
+
+    path = corpus_file(tmp_path, 600)
+    settings = {**settings_for(path, tokenizer="bpe", vocab_size=300, special_tokens=[]), "shard_mb": 0.005}
+    root = Path(__file__).resolve().parents[2]
+    parts = [subprocess.Popen([sys.executable, "-c", PART, str(tmp_path / "shared"), json.dumps(settings), str(k)],
+                              cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in (0, 1)]
+    outcomes = [part.communicate(timeout=120) for part in parts]
+    assert all(part.returncode == 0 for part in parts), [err[-2000:] for _, err in outcomes]
+    reports = [json.loads(out.strip().splitlines()[-1]) for out, _ in outcomes]
+    assert sorted(reports[0]["built"] + reports[1]["built"]) == list(range(len(reports[0]["built"] + reports[1]["built"])))
+    if not any(report["complete"] for report in reports):  # both finished before either saw the other's last shard
+        prepare_token_cache(tmp_path / "shared", settings, log=lambda _: None, workers=1)
+    shared = build_token_cache(tmp_path / "shared", settings, log=lambda _: None)
+    alone = build_token_cache(tmp_path / "alone", settings, log=lambda _: None, workers=1)
+    assert shared.tokenizer.to_str() == alone.tokenizer.to_str() and all_ids(shared) == all_ids(alone)
+    from lmexp.atomic import TEMPORARY_PREFIX
+
+    assert not list((tmp_path / "shared").rglob(f"{TEMPORARY_PREFIX}*"))
