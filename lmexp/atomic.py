@@ -17,9 +17,9 @@ import contextlib
 import errno
 import hashlib
 import os
+import shutil
 import socket
 import time
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any

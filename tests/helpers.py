@@ -136,3 +136,18 @@ class StopProcessAtStep(pl.Callback):
                     return
                 time.sleep(0.1)
             raise RuntimeError(f"the server on port {self.port} did not stop")
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    """The single ``error: ...`` line ``lmexp ARGV`` prints before it exits with status 2 (no traceback)."""
+    import pytest
+
+    from lmexp.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert "Traceback" not in err and len(lines) == 1, err
+    return lines[0]

@@ -7,6 +7,7 @@ import torch
 
 from lmexp.cli import main
 from tests.conftest import make_corpus
+from tests.helpers import one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,17 +19,6 @@ def fit(source: str, root: Path, *extra: str) -> list[str]:
         "--model.warmup_steps=1", f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
         *extra,
     ]
-
-
-def one_line_error(capsys, argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def test_missing_path(tmp_path, capsys):

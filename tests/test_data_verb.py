@@ -10,19 +10,10 @@ from lmexp.data.cache import PrepareReport, TokenCache
 from lmexp.data.datamodule import TextDataModule
 from lmexp.verbs.data import run as data_verb
 from tests.conftest import make_corpus
+from tests.helpers import one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
-
-
-def one_line_error(capsys, argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as stop:
-        main(argv)
-    assert stop.value.code == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert "Traceback" not in err and len(lines) == 1, err
-    return lines[0]
 
 
 def test_help_names_the_sub_verb_and_its_options(capsys):

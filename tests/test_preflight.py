@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from lmexp.cli import main
 from lmexp.data.datamodule import TextDataModule
 from tests.conftest import make_corpus
+from tests.helpers import one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,16 +32,6 @@ def prepared(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
         monkeypatch.setattr(TextDataModule, hook, recorded)
     return calls
-
-
-def one_line_error(capsys, argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as stop:
-        main(argv)
-    assert stop.value.code == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert "Traceback" not in err and len(lines) == 1, err
-    return lines[0]
 
 
 @pytest.mark.parametrize(

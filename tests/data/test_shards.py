@@ -342,7 +342,7 @@ def test_a_plan_that_cannot_be_read_is_an_error_not_damage(tmp_path: Path, monke
 
 
 def test_a_cleaner_keeps_a_bounded_number_of_hashes(monkeypatch: pytest.MonkeyPatch):
-    import lmexp.data.cleaning as cleaning
+    from lmexp.data import cleaning
 
     monkeypatch.setattr(cleaning, "DEDUPE_WINDOW", 3)
     cleaner = cleaning.DocumentCleaner()
