@@ -54,6 +54,7 @@ from lmexp.data.shards import (
     read_plan,
     shard_name,
     shard_problem,
+    split_of,
     token_dtype,
 )
 from lmexp.data.sources import MAX_DOCUMENT_BYTES, Piece, plan_source
@@ -244,8 +245,6 @@ def split_documents(
     documents: list[str], val_fraction: float, test_fraction: float, seed: int
 ) -> dict[str, list[str]]:
     """Assign documents to splits as the cache does (a keyed hash of each document), in memory."""
-    from lmexp.data.shards import split_of
-
     carve = {"val": val_fraction, "test": test_fraction}
     splits: dict[str, list[str]] = {name: [] for name in SPLITS}
     for document in documents:

@@ -21,7 +21,7 @@ from lmexp.errors import ConfigError, check_positive
 if TYPE_CHECKING:
     from lmexp.data.cache import PrepareReport
 
-__all__ = ["parse_part", "prepare", "run", "run_data"]
+__all__ = ["parse_part", "prepare", "run"]
 
 SHARD_FORM = "k/N with 0 <= k < N, e.g. --shard 0/4 for the first of 4 parts"
 
@@ -98,5 +98,3 @@ def run(argv: list[str]) -> Any:
     options, rest = parser.parse_known_args(words)  # the rest: lmexp fit's options, checked there
     return ACTIONS[options.action][1](options, rest)
 
-
-run_data = run  # the verb's entry point under its descriptive name
