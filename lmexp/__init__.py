@@ -54,9 +54,12 @@ _EXPORTS = {
     "train_tokenizer": "lmexp.data",
     "TextDataModule": "lmexp.data",
     "ClassificationDataModule": "lmexp.data",
+    "SFTDataModule": "lmexp.data",
+    "ChatTemplate": "lmexp.data",
     "SequenceClassification": "lmexp.objectives",
     "TrainingObjective": "lmexp.objectives",
     "CausalLM": "lmexp.objectives",
+    "SFT": "lmexp.objectives",
     "LanguageModelObjective": "lmexp.objectives",
     "MaskedLM": "lmexp.objectives",
     "MLflowTracker": "lmexp.tracking",
@@ -71,7 +74,9 @@ __all__ = [
     "CLIENT_MODULES",
     "GPT",
     "LSTMLM",
+    "SFT",
     "CausalLM",
+    "ChatTemplate",
     "CheckpointError",
     "ClassificationDataModule",
     "ConfigError",
@@ -84,6 +89,7 @@ __all__ = [
     "MaskedLM",
     "ModelConfig",
     "Run",
+    "SFTDataModule",
     "SequenceClassification",
     "StorageError",
     "Task",
@@ -104,12 +110,19 @@ __all__ = [
 
 if TYPE_CHECKING:
     from lmexp.checkpoints import LoadedModel, export_checkpoint, export_safetensors, load_checkpoint
-    from lmexp.data import ClassificationDataModule, Task, TextDataModule, train_tokenizer
+    from lmexp.data import ChatTemplate, ClassificationDataModule, SFTDataModule, Task, TextDataModule, train_tokenizer
     from lmexp.errors import CheckpointError, ConfigError, DataError, LmexpError, StorageError
     from lmexp.formats.huggingface import export_hf
     from lmexp.generation import generate
     from lmexp.models import BERT, GPT, LSTMLM, ModelConfig, build_model, from_name
-    from lmexp.objectives import CausalLM, LanguageModelObjective, MaskedLM, SequenceClassification, TrainingObjective
+    from lmexp.objectives import (
+        SFT,
+        CausalLM,
+        LanguageModelObjective,
+        MaskedLM,
+        SequenceClassification,
+        TrainingObjective,
+    )
     from lmexp.runs import Configured, Run, build, check, configure
     from lmexp.tracking import MLflowTracker
 

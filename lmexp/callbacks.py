@@ -12,11 +12,12 @@ from typing import Any, TextIO
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.model_summary import get_formatted_model_size, get_human_readable_count
 
 from lmexp.atomic import atomic_write, remove_stale_temporaries
 from lmexp.checkpoints import export_safetensors, exported_step, load_checkpoint, read_checkpoint
@@ -56,6 +57,18 @@ class LmexpCheckpoint(SaveNotifyingCheckpoint):
         )
         self.export_best = export_best
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the best/last records only within the run that wrote them.
+
+        A checkpoint saved in another folder (an evaluation of it, or a fit that branches from it
+        into a run of its own) describes that run's files: nothing of it applies here, not even
+        ``best_model_path`` (this run's export would write into the other run's folder). Lightning
+        would keep that path and warn "The dirpath has changed" at every ``lmexp test``.
+        """
+        saved = state_dict.get("dirpath", self.dirpath)
+        if saved == self.dirpath or (saved and self.dirpath and _same_path(saved, self.dirpath)):
+            super().load_state_dict({**state_dict, "dirpath": self.dirpath})
+
     def on_checkpoint_saved(self, trainer: pl.Trainer, filepath: str) -> None:
         # Under FSDP rank 0 holds only a shard: export from the full checkpoint afterwards
         # (lmexp.checkpoints.load_checkpoint + export_safetensors).
@@ -94,12 +107,64 @@ class LmexpCheckpoint(SaveNotifyingCheckpoint):
             rank_zero_info(f"exported {best} (step {step}) to {folder}: the export of that checkpoint had not finished")
 
 
+def _same_path(a: str | Path, b: str | Path) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
 def _step_of(path: Path) -> int | None:
     """The training step a checkpoint file holds; None if it is missing or unreadable."""
     try:
         return int(read_checkpoint(path, mmap=True).get("global_step", 0))
     except CheckpointError:
         return None
+
+
+class ParameterSummary(ModelSummary):
+    """Lightning's model summary (layers, parameters, size) without a column of zero FLOPs.
+
+    Lightning counts FLOPs only while it runs the objective's ``example_input_array`` through the
+    model, which lmexp objectives do not set (the batch shape comes from the data); every run
+    printed "FLOPs 0" per layer and "Total Flops 0". The column and total appear when counted.
+    """
+
+    @staticmethod
+    def summarize(
+        summary_data: list[tuple[str, list[str]]],
+        total_parameters: int,
+        trainable_parameters: int,
+        model_size: float,
+        total_training_modes: dict[str, int],
+        total_flops: int = 0,
+        **summarize_kwargs: Any,
+    ) -> None:
+        rank_zero_info("\n" + format_summary(summary_data, total_parameters, trainable_parameters, model_size,
+                                              total_training_modes, total_flops))
+
+
+def format_summary(
+    summary_data: list[tuple[str, list[str]]],
+    total_parameters: int,
+    trainable_parameters: int,
+    model_size: float,
+    total_training_modes: dict[str, int],
+    total_flops: int = 0,
+) -> str:
+    """The summary table and its totals as text (FLOPs only where they were counted)."""
+    columns = [(name, [str(value) for value in values]) for name, values in summary_data
+               if total_flops or name != "FLOPs"]
+    widths = [max([len(name), *(len(value) for value in values)]) for name, values in columns]
+    rows = [[name for name, _ in columns], *zip(*(values for _, values in columns))]
+    lines = [" | ".join(f"{cell:<{width}}" for cell, width in zip(row, widths)) for row in rows]
+    rule = "-" * (sum(widths) + 3 * len(widths))
+    totals = [
+        (get_human_readable_count(trainable_parameters), "Trainable params"),
+        (get_human_readable_count(total_parameters - trainable_parameters), "Non-trainable params"),
+        (get_human_readable_count(total_parameters), "Total params"),
+        (get_formatted_model_size(model_size), "Total estimated model params size (MB)"),
+        (str(total_training_modes.get("train", 0)), "Modules in train mode"),
+        (str(total_training_modes.get("eval", 0)), "Modules in eval mode"),
+    ] + ([(get_human_readable_count(total_flops), "Total FLOPs")] if total_flops else [])
+    return "\n".join([lines[0], rule, *lines[1:], rule, *(f"{value:<10}{what}" for value, what in totals)])
 
 
 class CheckpointOnException(pl.Callback):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -271,12 +272,17 @@ def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) 
         raise ValueError(f"top_p={top_p} is outside (0, 1]: use e.g. 0.9, or None to disable")
 
 
-def stop_string_check(decode: Callable[[list[int]], str], stops: list[str], prompt_width: int) -> Callable[[Tensor], bool]:
+def stop_string_check(
+    decode: Callable[[list[int]], str], stops: list[str], prompt_width: int, eos_id: int | None = None
+) -> Callable[[Tensor], bool]:
     """A `stopping` for generate: True once every row's new text (the tokens after the first
-    prompt_width columns, as decode turns them into text) holds one of the stop strings.
+    prompt_width columns, as decode turns them into text) holds one of the stop strings, or (with
+    eos_id, which generate is given too) the row has produced eos_id.
 
     Stop strings are text, not tokens (one may span several tokens, or end inside one), so rows
-    are decoded; a row that has one stays done, so only unfinished rows are decoded again.
+    are decoded; a row that has one stays done, so only unfinished rows are decoded again. Rows
+    ended by eos count as done: otherwise a batch whose rows end some by eos and some by a stop
+    string would run to max_new_tokens.
     """
     done: set[int] = set()
 
@@ -284,6 +290,9 @@ def stop_string_check(decode: Callable[[list[int]], str], stops: list[str], prom
         rows = tokens[:, prompt_width:].tolist()
         for i, ids in enumerate(rows):
             if i not in done:
+                if eos_id is not None and eos_id in ids:
+                    done.add(i)
+                    continue
                 text = decode(ids)
                 if any(stop in text for stop in stops):
                     done.add(i)
@@ -292,6 +301,121 @@ def stop_string_check(decode: Callable[[list[int]], str], stops: list[str], prom
     return stopping
 
 
+def complete(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    decode: Callable[[list[int]], str],
+    max_new_tokens: int,
+    stops: Sequence[str] = (),
+    eos_id: int | None = None,
+    batch_size: int = 64,
+    temperature: float = 0.0,
+    **sampling: Any,
+) -> list[str]:
+    """The new text of each prompt (token ids), greedy by default: what the model answers.
+
+    Each row ends at eos_id (left out of the text), at the first stop string (cut before it), or
+    after max_new_tokens. Prompts go batch_size at a time, longest first so that rows of a batch
+    have similar lengths; left-padded with an attention mask where the model takes one, else
+    batched by equal length. ``sampling`` passes on to ``generate`` (top_k, generator, ...).
+    """
+    stops = list(stops)
+    if "" in stops:
+        raise ValueError(f"stops={stops!r} contains an empty string, which would end every answer at once: remove it")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} is invalid: use a positive number of prompts")
+    if any(len(ids) == 0 for ids in prompts):
+        raise ValueError("a prompt has no tokens: every row needs at least one")
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+    if supports_attention_mask(model):
+        groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    else:  # no mask: one batch per prompt length
+        by_length: dict[int, list[int]] = {}
+        for i in order:
+            by_length.setdefault(len(prompts[i]), []).append(i)
+        groups = [same[i : i + batch_size] for same in by_length.values() for i in range(0, len(same), batch_size)]
+    device = _model_device(model)
+    texts = [""] * len(prompts)
+    for group in groups:
+        width = max(len(prompts[i]) for i in group)
+        pads = [width - len(prompts[i]) for i in group]
+        ids = torch.tensor([[0] * pad + list(prompts[i]) for i, pad in zip(group, pads)], device=device)
+        mask = torch.tensor([[0] * pad + [1] * (width - pad) for pad in pads], device=device)
+        stopping = stop_string_check(decode, stops, width, eos_id) if stops else None
+        out = generate(model, ids, max_new_tokens, temperature, eos_id=eos_id,
+                       attention_mask=mask if any(pads) else None, stopping=stopping, **sampling)
+        for i, row in zip(group, out[:, width:].tolist()):
+            if eos_id is not None and eos_id in row:
+                row = row[: row.index(eos_id)]
+            texts[i] = cut_at_stop(decode(row), stops)
+    return texts
+
+
 def cut_at_stop(text: str, stops: list[str]) -> str:
     """text up to (not including) the earliest occurrence of any stop string."""
     return text[: min((i for i in (text.find(stop) for stop in stops) if i >= 0), default=len(text))]
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+@torch.inference_mode()
+def score_continuations(
+    model: nn.Module,
+    rows: Sequence[tuple[Sequence[int], Sequence[int]]],
+    batch_size: int = 32,
+    length_normalize: bool = False,
+) -> Tensor:
+    """log p(continuation | prompt) per ``(prompt ids, continuation ids)`` row -> (len(rows),).
+
+    One forward per row. Rows are batched by length; a model that says it takes an attention mask
+    (``supports_attention_mask``) gets them left-padded (continuations end together), others
+    right-padded, which a causal model's real positions never see. The logits at position i predict token i + 1, so the
+    continuation's tokens at [s, s + m) are read from the logits at [s - 1, s + m - 1).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} is invalid: use a positive number of rows")
+    left = supports_attention_mask(model)
+    device = _model_device(model)
+    for prompt, continuation in rows:
+        if not prompt or not continuation:
+            raise ValueError("every row needs a non-empty prompt and a non-empty continuation")
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]), reverse=True)
+    scores = torch.zeros(len(rows), dtype=torch.float32)
+    was_training = model.training
+    model.eval()
+    try:
+        for begin in range(0, len(order), batch_size):
+            index = order[begin : begin + batch_size]
+            sequences = [list(rows[i][0]) + list(rows[i][1]) for i in index]
+            width = max(len(seq) for seq in sequences)
+            ids = torch.zeros(len(index), width, dtype=torch.long)
+            mask = torch.zeros(len(index), width, dtype=torch.long)
+            starts, lengths = [], []
+            for r, (i, seq) in enumerate(zip(index, sequences)):
+                offset = width - len(seq) if left else 0
+                ids[r, offset : offset + len(seq)] = torch.tensor(seq)
+                mask[r, offset : offset + len(seq)] = 1
+                starts.append(offset + len(rows[i][0]))
+                lengths.append(len(rows[i][1]))
+            ids = ids.to(device)
+            if left and not bool(mask.all()):
+                logits = model(ids, attention_mask=mask.to(device))
+            else:
+                logits = model(ids)  # nothing padded, or right padding a causal model never sees
+            steps = torch.arange(max(lengths), device=device)  # (M,)
+            length = torch.tensor(lengths, device=device)[:, None]  # (B, 1)
+            valid = steps[None, :] < length  # (B, M)
+            target_at = (torch.tensor(starts, device=device)[:, None] + steps).clamp(max=width - 1)  # (B, M)
+            batch_rows = torch.arange(len(index), device=device)[:, None]
+            log_probs = logits[batch_rows, target_at - 1].float().log_softmax(dim=-1)  # (B, M, V)
+            token_log_probs = log_probs.gather(-1, ids[batch_rows, target_at].unsqueeze(-1)).squeeze(-1)  # (B, M)
+            total = torch.where(valid, token_log_probs, torch.zeros_like(token_log_probs)).sum(dim=1)
+            if length_normalize:
+                total = total / length.squeeze(1)
+            scores[index] = total.cpu()
+    finally:
+        model.train(was_training)
+    return scores

@@ -10,11 +10,12 @@ import importlib
 import logging
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins.io import CheckpointIO
@@ -24,6 +25,7 @@ from lmexp.callbacks import (
     AtomicCheckpointIO,
     CheckpointOnException,
     LmexpCheckpoint,
+    ParameterSummary,
     PlainProgress,
     StepProgressBar,
     StopTogether,
@@ -37,9 +39,16 @@ from lmexp.objectives import TrainingObjective
 from lmexp.objectives.base import NETWORK_SETTINGS, SCHEDULE_SETTINGS, check_stated_network
 from lmexp.precision import AUTO, PRECISION_HELP, PRECISION_TYPE, PrecisionChoice, resolve_auto_precision
 from lmexp.recording import TRACKING_KEY, RunRecorder
-from lmexp.run_folders import continued_run_dir, default_experiment, new_run_dir, resolve_named_checkpoint
+from lmexp.run_folders import (
+    continued_run_dir,
+    default_experiment,
+    new_run_dir,
+    resolve_named_checkpoint,
+    saved_run_config,
+)
 from lmexp.tracking import MLflowTracker
 
+EVALUATIONS = ("validate", "test")  # verbs that score a checkpoint, reading its run's settings
 NAMED_CHECKPOINTS = ("last", "best", "hpc")  # --ckpt_path values that name a file rather than give one
 # What ``lmexp --help`` and every trainer verb's --help say: all the verbs, not just the trainer's.
 DESCRIPTION = (
@@ -152,8 +161,31 @@ class LmexpCLI(CheckpointMergeMixin, LightningCLI):
                             help="Name of the run and its folder (default: the start time, e.g. 20261203-101500)")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse the command line; ``validate``/``test`` of a checkpoint in a run folder start from
+        that run's saved settings.
+
+        An evaluation scores the data the run was trained with: the ``data`` section of the run's
+        saved ``config.yaml`` (``<run>/config.yaml`` beside ``checkpoints/``), fit overrides
+        included, so none needs repeating; without ``--config``, its ``model`` section too.
+        Precedence, later wins: defaults, ``--config`` files, the run's saved settings, then the
+        command's own flags (``--data.test other.tsv``). The saved settings come after the config
+        files because they are those files as the run used them, with its overrides.
+        """
         self.args_given = args
-        super().parse_arguments(parser, args)
+        words = self.raw_args if args is None or isinstance(args, (list, tuple)) else None
+        verb, stated = stated_checkpoint(words or [])
+        if verb in EVALUATIONS and stated is not None and Path(stated).is_file():
+            self.args_given = with_run_settings(words or [], verb, saved_run_config(stated))
+            super().parse_arguments(parser, self.args_given)
+        else:  # no checkpoint file named: --ckpt_path best/last is found from the parsed settings
+            super().parse_arguments(parser, args)
+            verb = self.config.get("subcommand")
+            if verb in EVALUATIONS and words is not None:
+                checkpoint = self._checkpoint_file(verb)
+                saved = saved_run_config(checkpoint) if checkpoint is not None else None
+                if saved:
+                    self.args_given = with_run_settings(words, verb, saved)
+                    super().parse_arguments(parser, self.args_given)
         verb = self.config.get("subcommand")
         if verb is None:
             return
@@ -185,6 +217,14 @@ class LmexpCLI(CheckpointMergeMixin, LightningCLI):
         self.config_yaml = subcommand_parser(self, verb).dump(config, skip_none=False)
         self.config_dict = yaml_to_dict(self.config_yaml)
 
+    def _checkpoint_file(self, verb: str) -> str | None:
+        """The checkpoint file the parsed command evaluates (``--ckpt_path best`` found), or None."""
+        config = self.config[verb]
+        named = config.experiment if config.experiment is not None else default_experiment(config.get("config"))
+        root = Path(config.trainer.default_root_dir or Path("runs") / named).expanduser()
+        path = resolve_named_checkpoint(config.ckpt_path, root, config.run_name, verb, config.checkpoint.filename)
+        return str(path) if path is not None and Path(path).is_file() else None
+
     def merge_checkpoint_hparams(self) -> None:
         """The model an evaluation of a checkpoint builds: the checkpoint's objective and network,
         with the command's other settings.
@@ -205,9 +245,14 @@ class LmexpCLI(CheckpointMergeMixin, LightningCLI):
             stated = self._stated_model_arguments(verb) if self.config[verb].get("ckpt_path") else {}
             self.lightning_checkpoint_merge()
             schedule = {name: stated[name] for name in SCHEDULE_SETTINGS if name in stated}
+            for given, other in (("warmup_steps", "warmup_fraction"), ("warmup_fraction", "warmup_steps")):
+                if schedule.get(given) is not None and other not in schedule:
+                    schedule[other] = None  # the two are exclusive: the stated one replaces the saved other
             if schedule:
                 model = {"class_path": self.config[verb].model.class_path, "dict_kwargs": schedule}
                 self.config = self.parser.parse_object({verb: {"model": model}}, self.config)
+                for name, value in schedule.items():  # a None (the other warmup setting) is not merged
+                    self.config[verb].model.init_args[name] = value
             return
         if verb is None or not self.saved_hparams:
             return
@@ -299,6 +344,11 @@ class LmexpCLI(CheckpointMergeMixin, LightningCLI):
         ):
             # A Rich bar draws nothing until the end where output is not a terminal.
             callbacks.append(StepProgressBar() if sys.stdout.isatty() else PlainProgress())
+        if config.get("enable_model_summary", True) is not False and not any(
+            isinstance(c, ModelSummary) for c in configured
+        ):
+            callbacks.append(ParameterSummary())  # Lightning's, without its column of zero FLOPs
+            kwargs["enable_model_summary"] = False  # Lightning's own default summary: not a second one
         if logger is not False and not any(isinstance(c, LearningRateMonitor) for c in configured):
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         callbacks.append(RunRecorder(self.run_dir, self.experiment, self.config_dict, self.config_yaml,
@@ -328,6 +378,43 @@ class LmexpCLI(CheckpointMergeMixin, LightningCLI):
         # Built, not run: lmexp.runs assembles the run and its caller executes it.
         self.verb = self.subcommand
         leave_verb_to_caller(self)
+
+
+def stated_checkpoint(words: Sequence[str]) -> tuple[str | None, str | None]:
+    """The verb and the ``--ckpt_path`` value as the command line words state them."""
+    verb = next((word for word in words if not word.startswith("-")), None)
+    path = None
+    for i, word in enumerate(words):
+        if word == "--ckpt_path" and i + 1 < len(words):
+            path = words[i + 1]
+        elif word.startswith("--ckpt_path="):
+            path = word.partition("=")[2]
+    return verb, path
+
+
+def with_run_settings(words: Sequence[str], verb: str, saved: dict[str, Any] | None) -> list[str]:
+    """The command line with a run's saved settings after the verb's last ``--config`` file
+    (right after the verb when none is given), so the flags after them still win: its ``data``
+    section, and without a config file its ``model`` section, experiment and root folder too."""
+    import json
+
+    words = list(words)
+    start = words.index(verb) + 1 if verb in words else 0
+    at, configs = start, False
+    for i in range(start, len(words)):
+        if words[i] in ("--config", "-c"):
+            at, configs = i + 2, True
+        elif words[i].startswith("--config="):
+            at, configs = i + 1, True
+    saved = saved or {}
+    sections = ("data",) if configs else ("model", "data")
+    added = [f"--{name}={json.dumps(saved[name])}" for name in sections
+             if isinstance(saved.get(name), dict) and saved[name].get("class_path")]
+    if not configs:  # and where the run's evaluations go: beside it
+        root = (saved.get("trainer") or {}).get("default_root_dir")
+        added += [f"--experiment={saved['experiment']}"] if saved.get("experiment") else []
+        added += [f"--trainer.default_root_dir={root}"] if root else []
+    return [*words[:at], *added, *words[at:]]
 
 
 def _import_class(path: str) -> type:

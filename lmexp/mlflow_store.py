@@ -627,15 +627,37 @@ def _list_runs(uri: str, experiment: str | None, limit: int) -> list[dict[str, A
     for run in runs:
         info, data = run.info, run.data
         ended = info.end_time or (None if info.status == "RUNNING" else info.start_time)
-        interrupted = Path(data.tags["run_dir"]) / "checkpoints" / "interrupted.ckpt" if "run_dir" in data.tags else None
-        resumable = str(interrupted) if interrupted and info.status != "FINISHED" and interrupted.is_file() else None
+        folder = Path(data.tags["run_dir"]) if "run_dir" in data.tags else None
         rows.append({
             "run": info.run_name, "run_id": info.run_id, "experiment": names.get(info.experiment_id),
             "status": "KILLED?" if info.status == "RUNNING" and process_gone(data.tags) else info.status,
             "started": datetime.datetime.fromtimestamp(info.start_time / 1000).strftime("%Y-%m-%d %H:%M"),
             "minutes": round((ended - info.start_time) / 60000, 1) if ended else None,
             "steps": data.tags.get("global_step"),
-            **{key: data.metrics.get(key) for key in ("train/loss", "val/loss", "test/loss")},
-            "checkpoint": resumable or data.tags.get("checkpoint.best") or data.tags.get("checkpoint_loaded"),
+            **{key: data.metrics.get(key) for key in LISTED_METRICS},
+            "run_dir": str(folder) if folder is not None else None,
+            "checkpoint": _run_checkpoint(folder, info.status, data.tags),
         })
     return rows
+
+
+LISTED_METRICS = ("train/loss", "val/loss", "val/ppl", "val/acc", "val/f1",
+                  "test/loss", "test/ppl", "test/acc", "test/f1")  # what lmexp runs can show
+
+
+def _run_checkpoint(folder: Path | None, status: str, tags: Mapping[str, str]) -> str | None:
+    """The checkpoint a run's row names: an unfinished run's ``interrupted.ckpt`` (where it resumes),
+    else its best (tagged, or ``best.ckpt`` in its folder), else ``interrupted.ckpt`` or
+    ``last.ckpt`` (a run stopped before its first validation has only those); an evaluation's,
+    the checkpoint it evaluated."""
+    saved = folder / "checkpoints" if folder is not None else None
+    interrupted = saved / "interrupted.ckpt" if saved is not None else None
+    if interrupted is not None and status != "FINISHED" and interrupted.is_file():
+        return str(interrupted)
+    tagged = tags.get("checkpoint.best")
+    if tagged and Path(tagged).is_file():
+        return tagged
+    for name in ("best.ckpt", "interrupted.ckpt", "last.ckpt"):
+        if saved is not None and (saved / name).is_file():
+            return str(saved / name)
+    return tagged or tags.get("checkpoint_loaded")

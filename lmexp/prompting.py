@@ -12,7 +12,7 @@ import json
 import random
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from lmexp.data.classification import Examples, label_order, read_examples, write_predictions_csv
 from lmexp.data.tokenizer import describe_unknown, encode_prompt
 from lmexp.errors import CheckpointError, ConfigError, DataError, check_positive
-from lmexp.generation import supports_attention_mask
+from lmexp.generation import score_continuations
 from lmexp.hardware import check_device
 
 DEFAULT_TEMPLATE = "Review: {text}\nSentiment:"
@@ -171,68 +171,46 @@ def choose_demonstrations(labels: Sequence[str], shots: int, seed: int) -> list[
     return picked
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    parameter = next(model.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
+CHECKPOINT_TEMPLATE = "checkpoint"
 
 
-@torch.inference_mode()
-def score_continuations(
-    model: nn.Module,
-    rows: Sequence[tuple[Sequence[int], Sequence[int]]],
-    batch_size: int = 32,
-    length_normalize: bool = False,
-) -> Tensor:
-    """log p(continuation | prompt) per ``(prompt ids, continuation ids)`` row -> (len(rows),).
+@dataclass(frozen=True)
+class ChatSettings:
+    """The chat template a fine-tuned (SFT) model was trained with, which its prompts must follow."""
 
-    One forward per row. Rows are batched by length; a model that says it takes an attention mask
-    (``supports_attention_mask``) gets them left-padded (continuations end together), others
-    right-padded, which a causal model's real positions never see. The logits at position i predict token i + 1, so the
-    continuation's tokens at [s, s + m) are read from the logits at [s - 1, s + m - 1).
-    """
-    check_positive("batch_size", batch_size)
-    left = supports_attention_mask(model)
-    device = _model_device(model)
-    for prompt, continuation in rows:
-        if not prompt or not continuation:
-            raise ValueError("every row needs a non-empty prompt and a non-empty continuation")
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]), reverse=True)
-    scores = torch.zeros(len(rows), dtype=torch.float32)
-    was_training = model.training
-    model.eval()
-    try:
-        for begin in range(0, len(order), batch_size):
-            index = order[begin : begin + batch_size]
-            sequences = [list(rows[i][0]) + list(rows[i][1]) for i in index]
-            width = max(len(seq) for seq in sequences)
-            ids = torch.zeros(len(index), width, dtype=torch.long)
-            mask = torch.zeros(len(index), width, dtype=torch.long)
-            starts, lengths = [], []
-            for r, (i, seq) in enumerate(zip(index, sequences)):
-                offset = width - len(seq) if left else 0
-                ids[r, offset : offset + len(seq)] = torch.tensor(seq)
-                mask[r, offset : offset + len(seq)] = 1
-                starts.append(offset + len(rows[i][0]))
-                lengths.append(len(rows[i][1]))
-            ids = ids.to(device)
-            if left and not bool(mask.all()):
-                logits = model(ids, attention_mask=mask.to(device))
-            else:
-                logits = model(ids)  # nothing padded, or right padding a causal model never sees
-            steps = torch.arange(max(lengths), device=device)  # (M,)
-            length = torch.tensor(lengths, device=device)[:, None]  # (B, 1)
-            valid = steps[None, :] < length  # (B, M)
-            target_at = (torch.tensor(starts, device=device)[:, None] + steps).clamp(max=width - 1)  # (B, M)
-            batch_rows = torch.arange(len(index), device=device)[:, None]
-            log_probs = logits[batch_rows, target_at - 1].float().log_softmax(dim=-1)  # (B, M, V)
-            token_log_probs = log_probs.gather(-1, ids[batch_rows, target_at].unsqueeze(-1)).squeeze(-1)  # (B, M)
-            total = torch.where(valid, token_log_probs, torch.zeros_like(token_log_probs)).sum(dim=1)
-            if length_normalize:
-                total = total / length.squeeze(1)
-            scores[index] = total.cpu()
-    finally:
-        model.train(was_training)
-    return scores
+    template: Any  # lmexp.data.chat.ChatTemplate
+    system: str | None = None
+    response_values: dict[str, str] | None = None
+    """A response cell -> the response text it was trained on ({"0": "negative"}), when the data mapped them."""
+
+    def messages(self, text: str) -> list[dict[str, str]]:
+        """The conversation of one user message: the system message first when there is one."""
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return [*system, {"role": "user", "content": text}]
+
+
+def chat_settings(inputs: Mapping[str, Any] | None, chat_template: str | None) -> ChatSettings | None:
+    """How ``lmexp generate``/``prompt`` wrap a text: ``chat_template`` ``checkpoint`` (the default)
+    takes the template an SFT checkpoint saved (none for other checkpoints), ``none`` the raw
+    text, a name in ``lmexp.data.chat.TEMPLATES`` that template."""
+    from lmexp.data.chat import TEMPLATES, ChatTemplate
+
+    saved = dict(inputs or {}) if (inputs or {}).get("kind") == "sft" else None
+    if chat_template is None or chat_template == "none":
+        return None
+    if chat_template == CHECKPOINT_TEMPLATE:
+        if saved is None:
+            return None
+        template = ChatTemplate.from_value(saved.get("template"))
+    elif chat_template in TEMPLATES:
+        template = TEMPLATES[chat_template]
+    else:
+        raise ConfigError(
+            f"chat_template={chat_template!r} is unknown: use {CHECKPOINT_TEMPLATE} (the fine-tuned checkpoint's), "
+            f"none (the raw text) or one of {', '.join(TEMPLATES)}"
+        )
+    values = (saved or {}).get("response_values")
+    return ChatSettings(template, (saved or {}).get("system"), {str(k): str(v) for k, v in values.items()} if values else None)
 
 
 class _PromptBuilder:
@@ -484,9 +462,9 @@ def write_predictions(result: PromptResult, examples: Examples, path: str | Path
 def evaluate_prompt(
     ckpt: str,
     input: str,
-    verbalizers: dict[str, str],
+    verbalizers: dict[str, str] | None = None,
     train: str | None = None,
-    template: str = DEFAULT_TEMPLATE,
+    template: str | None = None,
     shots: int = 0,
     separator: str = "\n\n",
     calibrate: bool = False,
@@ -499,6 +477,7 @@ def evaluate_prompt(
     output: str | None = None,
     report_dir: str | None = None,
     device: str = "cpu",
+    chat_template: str = CHECKPOINT_TEMPLATE,
 ) -> PromptResult:
     """Classify a labelled table by prompting a causal GPT with a template and verbalizers.
 
@@ -506,10 +485,13 @@ def evaluate_prompt(
         ckpt: A causal GPT's ``.ckpt`` or export folder (``checkpoints/best``).
         input: The ``.tsv``, ``.csv`` or ``.jsonl`` file to classify (a dev set); without its label
             column the predictions are written but no metrics.
-        verbalizers: Label -> continuation, e.g. ``'{"0": " bad", "1": " good"}'``.
+        verbalizers: Label -> continuation, e.g. ``'{"0": " bad", "1": " good"}'``; with a
+            fine-tuned (SFT) checkpoint, label -> answer, by default the answers it was trained on.
         train: A labelled table the demonstrations are drawn from (needed when shots > 0).
         template: The prompt of one example with ``{text}`` (and ``{pair}``); in bash, ``$'...'``
-            writes a newline as ``\\n``.
+            writes a newline as ``\\n``. Default ``Review: {text}\\nSentiment:``; with a
+            fine-tuned (SFT) checkpoint, the user's message, by default ``{text}`` (the chat
+            template adds the rest).
         shots: Demonstrations before each example, balanced over labels (0: zero-shot).
         separator: Text between demonstrations and before the example (bash: ``$'\\n\\n'``).
         calibrate: Contextual calibration against the content-free input ``N/A``.
@@ -522,14 +504,15 @@ def evaluate_prompt(
         output: A CSV to write: text, label, prediction, one probability column per label.
         report_dir: A folder for ``metrics.json`` and ``confusion.png``.
         device: ``cpu`` or ``cuda``.
+        chat_template: ``checkpoint`` wraps each example in the chat template a fine-tuned (SFT)
+            checkpoint was trained with (system message, the example as the user's message, the
+            response header; each verbalizer is an answer followed by the end marker), and
+            leaves the prompt as it is for other checkpoints; ``none`` never wraps; ``plain``,
+            ``chatml`` or ``alpaca`` wraps in that template.
     """
     from lmexp.checkpoints import load_checkpoint
     from lmexp.data.sources import table_columns
 
-    spec = PromptSpec(
-        template=template, verbalizers=verbalizers, shots=shots, separator=separator, calibrate=calibrate,
-        seed=seed, length_normalize=length_normalize,
-    )
     torch_device = check_device(device)
     if shots and train is None:
         raise ConfigError(f"shots={shots} needs --train, the labelled file demonstrations are drawn from")
@@ -544,6 +527,17 @@ def evaluate_prompt(
     check_causal(loaded.config, repr(ckpt))
     if loaded.tokenizer is None:
         raise CheckpointError(f"{ckpt!r} contains no tokenizer: re-export it with its tokenizer.json")
+    chat = chat_settings(loaded.inputs, chat_template)
+    if chat is not None:  # the prompt and answers the model was fine-tuned on
+        if verbalizers is None:
+            verbalizers = chat.response_values
+        template = chat.template.prompt(chat.messages(template if template is not None else "{text}"))
+        end = chat.template.stop or ""
+        verbalizers = {label: str(answer) + end for label, answer in (verbalizers or {}).items()} or None
+    spec = PromptSpec(
+        template=template if template is not None else DEFAULT_TEMPLATE, verbalizers=verbalizers, shots=shots,
+        separator=separator, calibrate=calibrate, seed=seed, length_normalize=length_normalize,
+    )
     model = loaded.model.to(torch_device)
     result = classify(model, loaded.tokenizer, examples, spec, train_examples, batch_size)
 

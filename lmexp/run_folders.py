@@ -26,7 +26,7 @@ from lmexp.hardware import process_rank
 __all__ = [
     "RUN_DIR_VARIABLE", "RUN_MARK", "continued_run_dir", "default_experiment", "latest_checkpoints_folder",
     "mark_run", "new_run_dir", "point_latest", "read_run_mark", "resolve_named_checkpoint", "resume_checkpoint",
-    "run_folders", "shown_path",
+    "run_folders", "run_of_checkpoint", "saved_run_config", "shown_path",
 ]
 
 RUN_DIR_VARIABLE = "LMEXP_RUN_DIR"  # tells the other ranks of a DDP run which folder rank 0 chose
@@ -180,6 +180,32 @@ def resolve_named_checkpoint(ckpt_path: str | None, root: Path, run_name: str | 
         raise CheckpointError(f"--ckpt_path {ckpt_path}: no run under {where} has a readable checkpoint; "
                               "train first or pass a path")
     return str(found)
+
+
+def run_of_checkpoint(checkpoint: str | Path) -> Path | None:
+    """The run folder a checkpoint belongs to (``<run>/checkpoints/best.ckpt``, or the export
+    folder ``<run>/checkpoints/best``), through ``latest`` links; None for a file elsewhere."""
+    path = Path(checkpoint).expanduser().resolve()
+    folder = path.parent.parent
+    if path.parent.name != "checkpoints":
+        return None
+    return folder if (folder / "config.yaml").is_file() or (folder / RUN_MARK).is_file() else None
+
+
+def saved_run_config(checkpoint: str | Path) -> dict[str, Any] | None:
+    """The saved ``config.yaml`` of the run that wrote ``checkpoint`` (the settings it ran with,
+    overrides included); None when the checkpoint is not in a run folder or it has no config."""
+    import yaml
+
+    run = run_of_checkpoint(checkpoint)
+    if run is None or not (run / "config.yaml").is_file():
+        return None
+    try:
+        config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        rank_zero_warn(f"{shown_path(run / 'config.yaml')} is unreadable ({err}): the command's settings apply")
+        return None
+    return config if isinstance(config, dict) else None
 
 
 RUN_MARK = ".lmexp-run.json"  # in each run folder: what the run is doing, and which process does it

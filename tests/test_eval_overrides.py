@@ -123,3 +123,16 @@ def test_a_resumed_fit_follows_the_schedule_length_the_command_states(tmp_path: 
     assert run.model.hparams.max_steps == 6 and run.model._schedule_steps == 6
     assert run.trainer.global_step == 8
     assert not [w for w in caught if "LR schedule was" in str(w.message)]
+
+
+def test_a_resumed_fit_may_state_the_other_warmup_setting(tmp_path: Path):
+    """warmup_steps and warmup_fraction are exclusive: the one a resume states replaces the other
+    saved in the checkpoint, rather than failing on both being set."""
+    (tmp_path / "corpus.txt").write_text(make_corpus())
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY.format(root=tmp_path / "runs", corpus=tmp_path / "corpus.txt", cache=tmp_path / "cache")
+                    .replace("    warmup_steps: 0\n", ""))
+    main(["fit", "--config", str(path), "--model.warmup_fraction=0.5"])
+    run = build("fit", configs=[path], ckpt_path="last", args=["--trainer.max_steps=6", "--model.max_steps=6",
+                                                               "--model.warmup_steps=1"])
+    assert (run.model.hparams.warmup_steps, run.model.hparams.warmup_fraction) == (1, None)

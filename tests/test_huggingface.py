@@ -148,14 +148,16 @@ def test_bert_import_matches_transformers(kind: str, tokenizer_dirs: dict[str, P
             assert max_diff(ours.sop_head(ours.pool(hidden)), out.seq_relationship_logits) < TOL
         if kind == "BertForSequenceClassification":
             assert max_diff(ours.classify(ids, mask, types), out.logits) < TOL
-    expected = {"BertModel": "masked_lm", "BertForMaskedLM": "masked_lm", "BertForPreTraining": "masked_lm",
+    expected = {"BertModel": "encoder", "BertForMaskedLM": "masked_lm", "BertForPreTraining": "masked_lm",
                 "BertForSequenceClassification": "classification"}[kind]
     assert loaded.objective == expected
     assert loaded.config.labels == (["neg", "neutral", "pos"] if "Sequence" in kind else None)
     assert (loaded.config.norm_position, loaded.config.embedding_norm, loaded.config.norm_eps) == ("post", True, 1e-12)
-    said = caplog.text
-    assert ("has no masked-LM head: it is initialized randomly" in said) == (kind in ("BertModel", "BertForSequenceClassification"))
-    assert ("has no pooler" in said) == (kind == "BertForMaskedLM")
+    assert "initialized randomly" not in caplog.text  # only the heads the folder has
+    heads = (loaded.config.mlm_head, loaded.config.sop_head, loaded.config.pooler)
+    assert heads == {"BertModel": (False, False, True), "BertForMaskedLM": (True, False, False),
+                     "BertForPreTraining": (True, True, True),
+                     "BertForSequenceClassification": (False, False, True)}[kind]
 
 
 def test_gpt2_import_matches_transformers_with_right_and_left_padding(tokenizer_dirs: dict[str, Path], tmp_path: Path) -> None:
@@ -449,7 +451,7 @@ def test_a_token_classifier_imports_its_encoder_and_says_the_head_is_ignored(
     theirs = transformers.BertForTokenClassification(bert_config(tokenizer_dirs["bert"], num_labels=5))
     with caplog.at_level("WARNING", logger="lmexp.huggingface"):
         loaded = load_checkpoint(save_hf(theirs, tokenizer_dirs["bert"], tmp_path / "ner"))
-    assert loaded.objective == "masked_lm" and loaded.config.labels is None
+    assert loaded.objective == "encoder" and loaded.config.labels is None
     assert "ignored 2 weight(s) lmexp has no place for: classifier.bias, classifier.weight" in caplog.text
     ids, mask = padded_batch(loaded.config.vocab_size)
     with torch.no_grad():

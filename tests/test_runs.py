@@ -48,3 +48,32 @@ def test_a_fit_over_folds_is_built_as_a_cross_validation_using_the_builder(tmp_p
     ])
     assert isinstance(built, CrossValidation) and built.num_folds == 2
     assert built.build is runs.build and built.run_dir == tmp_path / "runs" / "cv-cv"
+
+
+def test_the_model_summary_shows_flops_only_where_counted(tmp_path: Path, monkeypatch, caplog):
+    """Lightning counts FLOPs only through a module's example_input_array, which lmexp objectives
+    do not set: its summary printed a FLOPs column of zeros and "Total Flops 0" at every fit."""
+    import logging
+
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.callbacks import ModelSummary
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from lmexp.callbacks import ParameterSummary
+
+    monkeypatch.chdir(tmp_path)
+    run = runs.build("fit", [ROOT / "configs" / "quickstart.yaml"], logger=False, args=[
+        f"--trainer.default_root_dir={tmp_path / 'runs'}", "--trainer.enable_model_summary=true"])
+    assert [type(c) for c in run.trainer.callbacks if isinstance(c, ModelSummary)] == [ParameterSummary]
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    counted = BoringModel()
+    counted.example_input_array = torch.zeros(2, 32)
+    with caplog.at_level(logging.INFO):
+        ParameterSummary().on_fit_start(trainer, BoringModel())
+        plain = caplog.text
+        caplog.clear()
+        ParameterSummary().on_fit_start(trainer, counted)
+    assert "Total params" in plain and "FLOPs" not in plain and "Flops" not in plain
+    assert "FLOPs" in caplog.text and "Total FLOPs" in caplog.text

@@ -302,8 +302,12 @@ class ClassificationBatches(IterableDataset):
         first = self._resume[1] if self._resume is not None and self._resume[0] == epoch else 0
         self._resume = None
         for index in self._batches(epoch)[first:]:
-            labels = [self.labels[i] for i in index] if self.labels is not None else None
-            yield pad_batch([self.encoded[i] for i in index], labels, self.pad_id)
+            yield self.collate(index)
+
+    def collate(self, index: np.ndarray) -> dict[str, torch.Tensor]:
+        """The batch of the examples at ``index``: padded, with their labels (a subclass frames its own)."""
+        labels = [self.labels[i] for i in index] if self.labels is not None else None
+        return pad_batch([self.encoded[i] for i in index], labels, self.pad_id)
 
 
 class ClassificationDataModule(ResumableDataModule):
@@ -427,19 +431,48 @@ class ClassificationDataModule(ResumableDataModule):
     def vocab_size(self) -> int | None:
         return self.tokenizer.get_vocab_size() if self.tokenizer is not None else None
 
-    def class_counts(self) -> list[int]:
-        """Training examples per label, in label order (for balanced class weights)."""
+    def class_counts(self) -> list[int] | None:
+        """Training examples per label, in label order (for balanced class weights); None when no
+        training split was read (an evaluation, whose metrics the loss weights do not change)."""
+        if "train" not in self.splits:
+            return None
         counts = Counter(label_ids(self.splits["train"], self.labels or [], "the training set"))
         return [counts.get(i, 0) for i in range(len(self.labels or []))]
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, stage: str | None = None) -> None:
-        if self.tokenizer is not None:
-            return
+        """Read, split and encode the tables. An evaluation (``test``, or ``validate`` with a
+        ``val`` file) reads only its own table when the model already fixes the labels and the
+        tokenizer (a trained checkpoint does): scoring 872 test sentences does not read or
+        tokenize a training set, which need not even be there."""
+        split = {"test": "test", "validate": "val"}.get(stage or "")
+        if self.tokenizer is not None and ("train" in self.splits or split in self.splits):
+            return  # set up already (an evaluation's own table only: a fit after it reads everything)
         contract = self._contract()
+        if split == "test" and self.test_path is None:
+            raise DataError("there is no test data: set data.test")
         read = lambda path: read_examples(path, self.text_column, self.text_pair_column, self.label_column)  # noqa: E731
-        data = read(self.train_path)
-        self.splits = self._split(data)
+        labels = self.given_labels or (list(contract.labels) if contract.labels else None)
+        tokenizer = contract.tokenizer or self.given_tokenizer
+        path = {"test": self.test_path, "val": self.val_path}.get(split or "")
+        if path is not None and labels is not None and tokenizer is not None:
+            self.splits = {split: read(path)}
+            self.labels, self.tokenizer = labels, tokenizer
+        else:
+            self._read_all(read)
+            self.tokenizer = tokenizer or self._train_tokenizer(contract)
+        framing = self.framing()
+        pad_id = self.tokenizer.token_to_id(PAD)
+        self.pad_id = pad_id if pad_id is not None else 0
+        for name, examples in self.splits.items():
+            self._encoded[name] = encode_examples(self.tokenizer, examples.texts, examples.pairs, framing.arch,
+                                                  framing.max_length)
+        counts = {name: len(examples) for name, examples in self.splits.items()}
+        rank_zero_info(f"classification data: {counts} examples, labels {self.labels}, max_length {framing.max_length}")
+
+    def _read_all(self, read: Any) -> None:
+        """Every split: train (with its held-out part or folds), val and test; the labels."""
+        self.splits = self._split(read(self.train_path))
         if self.train_subset is not None and self.train_subset < len(self.splits["train"]):
             pick = np.random.default_rng((self.seed, 1)).permutation(len(self.splits["train"]))[: self.train_subset]
             self.splits["train"] = self.splits["train"].subset(np.sort(pick))
@@ -450,15 +483,6 @@ class ClassificationDataModule(ResumableDataModule):
         self.labels = self.given_labels or label_order(self.splits["train"].labels or [])
         if len(self.labels) < 2:
             raise DataError(f"{self.train_path} has one label ({self.labels[0]}): classification needs at least two")
-        self.tokenizer = contract.tokenizer or self.given_tokenizer or self._train_tokenizer(contract)
-        framing = self.framing()
-        pad_id = self.tokenizer.token_to_id(PAD)
-        self.pad_id = pad_id if pad_id is not None else 0
-        for split, examples in self.splits.items():
-            self._encoded[split] = encode_examples(self.tokenizer, examples.texts, examples.pairs, framing.arch,
-                                                   framing.max_length)
-        counts = {split: len(examples) for split, examples in self.splits.items()}
-        rank_zero_info(f"classification data: {counts} examples, labels {self.labels}, max_length {framing.max_length}")
 
     def _split(self, data: Examples) -> dict[str, Examples]:
         order = np.random.default_rng(self.seed).permutation(len(data))
@@ -486,7 +510,8 @@ class ClassificationDataModule(ResumableDataModule):
             setting = {"val": "data.val or data.val_fraction", "test": "data.test"}[split]
             raise DataError(f"there is no {split} data: set {setting}")
         trainer = self.trainer
-        labels = label_ids(self.splits[split], self.labels or [], "the training set")
+        known = "the training set" if "train" in self.splits else "the model"
+        labels = label_ids(self.splits[split], self.labels or [], known)
         world_size = trainer.world_size if trainer else 1
         if not shuffle and 0 < len(self._encoded[split]) < world_size:
             raise DataError(f"the {split} split has {len(self._encoded[split])} examples, fewer than the {world_size} "

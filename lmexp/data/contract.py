@@ -26,3 +26,6 @@ class DataContract:
     """gpt, bert or lstm: bert inputs are framed as [CLS] text [SEP]."""
     tokenizer: Tokenizer | None = None
     """A pretrained model's tokenizer, which the data must encode with instead of training one."""
+    labels: tuple[str, ...] | None = None
+    """The class labels a trained classifier already has, in id order: data read for evaluation maps
+    its labels to these (no training file needed)."""

@@ -135,15 +135,19 @@ def bert_params(config: ModelConfig) -> list[Param]:
             *_linear(f"{ours}.mlp.out_proj", f"{theirs}.output.dense"),
             *_linear(f"{ours}.ln2", f"{theirs}.output.LayerNorm"),
         ]
-    params += [
-        *_linear("pooler", "pooler.dense", head="pooler"),
-        *_linear("mlm_head.dense", "cls.predictions.transform.dense", head="masked-LM head"),
-        *_linear("mlm_head.ln", "cls.predictions.transform.LayerNorm", head="masked-LM head"),
-        Param("mlm_head.bias", ("cls.predictions.bias",), head="masked-LM head"),
-        *_linear("sop_head", "cls.seq_relationship", head="sentence-pair head"),
-    ]
-    if not config.tie_embeddings:
-        params.append(Param("mlm_head.decoder.weight", ("cls.predictions.decoder.weight",), head="masked-LM head"))
+    # Only the heads the network has (ModelConfig.mlm_head, sop_head, pooler).
+    if config.pooler:
+        params += _linear("pooler", "pooler.dense", head="pooler")
+    if config.mlm_head:
+        params += [
+            *_linear("mlm_head.dense", "cls.predictions.transform.dense", head="masked-LM head"),
+            *_linear("mlm_head.ln", "cls.predictions.transform.LayerNorm", head="masked-LM head"),
+            Param("mlm_head.bias", ("cls.predictions.bias",), head="masked-LM head"),
+        ]
+        if not config.tie_embeddings:
+            params.append(Param("mlm_head.decoder.weight", ("cls.predictions.decoder.weight",), head="masked-LM head"))
+    if config.sop_head:
+        params += _linear("sop_head", "cls.seq_relationship", head="sentence-pair head")
     if config.labels:
         params += _linear("classifier.out_proj", "classifier", head="classification head")
     return params
@@ -183,8 +187,9 @@ IGNORED = re.compile(r"(position_ids|token_type_ids|\.attn\.bias|\.attn\.masked_
 def load_hf(folder: str | Path) -> LoadedModel:
     """A transformers folder as an lmexp network with its weights, config, tokenizer and objective.
 
-    Heads the folder lacks (BertModel has no masked-LM head) are initialized and said so; a
-    folder whose weights, config or tokenizer do not fit is refused in one line.
+    A BERT gets only the heads the folder has (BertModel: no masked-LM head, and its objective is
+    ``encoder``), except a classifier's pooler, which is initialized and said so; a folder whose
+    weights, config or tokenizer do not fit is refused in one line.
     """
     folder = Path(folder)
     hf_config = read_hf_config(folder)
@@ -245,7 +250,7 @@ def load_hf(folder: str | Path) -> LoadedModel:
     if model_type == "gpt2":
         objective = "causal_lm"
     else:
-        objective = "classification" if config.labels else "masked_lm"
+        objective = "classification" if config.labels else "masked_lm" if config.mlm_head else "encoder"
     return LoadedModel(model.eval(), config, tokenizer, objective)
 
 
@@ -381,6 +386,8 @@ def bert_network(hf: dict[str, Any], state: dict[str, Tensor], folder: Path) -> 
         labels = _labels(hf, state["classifier.weight"].shape[0], folder)
     width = hf.get("hidden_size", 768)
     dropout = hf.get("hidden_dropout_prob", 0.1)
+    held = {prefix for prefix in ("cls.predictions.", "cls.seq_relationship.", "pooler.")
+            if any(name.startswith(prefix) for name in state)}
     return _network(
         folder,
         arch="bert", norm_position="post", embedding_norm=True,
@@ -391,6 +398,9 @@ def bert_network(hf: dict[str, Any], state: dict[str, Tensor], folder: Path) -> 
         mlp_ratio=_mlp_ratio(folder, "intermediate_size", hf.get("intermediate_size", 3072), width),
         dropout=dropout, classifier_dropout=dropout if hf.get("classifier_dropout") is None else hf["classifier_dropout"],
         tie_embeddings=hf.get("tie_word_embeddings", True), labels=labels,
+        # The heads the folder holds; a classifier reads the pooler, so it has one whatever the folder.
+        mlm_head="cls.predictions." in held, sop_head="cls.seq_relationship." in held,
+        pooler="pooler." in held or bool(labels),
     )
 
 
@@ -534,14 +544,15 @@ def export_hf(model: nn.Module, config: ModelConfig, folder: str | Path, tokeniz
     state = model.state_dict()
     if config.arch == "bert":
         # Exactly what the target class holds, so that transformers loads it without a report
-        # of unexpected keys: BertForMaskedLM has no pooler.
-        heads = {"pooler", "classification head"} if config.labels else {"masked-LM head"}
+        # of unexpected keys: BertForMaskedLM has no pooler; an encoder without heads is a BertModel.
+        heads = {"pooler", "classification head"} if config.labels else {"masked-LM head"} if config.mlm_head else \
+            {"pooler"}
         params = [p for p in bert_params(config) if p.head is None or p.head in heads]
         hf_config, model_type = _bert_config(config), "bert"
     else:
         params, hf_config, model_type = gpt2_params(config), _gpt2_config(config), "gpt2"
     tensors: dict[str, Tensor] = {}
-    if config.arch == "bert" and not config.labels:  # the bias the decoder uses, under both names
+    if config.arch == "bert" and not config.labels and config.mlm_head:  # the decoder's bias, under both names
         tensors["cls.predictions.decoder.bias"] = state["mlm_head.bias"].detach().float().contiguous().clone()
     for param in params:
         value = state[param.ours].detach().float()
@@ -601,7 +612,8 @@ def check_exportable(config: ModelConfig) -> None:
 
 def _bert_config(config: ModelConfig) -> dict[str, Any]:
     hf = {
-        "architectures": ["BertForSequenceClassification" if config.labels else "BertForMaskedLM"],
+        "architectures": ["BertForSequenceClassification" if config.labels else
+                          "BertForMaskedLM" if config.mlm_head else "BertModel"],
         "model_type": "bert",
         "vocab_size": config.require_vocab_size(),
         "hidden_size": config.n_embd,

@@ -33,7 +33,9 @@ class MaskedLMHead(nn.Module):
 
 class BERT(nn.Module):
     """Bidirectional transformer with token-type embeddings, a [CLS] pooler and its heads: masked
-    LM, sentence order, and (with ``config.labels``) sequence classification.
+    LM, sentence order, and (with ``config.labels``) sequence classification. The config says
+    which exist (``mlm_head``, ``sop_head``, ``pooler``): an encoder imported without a head has
+    none, rather than a random one nothing trains.
 
     Answers the calls every lmexp network answers (``hidden_states``, ``logits``, ``pooled``,
     ``classify``); ``forward`` returns hidden states, as the masked-LM objective decodes only
@@ -46,13 +48,33 @@ class BERT(nn.Module):
         super().__init__()
         self.config = config
         self.trunk = TransformerTrunk(config, causal=False, token_types=True)
-        self.mlm_head = MaskedLMHead(config, self.trunk.tok_emb)
-        self.pooler = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.sop_head = nn.Linear(config.n_embd, 2)  # sentence-order prediction (ALBERT)
+        self.mlm_head = MaskedLMHead(config, self.trunk.tok_emb) if config.mlm_head else None
+        self.pooler = nn.Linear(config.n_embd, config.n_embd, bias=config.bias) if config.pooler else None
+        self.sop_head = nn.Linear(config.n_embd, 2) if config.sop_head else None  # sentence-order prediction (ALBERT)
         self.classifier = (
             ClassificationHead(config.n_embd, config.num_labels, config.classifier_dropout) if config.labels else None
         )
         init_gpt2_weights(self, config.n_layer)
+
+    def add_heads(self, config: ModelConfig) -> list[str]:
+        """Make, freshly initialized, the heads ``config`` has and this network lacks (a masked-LM
+        objective asked for sentence order on an encoder imported without its head); returns their names."""
+        made = []
+        if config.mlm_head and self.mlm_head is None:
+            self.mlm_head, made = MaskedLMHead(config, self.trunk.tok_emb), [*made, "mlm_head"]
+        if config.pooler and self.pooler is None:
+            self.pooler, made = nn.Linear(config.n_embd, config.n_embd, bias=config.bias), [*made, "pooler"]
+        if config.sop_head and self.sop_head is None:
+            self.sop_head, made = nn.Linear(config.n_embd, 2), [*made, "sop_head"]
+        device = self.trunk.tok_emb.weight.device
+        for name in made:
+            head = getattr(self, name).to(device)
+            init_gpt2_weights(head, config.n_layer)
+            if name == "mlm_head" and config.tie_embeddings:
+                head.decoder.weight = self.trunk.tok_emb.weight  # init touched the tied matrix: tie it back
+            setattr(self, name, head)
+        self.config = config
+        return made
 
     def forward(
         self,
@@ -87,10 +109,16 @@ class BERT(nn.Module):
 
     def mlm_logits(self, hidden: Tensor) -> Tensor:
         """hidden (B, T, C) -> logits (B, T, V). Apply it to masked positions only to save compute."""
+        if self.mlm_head is None:
+            raise ValueError("this BERT has no masked-LM head (an encoder imported without one): train it with MaskedLM, "
+                             "which adds one, or use its hidden states")
         return self.mlm_head(hidden)
 
     def pool(self, hidden: Tensor) -> Tensor:
         """hidden (B, T, C) -> (B, C): the [CLS] state, for sequence classification."""
+        if self.pooler is None:
+            raise ValueError("this BERT has no pooler (imported from a folder without one): fine-tune it with "
+                             "SequenceClassification, which adds one")
         return torch.tanh(self.pooler(hidden[:, 0]))
 
     def classify(

@@ -61,6 +61,15 @@ class ModelConfig:
     classification head on its pooled output (gpt: last real token; bert: [CLS])."""
     classifier_dropout: float = 0.1
     """Dropout on the pooled state before the classification head."""
+    mlm_head: bool = True
+    """bert: the network has a masked-LM head. An encoder imported without one (transformers
+    BertModel, BertForSequenceClassification) has none, so a classifier made from it carries no
+    random head; MaskedLM adds a fresh one."""
+    sop_head: bool = True
+    """bert: the network has a sentence-order head (present only where the source or MaskedLM has it)."""
+    pooler: bool = True
+    """bert: the network has the [CLS] pooler (dense + tanh) that classification and sentence order
+    read; transformers' BertForMaskedLM has none."""
     layer_heads: list[int] | None = None
     """Attention heads of each block, when blocks differ (a head-pruned model); None: n_head in
     every block. A head stays n_embd/n_head wide, so fewer heads mean narrower projections."""

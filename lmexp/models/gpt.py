@@ -37,16 +37,21 @@ class GPT(nn.Module):
         init_gpt2_weights(self, config.n_layer)
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, cache: KVCache | None = None
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        document_ids: Tensor | None = None,
     ) -> Tensor:
         """input_ids (B, T) -> logits (B, T, V).
 
         attention_mask (B, T), 1 = real token, lets a left-padded batch of prompts give each row
         the logits of its prompt alone (positions count from the row's first real token). With a
         cache, input_ids (and the mask) are the tokens after the cached ones; the cache is extended
-        and remembers the mask.
+        and remembers the mask. document_ids (B, T) keep documents packed into one row apart (each
+        sees only itself, positions restart per document; -1 = padding): see ``TransformerTrunk``.
         """
-        return self.logits(input_ids, attention_mask, cache=cache)
+        return self.logits(input_ids, attention_mask, cache=cache, document_ids=document_ids)
 
     def hidden_states(
         self,
@@ -54,13 +59,14 @@ class GPT(nn.Module):
         attention_mask: Tensor | None = None,
         token_type_ids: Tensor | None = None,
         cache: KVCache | None = None,
+        document_ids: Tensor | None = None,
     ) -> Tensor:
-        """input_ids (B, T) -> final hidden states (B, T, C); masks and cache as in ``forward``.
+        """input_ids (B, T) -> final hidden states (B, T, C); masks, cache and documents as in ``forward``.
 
         token_type_ids are accepted for a uniform interface and ignored: a GPT has no segment
         embeddings (a pair is told apart by its separator tokens).
         """
-        return self.trunk(input_ids, attention_mask=attention_mask, cache=cache)
+        return self.trunk(input_ids, attention_mask=attention_mask, cache=cache, document_ids=document_ids)
 
     def logits(
         self,
@@ -68,9 +74,10 @@ class GPT(nn.Module):
         attention_mask: Tensor | None = None,
         token_type_ids: Tensor | None = None,
         cache: KVCache | None = None,
+        document_ids: Tensor | None = None,
     ) -> Tensor:
         """input_ids (B, T) -> next-token logits (B, T, V) at every position."""
-        return self.lm_head(self.hidden_states(input_ids, attention_mask, token_type_ids, cache))
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, token_type_ids, cache, document_ids))
 
     def pooled(
         self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None

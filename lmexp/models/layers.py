@@ -188,6 +188,7 @@ class TransformerTrunk(nn.Module):
         attention_mask: Tensor | None = None,
         token_type_ids: Tensor | None = None,
         cache: KVCache | None = None,
+        document_ids: Tensor | None = None,
     ) -> Tensor:
         """input_ids (B, T) -> hidden states (B, T, C).
 
@@ -196,18 +197,32 @@ class TransformerTrunk(nn.Module):
         In a causal model with padding, positions count from each row's first real token, so a
         left-padded row gets the same result as its tokens alone; otherwise positions are 0..T-1
         after the cached ones (and causal attention keeps its fused kernel).
+
+        document_ids (B, T) pack several documents into one row (supervised fine-tuning packs
+        prompt/response pairs): a token attends only to the tokens of its own document, and
+        positions restart at 0 where each document starts. A document is a run of equal ids along a
+        row, each document of a row with its own id (0, 1, 2, ...); padding has a negative id (-1), and a pad token attends only to padding (its
+        output is meaningless and must not be scored). Not with a cache: generation continues one
+        document.
         """
         B, T = input_ids.shape
         past = self._check_input(B, T, cache)
+        if document_ids is not None and (cache is not None or document_ids.shape != input_ids.shape):
+            raise ValueError(
+                f"document_ids {tuple(document_ids.shape)} must match input_ids {tuple(input_ids.shape)} and come "
+                "without a cache: pass one document id per input token, and generate without document_ids"
+            )
         if cache is not None:
             key_mask = cache.update_mask(attention_mask, T)  # (B, past + T) or None
         else:
             key_mask = attention_mask.bool() if attention_mask is not None else None
-        # Per-row positions only for a causal model given a mask (left-padded prompts); the
-        # unmasked path stays as cheap as before. A bidirectional model numbers positions 0..T-1
-        # whatever the padding, as BERT does.
+        # Per-row positions only for a causal model given a mask (left-padded prompts) or packed
+        # documents; the unmasked path stays as cheap as before. A bidirectional model numbers
+        # positions 0..T-1 whatever the padding, as BERT does.
         positions = None
-        if key_mask is not None and self.causal:
+        if document_ids is not None:
+            positions = document_positions(document_ids)
+        elif key_mask is not None and self.causal:
             positions = (key_mask.long().cumsum(dim=1)[:, past:] - 1).clamp(min=0)
         x = self.tok_emb(input_ids)  # (B, T, C)
         if self.pos_emb is not None:
@@ -226,6 +241,12 @@ class TransformerTrunk(nn.Module):
         if self.rotary is not None:
             rope = self.rotary(past, T) if positions is None else self.rotary.at(positions)
         mask = self._attention_mask(key_mask, past, T)
+        if document_ids is not None:
+            # (B, 1, T, T): same document only (Attention adds causality); every query keeps its
+            # own key, so a row whose keys are all masked cannot give NaN.
+            same = document_ids[:, None, :, None] == document_ids[:, None, None, :]
+            same = same | torch.eye(T, dtype=torch.bool, device=same.device)
+            mask = same if mask is None else mask & same
         recompute = self.config.activation_checkpointing and self.training and cache is None
         for block in self.blocks:
             if recompute:
@@ -274,6 +295,16 @@ class TransformerTrunk(nn.Module):
                 "reset the cache and prefill a cropped context"
             )
         return cache.length
+
+
+def document_positions(document_ids: Tensor) -> Tensor:
+    """(B, T) document ids -> each token's position within its document (runs of equal ids)."""
+    T = document_ids.size(1)
+    index = torch.arange(T, device=document_ids.device).expand_as(document_ids)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - first
 
 
 def init_gpt2_weights(model: nn.Module, n_layer: int) -> None:

@@ -9,10 +9,11 @@ from lmexp.objectives.masked_lm import MaskedLM
 from lmexp.objectives.optimizers import clip_gradients
 from lmexp.objectives.resume import ExactResume
 from lmexp.objectives.schedule import warmup_cosine, warmup_stable_decay
+from lmexp.objectives.sft import SFT
 from lmexp.objectives.throughput import Throughput
 
 __all__ = [
-    "CausalLM", "ExactResume", "LMStep", "LanguageModelObjective", "MaskedLM", "SequenceClassification", "Throughput",
-    "TrainingObjective", "attached_trainer", "clip_gradients", "resolve_network", "warmup_cosine",
+    "SFT", "CausalLM", "ExactResume", "LMStep", "LanguageModelObjective", "MaskedLM", "SequenceClassification",
+    "Throughput", "TrainingObjective", "attached_trainer", "clip_gradients", "resolve_network", "warmup_cosine",
     "warmup_stable_decay",
 ]

@@ -29,7 +29,7 @@ from lmexp.lightning_internals import logs_this_step as _logs_this_step  # its o
 from lmexp.models import ModelConfig, build_model, count_parameters, from_name
 from lmexp.objectives.optimizers import MuonWithAdamW, clip_gradients, hidden_matrices
 from lmexp.objectives.resume import ExactResume
-from lmexp.objectives.schedule import Schedule, lr_multiplier
+from lmexp.objectives.schedule import SCHEDULES, Schedule, lr_multiplier, warmup_length
 from lmexp.objectives.throughput import Throughput
 
 MOVED = {"logs_this_step": "lmexp.lightning_internals"}
@@ -60,9 +60,15 @@ def resolve_network(network: str | ModelConfig | Mapping[str, Any], overrides: M
 # The arguments that say what the network is: a checkpoint's weights fix them.
 NETWORK_SETTINGS = ("network", "network_overrides", "pretrained")
 # The arguments that shape the learning-rate schedule: its state in a checkpoint is only the step.
-SCHEDULE_SETTINGS = ("max_steps", "warmup_steps", "schedule", "min_lr_ratio", "decay_fraction")
-# Network fields that leave what trained weights compute unchanged (dropout is off in evaluation).
+SCHEDULE_SETTINGS = ("max_steps", "warmup_steps", "warmup_fraction", "schedule", "min_lr_ratio", "decay_fraction")
+# Warmup when neither warmup_steps nor warmup_fraction is set.
+DEFAULT_WARMUP_STEPS = 100
+# Network fields that leave what trained weights compute unchanged (dropout is off in evaluation),
+# and the heads a network has, which its source and its objective decide (never a command).
 _WEIGHT_NEUTRAL_FIELDS = frozenset({"dropout", "classifier_dropout", "activation_checkpointing"})
+HEAD_FIELDS = ("mlm_head", "sop_head", "pooler")
+# Module names of those heads in a network's state dict.
+_HEAD_MODULES = ("mlm_head.", "sop_head.", "pooler.")
 
 
 def check_stated_network(stated: Mapping[str, Any], saved_network: Mapping[str, Any], checkpoint: str) -> None:
@@ -83,7 +89,7 @@ def check_stated_network(stated: Mapping[str, Any], saved_network: Mapping[str, 
     defaults = ModelConfig().to_dict()  # for fields newer than the checkpoint
     for field, value in described.items():
         trained = saved_network.get(field, defaults[field])
-        if field in _WEIGHT_NEUTRAL_FIELDS or value is None or _plain(value) == _plain(trained):
+        if field in _WEIGHT_NEUTRAL_FIELDS or field in HEAD_FIELDS or value is None or _plain(value) == _plain(trained):
             continue
         if field in overrides:
             setting = f"model.network_overrides.{field}={value!r}"
@@ -129,7 +135,10 @@ class TrainingObjective(pl.LightningModule):
         lr: Peak learning rate (AdamW).
         weight_decay: AdamW decay on weight matrices; biases, norms and embeddings get none.
         betas: AdamW betas.
-        warmup_steps: Linear warmup length in optimizer steps.
+        warmup_steps: Linear warmup length in optimizer steps (default 100 unless ``warmup_fraction``
+            is set; not both).
+        warmup_fraction: Warmup as a share of the planned steps (e.g. 0.1, the usual setting for
+            fine-tuning, whatever the epochs and batch size make the length); not with ``warmup_steps``.
         max_steps: Length of the schedule; ``None`` uses the trainer's planned step count.
         min_lr_ratio: The floor of the decay as a fraction of ``lr``.
         optimizer: ``adamw`` (torch), ``adamw8bit`` (bitsandbytes: optimizer state in 8 bits,
@@ -140,7 +149,8 @@ class TrainingObjective(pl.LightningModule):
         muon_lr: Muon's peak learning rate; ``None``: ``lr`` (Muon's step is scaled to AdamW's
             update size, so one rate suits both).
         muon_momentum: Muon's momentum.
-        schedule: ``cosine`` (warmup, then a cosine decay to the floor) or ``wsd``
+        schedule: ``cosine`` (warmup, then a cosine decay to the floor), ``linear`` (warmup, then a
+            straight line down to the floor: with ``min_lr_ratio: 0`` the usual fine-tuning decay) or ``wsd``
             (warmup-stable-decay: warmup, the peak held, a linear decay over the last
             ``decay_fraction`` of the steps).
         decay_fraction: Share of the steps ``wsd`` spends decaying.
@@ -157,7 +167,7 @@ class TrainingObjective(pl.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.99),
-        warmup_steps: int = 100,
+        warmup_steps: int | None = None,
         max_steps: int | None = None,
         min_lr_ratio: float = 0.1,
         optimizer: Literal["adamw", "adamw8bit", "muon"] = "adamw",
@@ -167,22 +177,32 @@ class TrainingObjective(pl.LightningModule):
         muon_momentum: float = 0.95,
         schedule: Schedule = "cosine",
         decay_fraction: float = 0.2,
+        warmup_fraction: float | None = None,
     ) -> None:
         super().__init__()
         if lr <= 0:
             raise ConfigError(f"lr={lr} must be positive, e.g. 1e-3")
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ConfigError(f"min_lr_ratio={min_lr_ratio} must be in [0, 1], e.g. 0.1")
-        if warmup_steps < 0:
+        if warmup_steps is not None and warmup_steps < 0:
             raise ConfigError(f"warmup_steps={warmup_steps} must be >= 0")
+        if warmup_fraction is not None and not 0.0 <= warmup_fraction < 1.0:
+            raise ConfigError(f"warmup_fraction={warmup_fraction} must be in [0, 1), e.g. 0.1 (a tenth of the steps)")
+        if warmup_steps is not None and warmup_fraction is not None:
+            raise ConfigError(
+                f"warmup_steps={warmup_steps} and warmup_fraction={warmup_fraction} are both set: give one "
+                "(set the other to null, e.g. --model.init_args.warmup_steps null)"
+            )
         if optimizer not in ("adamw", "adamw8bit", "muon"):
             raise ConfigError(f"optimizer={optimizer!r} is unknown: use 'adamw', 'adamw8bit' or 'muon'")
         if muon_lr is not None and muon_lr <= 0:
             raise ConfigError(f"muon_lr={muon_lr} must be positive (or unset to use lr), e.g. 5e-3")
         if not 0.0 <= muon_momentum < 1.0:
             raise ConfigError(f"muon_momentum={muon_momentum} must be in [0, 1), e.g. 0.95")
-        if schedule not in ("cosine", "wsd"):
-            raise ConfigError(f"schedule={schedule!r} is unknown: use 'cosine' or 'wsd' (warmup-stable-decay)")
+        if schedule not in SCHEDULES:
+            raise ConfigError(
+                f"schedule={schedule!r} is unknown: use 'cosine', 'linear' or 'wsd' (warmup-stable-decay)"
+            )
         if not 0.0 < decay_fraction <= 1.0:
             raise ConfigError(f"decay_fraction={decay_fraction} must be in (0, 1], e.g. 0.2")
         if weight_decay < 0:
@@ -205,7 +225,7 @@ class TrainingObjective(pl.LightningModule):
                     f"pretrained checkpoint {pretrained!r} is quantized, so network_overrides={network_overrides} "
                     "cannot apply: evaluate it as it is, or start from the checkpoint before quantization"
                 )
-        self.network_config = resolve_network(network, network_overrides)
+        self.network_config = self.with_heads(resolve_network(network, network_overrides))
         self.check_network(self.network_config)
         self.model: nn.Module | None = None
         self._schedule_steps: int | None = None
@@ -230,6 +250,12 @@ class TrainingObjective(pl.LightningModule):
     def check_network(self, config: ModelConfig) -> None:
         """Refuse a network this objective cannot train (override); the error names the fix."""
 
+    def with_heads(self, config: ModelConfig) -> ModelConfig:
+        """The network with the heads this objective trains (override): one its start lacks (an
+        encoder imported without a masked-LM head) is made fresh and reported when the weights load;
+        heads it does not use stay as the start has them, so none is made only to sit unused."""
+        return config
+
     def network_complete(self, config: ModelConfig) -> bool:
         """Whether the config says all the data would tell it, so weights can be made now."""
         return config.vocab_size is not None
@@ -240,8 +266,11 @@ class TrainingObjective(pl.LightningModule):
         return []
 
     def data_contract(self) -> DataContract:
-        """What the data must provide for this model: the task, the context, a tokenizer."""
-        return DataContract(self.task, self.block_size, self.network_config.arch, self.source_tokenizer)
+        """What the data must provide for this model: the task, the context, a tokenizer, the labels
+        a trained classifier has."""
+        labels = self.network_config.labels
+        return DataContract(self.task, self.block_size, self.network_config.arch, self.source_tokenizer,
+                            tuple(labels) if labels else None)
 
     def adopt_tokenizer(self, tokenizer: Tokenizer) -> None:
         """Encode the data with this tokenizer: that of a checkpoint about to be loaded, when the
@@ -306,13 +335,19 @@ class TrainingObjective(pl.LightningModule):
             fresh = sorted(set(fresh) | {k for k in model.state_dict() if k.startswith("classifier.")})
         state = {k: v for k, v in state.items() if k not in fresh}
         missing, unexpected = model.load_state_dict(state, strict=False)
-        wrong = [k for k in missing if not k.startswith("classifier.")] + [
+        # A head the start does not have at all (with_heads added it) starts fresh; anything else
+        # missing or of another shape means the sizes were overridden.
+        added = {k for k in missing if k.startswith(_HEAD_MODULES) and k not in pretrained.model.state_dict()}
+        wrong = [k for k in missing if not k.startswith("classifier.") and k not in added] + [
             k for k in unexpected if not k.startswith("classifier.")]
         if wrong:
             raise CheckpointError(
                 f"pretrained checkpoint {self.hparams.pretrained!r} does not fit the network "
                 f"({', '.join(wrong[:3])}{', ...' if len(wrong) > 3 else ''}): do not override sizes of a pretrained network"
             )
+        ours = model.state_dict()
+        loaded = {ours[k].data_ptr() for k in state if k in ours}
+        fresh = [k for k in fresh if ours[k].data_ptr() not in loaded]  # not a decoder tied to a loaded embedding
         if fresh:
             rank_zero_info(f"{type(self).__name__}: new {', '.join(sorted({k.rsplit('.', 1)[0] for k in fresh}))} "
                            f"on top of {self.hparams.pretrained}")
@@ -443,16 +478,24 @@ class TrainingObjective(pl.LightningModule):
         elif max_steps == -1 and max_epochs == -1:
             self._check_warmup(math.inf)
 
+    def warmup_steps_for(self, total_steps: int) -> int:
+        """The warmup length of a schedule ``total_steps`` long (``warmup_fraction`` of it, if set)."""
+        hp = self.hparams
+        return warmup_length(hp.warmup_steps, hp.get("warmup_fraction"), total_steps, DEFAULT_WARMUP_STEPS)
+
     def _check_warmup(self, planned: float) -> None:
         if not math.isfinite(planned):
             raise ConfigError(
                 "training has no end (trainer.max_steps and max_epochs are both -1), so the LR schedule "
                 "has no length: set trainer.max_steps, trainer.max_epochs or model.max_steps"
             )
-        if self.hparams.warmup_steps >= planned:
+        if self.hparams.get("warmup_fraction") is not None:
+            return  # a share of the steps: below them whatever their number
+        warmup = self.warmup_steps_for(int(planned))
+        if warmup >= planned:
             raise ConfigError(
-                f"warmup_steps={self.hparams.warmup_steps} is not below the {int(planned)} training steps: "
-                "lower model.warmup_steps or train longer"
+                f"warmup_steps={warmup} is not below the {int(planned)} training steps: "
+                "lower model.warmup_steps or train longer (or set model.warmup_fraction)"
             )
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -468,9 +511,10 @@ class TrainingObjective(pl.LightningModule):
             )
         self._schedule_steps = total
         hp = self.hparams
-        scheduler = LambdaLR(
-            optimizer, lr_multiplier(hp.schedule, hp.warmup_steps, total, hp.min_lr_ratio, hp.decay_fraction)
-        )
+        warmup = self.warmup_steps_for(total)
+        if hp.get("warmup_fraction") is not None:
+            rank_zero_info(f"LR warmup: {warmup} of {total} steps (warmup_fraction={hp.warmup_fraction})")
+        scheduler = LambdaLR(optimizer, lr_multiplier(hp.schedule, warmup, total, hp.min_lr_ratio, hp.decay_fraction))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(

@@ -70,7 +70,10 @@ class CausalLM(LanguageModelObjective):
         return self.model(input_ids)
 
     def lm_step(self, batch: dict[str, torch.Tensor], stage: str) -> LMStep:
-        logits = self.model(batch["input_ids"])  # (B, T, V)
+        if "document_ids" in batch:  # packed pairs: each sees only itself (the data refuses an lstm)
+            logits = self.model(batch["input_ids"], document_ids=batch["document_ids"])
+        else:  # right padding never reaches a real token of a causal model: the fused kernel stays
+            logits = self.model(batch["input_ids"])  # (B, T, V)
         flat_logits, flat_labels = logits.flatten(0, 1), batch["labels"].flatten()
         # Training optimizes the smoothed loss; evaluation reports the plain NLL.
         smoothing = self.label_smoothing if stage == "train" else 0.0

@@ -73,6 +73,10 @@ class SequenceClassification(TrainingObjective):
                 f"SequenceClassification needs a gpt or bert network, but {self._describe_source()} is an lstm"
             )
 
+    def with_heads(self, config: ModelConfig) -> ModelConfig:
+        # A BERT classifies from the pooled [CLS] state: transformers' BertForMaskedLM has no pooler.
+        return config.replace(pooler=True) if config.arch == "bert" else config
+
     def network_complete(self, config: ModelConfig) -> bool:
         return config.vocab_size is not None and config.labels is not None
 

@@ -6,6 +6,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lmexp.errors import ConfigError
@@ -37,11 +38,25 @@ class MaskedLM(LanguageModelObjective):
                 "use a bert-* preset or a BERT checkpoint"
             )
 
+    def with_heads(self, config: ModelConfig) -> ModelConfig:
+        # An encoder without a masked-LM head gets a fresh one (reported when the weights load).
+        return config.replace(mlm_head=True) if config.arch == "bert" else config  # check_network refuses the rest
+
+    def read_data(self, datamodule: Any) -> None:
+        super().read_data(datamodule)
+        # Sentence order reads the pooler and its own head: a start without them gets fresh ones.
+        if not getattr(datamodule, "sentence_order", False) or self.network_config.arch != "bert":
+            return
+        self.network_config = self.network_config.replace(sop_head=True, pooler=True)
+        made = self.model.add_heads(self.network_config) if self.model is not None else []
+        if made:
+            rank_zero_info(f"MaskedLM: new {', '.join(made)} for sentence order on top of {self.hparams.pretrained}")
+
     def unused_modules(self) -> list[nn.Module]:
         unused = [self.model.classifier] if self.model.classifier is not None else []
         # Without sentence-order labels the SOP head (and the pooler feeding it) get no gradient.
         if not self.uses_sentence_order():
-            unused += [self.model.sop_head, self.model.pooler]
+            unused += [module for module in (self.model.sop_head, self.model.pooler) if module is not None]
         return unused
 
     def uses_sentence_order(self) -> bool:

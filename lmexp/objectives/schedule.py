@@ -6,7 +6,8 @@ import math
 from collections.abc import Callable
 from typing import Literal
 
-Schedule = Literal["cosine", "wsd"]
+Schedule = Literal["cosine", "linear", "wsd"]
+SCHEDULES = ("cosine", "linear", "wsd")
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -20,6 +21,26 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
     decay_steps = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_linear(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Linear warmup, then a straight line down to ``min_lr_ratio`` at ``total_steps`` (and there after).
+
+    The schedule pretrained encoders are usually fine-tuned with (``min_lr_ratio`` 0: decay to zero).
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return 1.0 - (1.0 - min_lr_ratio) * progress
+
+
+def warmup_length(warmup_steps: int | None, warmup_fraction: float | None, total_steps: int, default: int) -> int:
+    """Warmup steps: ``warmup_steps`` as given, or ``warmup_fraction`` of the planned ``total_steps``
+    (rounded down, so below ``total_steps`` for a fraction under 1), else ``default``."""
+    if warmup_fraction is not None:
+        return int(warmup_fraction * total_steps + 1e-9)  # 0.29 * 100 is 28.999...: not 28
+    return default if warmup_steps is None else warmup_steps
 
 
 def warmup_stable_decay(
@@ -47,4 +68,6 @@ def lr_multiplier(
     """The schedule as a function of the step, for ``LambdaLR``."""
     if schedule == "wsd":
         return lambda step: warmup_stable_decay(step, warmup_steps, total_steps, min_lr_ratio, decay_fraction)
+    if schedule == "linear":
+        return lambda step: warmup_linear(step, warmup_steps, total_steps, min_lr_ratio)
     return lambda step: warmup_cosine(step, warmup_steps, total_steps, min_lr_ratio)

@@ -8,10 +8,12 @@ import torch
 
 from lmexp.arguments import json_parser
 from lmexp.checkpoints import load_checkpoint
+from lmexp.data.chat import end_of_text_id
 from lmexp.data.tokenizer import describe_unknown, encode_prompt, load_tokenizer
 from lmexp.errors import CheckpointError, ConfigError
 from lmexp.generation import cut_at_stop, first_nonfinite, generate, stop_string_check, supports_attention_mask
 from lmexp.hardware import check_device
+from lmexp.prompting import chat_settings
 
 __all__ = ["generate_text", "run", "run_generate"]
 
@@ -32,6 +34,7 @@ def generate_text(
     window_shift: int | None = None,
     tokenizer: str | None = None,
     device: str = "cpu",
+    chat_template: str = "checkpoint",
 ) -> list[str]:
     """Generate text from a trained causal language model.
 
@@ -57,6 +60,10 @@ def generate_text(
             (1: always the last block_size tokens, slowest; default: a quarter of the context).
         tokenizer: A ``tokenizer.json`` to use instead of the one saved in the checkpoint.
         device: ``cpu`` or ``cuda``.
+        chat_template: How a prompt is wrapped: ``checkpoint`` uses the chat template a
+            fine-tuned (SFT) checkpoint was trained with (the prompt is the user's message; the
+            sample stops at the template's end marker or end-of-text) and the raw text for other
+            checkpoints; ``none`` the raw text always; ``plain``, ``chatml`` or ``alpaca`` that template.
     """
     if num_samples < 1:
         raise ConfigError(f"num_samples={num_samples} must be at least 1")
@@ -95,9 +102,16 @@ def generate_text(
             )
     if tok is None:
         raise CheckpointError(f"{ckpt!r} contains no tokenizer: pass --tokenizer PATH/tokenizer.json")
+    chat = chat_settings(loaded.inputs, chat_template)
+    eos_id = None
+    if chat is not None:  # the model answers the prompt as it learnt to: up to the end marker or end-of-text
+        eos_id = end_of_text_id(tok)
+        if chat.template.stop and chat.template.stop not in stops:
+            stops.append(chat.template.stop)
     encoded = []
     for text in prompts:
-        ids, unknown = encode_prompt(tok, text)
+        # A one-turn prompt is one segment: its rendered text encodes as the training data encoded it.
+        ids, unknown = encode_prompt(tok, text if chat is None else chat.template.prompt(chat.messages(text)))
         if unknown:
             print(f"warning: prompt {text!r}: {describe_unknown(unknown)}", file=sys.stderr)
         if not ids:
@@ -126,16 +140,18 @@ def generate_text(
         pads = [width - len(rows[i]) for i in group]
         prompt_ids = torch.tensor([[0] * pad + rows[i] for i, pad in zip(group, pads)], device=device)
         mask = torch.tensor([[0] * pad + [1] * len(rows[i]) for i, pad in zip(group, pads)], device=device)
-        stopping = stop_string_check(decode, stops, width) if stops else None
+        stopping = stop_string_check(decode, stops, width, eos_id) if stops else None
         try:
             out = generate(
                 model, prompt_ids, max_new_tokens, temperature, top_k, top_p, generator=generator, use_cache=kv_cache,
                 window_shift=window_shift, attention_mask=mask if any(pads) else None,
-                repetition_penalty=repetition_penalty, stopping=stopping,
+                repetition_penalty=repetition_penalty, stopping=stopping, eos_id=eos_id,
             )
         except ValueError as err:  # invalid sampling settings, or a prompt longer than the context
             raise ConfigError(str(err)) from None
         for i, pad, row in zip(group, pads, out.tolist()):
+            if eos_id is not None and eos_id in row[width:]:
+                row = row[: width + row[width:].index(eos_id)]
             head, full = decode(row[pad:width]), decode(row[pad:])
             if not stops:
                 texts[i] = full

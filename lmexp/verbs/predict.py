@@ -18,8 +18,9 @@ from lmexp.data.sources import table_columns
 from lmexp.data.tokenizer import PAD
 from lmexp.errors import CheckpointError, DataError
 from lmexp.hardware import check_device
+from lmexp.run_folders import run_of_checkpoint, shown_path
 
-__all__ = ["predict_file", "run", "run_predict"]
+__all__ = ["default_output", "predict_file", "run", "run_predict"]
 
 
 def predict_file(
@@ -38,7 +39,8 @@ def predict_file(
         ckpt: A classifier's ``.ckpt`` or export folder (``checkpoints/best``).
         input: A ``.tsv``, ``.csv`` or ``.jsonl`` file of texts (labels optional: if the file has
             the label column, accuracy is printed too).
-        output: The CSV to write (default: ``<input>.predictions.csv``).
+        output: The CSV to write (default: ``default_output``: in the checkpoint's run folder,
+            else the working directory; never beside the input, whose folder may be shared).
         text_column: The text's column names (default: those the classifier was trained with).
         text_pair_column: The second text's column names (default: as in training).
         label_column: The label column (default: as in training); a file without it is fine.
@@ -80,15 +82,24 @@ def predict_file(
             probabilities.append(logits.float().softmax(-1).cpu())
     probs = torch.cat(probabilities)
     predicted = probs.argmax(-1).tolist()
-    target = Path(output) if output else path.with_name(path.name + ".predictions.csv")
+    target = Path(output).expanduser() if output else default_output(ckpt, path)
     write_predictions_csv(target, examples, labels, [labels[i] for i in predicted], probs,
                           examples.labels if has_labels else None)
-    summary = f"wrote {len(predicted)} predictions to {target}"
+    summary = f"wrote {len(predicted)} predictions to {shown_path(target.resolve())}"
     if truth is not None:
         correct = sum(p == t for p, t in zip(predicted, truth))
         summary += f" (accuracy {correct / len(truth):.4f} against the file's {label_column!r} column)"
     print(summary)
     return target
+
+
+def default_output(ckpt: str | Path, input_path: str | Path) -> Path:
+    """Where predictions go without ``--output``: ``<run>/predictions/<input stem>.predictions.csv``
+    when the checkpoint is in a run folder (they stay with the model that made them), else
+    ``<input stem>.predictions.csv`` in the working directory."""
+    name = f"{Path(input_path).stem}.predictions.csv"
+    run = run_of_checkpoint(ckpt)
+    return run / "predictions" / name if run is not None else Path.cwd() / name
 
 
 def run(argv: list[str]) -> Path:

@@ -100,7 +100,7 @@ def test_muon_and_wsd_train_through_the_trainer(tiny_corpus: Path, cpu_trainer_k
     [
         ({"optimizer": "muon", "muon_lr": -1.0}, "muon_lr=-1.0 must be positive"),
         ({"muon_momentum": 1.0}, r"muon_momentum=1.0 must be in \[0, 1\)"),
-        ({"schedule": "linear"}, "schedule='linear' is unknown"),
+        ({"schedule": "step"}, "schedule='step' is unknown"),
         ({"decay_fraction": 0.0}, r"decay_fraction=0.0 must be in \(0, 1\]"),
     ],
 )

@@ -188,8 +188,10 @@ def test_the_shipped_sweep_files_check_against_their_fit_configs(monkeypatch):
     monkeypatch.chdir(root)
     for path in sorted((root / "configs" / "sweeps").glob("*.yaml")):
         spec = load_spec(path)
+        if spec.overrides.get("model.init_args.pretrained") == "path/to/transformers-folder":
+            continue  # the user's encoder: checked with a real folder in tests/objectives/test_schedule_recipes.py
         config = check_space(spec)
-        assert config["trainer"]["max_steps"] > 0, path.name
+        assert config["trainer"]["max_steps"] > 0 or config["trainer"]["max_epochs"] > 0, path.name
 
 
 def test_a_study_with_tracking_off_records_nothing_and_goes_on(tmp_path):
