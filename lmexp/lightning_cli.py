@@ -408,13 +408,21 @@ def with_run_settings(words: Sequence[str], verb: str, saved: dict[str, Any] | N
             at, configs = i + 1, True
     saved = saved or {}
     sections = ("data",) if configs else ("model", "data")
-    added = [f"--{name}={json.dumps(saved[name])}" for name in sections
+    added = [f"--{name}={json.dumps(_set_values(saved[name]))}" for name in sections
              if isinstance(saved.get(name), dict) and saved[name].get("class_path")]
     if not configs:  # and where the run's evaluations go: beside it
         root = (saved.get("trainer") or {}).get("default_root_dir")
         added += [f"--experiment={saved['experiment']}"] if saved.get("experiment") else []
         added += [f"--trainer.default_root_dir={root}"] if root else []
     return [*words[:at], *added, *words[at:]]
+
+
+def _set_values(section: dict[str, Any]) -> dict[str, Any]:
+    """A saved class section without the arguments the run left unset (None): a config file given
+    with the evaluation still sets those (a test file the training run had none of)."""
+    if not isinstance(section.get("init_args"), dict):
+        return section
+    return {**section, "init_args": {name: value for name, value in section["init_args"].items() if value is not None}}
 
 
 def _import_class(path: str) -> type:

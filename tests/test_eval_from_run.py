@@ -102,7 +102,8 @@ def test_a_validate_with_a_val_file_reads_only_that_file(config: Path, tmp_path:
 
 
 def test_the_runs_settings_go_after_the_config_files_and_before_the_flags():
-    data, model = {"class_path": "D", "init_args": {"train": "t.tsv"}}, {"class_path": "M"}
+    # A setting the run left unset (test: None) is not among them: a config file's value stands.
+    data, model = {"class_path": "D", "init_args": {"train": "t.tsv", "test": None}}, {"class_path": "M"}
     saved = {"data": data, "model": model, "trainer": {"max_steps": 9}}
     words = ["test", "--data.batch_size=2", "--config", "a.yaml", "--config=b.yaml", "--ckpt_path", "best"]
     assert with_run_settings(words, "test", saved) == [

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from lmexp.cli import main
 from lmexp.crossval import examples_digest
@@ -318,3 +319,13 @@ def test_ddp_fine_tuning_with_heads_that_get_no_gradient(pretrained: dict[str, P
     # The unused heads stayed as pre-training left them; the encoder was trained.
     torch.testing.assert_close(tuned.model.sop_head.weight, base.model.sop_head.weight, rtol=0, atol=0)
     assert not torch.equal(tuned.model.trunk.blocks[0].attn.qkv.weight, base.model.trunk.blocks[0].attn.qkv.weight)
+
+
+def test_dataloader_workers_split_the_batches_instead_of_repeating_them():
+    encoded = [([1] * n, [0] * n) for n in range(1, 23)]
+    labels = [0, 1] * 11
+    batches = ClassificationBatches(encoded, labels, 4, pad_id=0, shuffle=True, bucket_by_length=True, seed=1)
+    alone = list(DataLoader(batches, batch_size=None, num_workers=0))
+    with_workers = list(DataLoader(batches, batch_size=None, num_workers=2))
+    assert len(with_workers) == len(alone) == len(batches)  # each batch once, not once per worker
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(alone, with_workers))  # same order

@@ -11,6 +11,7 @@ from torch import nn
 
 from lmexp.data import train_tokenizer
 from lmexp.data.chat import ChatTemplate
+from lmexp.data.pairs import Conversation, encode_conversations
 from lmexp.errors import ConfigError
 from lmexp.generation import complete, generate, stop_string_check
 from lmexp.models import from_name
@@ -20,7 +21,7 @@ from lmexp.verbs.generate import generate_text
 
 EOT = "<|endoftext|>"
 TEMPLATE = ChatTemplate(user="Q {content}:", assistant=" {content}\n")  # header " ", end marker "\n"
-# "a" runs on past its end marker (a stop string must end it); "c" ends with end-of-text alone.
+# "a" runs on past its end marker without end-of-text; "c" ends with end-of-text alone.
 ANSWERS = {"a": "yes\n" + "x" * 40, "b": "no\n", "c": "maybe"}
 
 
@@ -127,8 +128,10 @@ def scripted_checkpoint(tmp_path, monkeypatch):
 
 def test_generate_wraps_the_prompt_in_the_checkpoint_template(scripted_checkpoint):
     texts = generate_text(scripted_checkpoint, ["a", "c"], max_new_tokens=10, temperature=0)
-    # The prompt as the model read it, then its answer up to the end marker / end-of-text.
-    assert texts == ["Q a: yes", "Q c: maybe"]
+    # The prompt as the model read it, then its answer up to end-of-text: with an end-of-text
+    # token, the end marker (a newline) may occur inside an answer and does not end it ("a" runs
+    # on to max_new_tokens).
+    assert texts == ["Q a: yes\n" + "x" * 6, "Q c: maybe"]
     # --chat_template none: the raw text, which this model does not answer.
     raw = generate_text(scripted_checkpoint, "a", max_new_tokens=10, temperature=0, chat_template="none")
     assert raw == ["a"]
@@ -151,8 +154,12 @@ def test_prompt_ids_encode_segments_as_training_does():
                 {"role": "user", "content": "b"}]
     ids = prompt_ids(TEMPLATE, tok, messages)
     encode = lambda text: tok.encode(text, add_special_tokens=False).ids
-    # user, (header), trained answer + end marker, user + header: each piece on its own.
-    assert ids == encode("Q a: ") + encode("yes\n") + encode("Q b: ")
+    # user, (header), trained answer + end marker + end-of-text, user + header: each piece on its own.
+    assert ids == encode("Q a: ") + encode("yes\n") + [tok.token_to_id(EOT)] + encode("Q b: ")
+    # ... which is how the training data encodes the same conversation up to its last answer.
+    conversation = Conversation((*messages, {"role": "assistant", "content": "no"}), "row 1")
+    trained = encode_conversations(tok, TEMPLATE, [conversation], max_length=64)
+    assert trained.inputs[0][: len(ids)] == ids
     settings = chat_settings({"kind": "sft", "template": TEMPLATE.to_dict(), "system": "be brief"}, "checkpoint")
     assert settings.messages("x")[0] == {"role": "system", "content": "be brief"}
     assert chat_settings({"kind": "classification"}, "checkpoint") is None  # not fine-tuned on a template

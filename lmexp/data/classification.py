@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from tokenizers import Tokenizer
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lmexp.atomic import write_text
 from lmexp.data.contract import DataContract
@@ -301,7 +301,11 @@ class ClassificationBatches(IterableDataset):
         epoch = self.epoch_fn()
         first = self._resume[1] if self._resume is not None and self._resume[0] == epoch else 0
         self._resume = None
-        for index in self._batches(epoch)[first:]:
+        # With DataLoader workers, worker w of k yields every k-th batch; the loader takes them
+        # round-robin, so the order is the same as without workers.
+        worker = get_worker_info()
+        worker_id, n_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        for index in self._batches(epoch)[first + worker_id :: n_workers]:
             yield self.collate(index)
 
     def collate(self, index: np.ndarray) -> dict[str, torch.Tensor]:

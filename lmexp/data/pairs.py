@@ -30,7 +30,6 @@ from lmexp.errors import ConfigError, DataError, check_positive
 IGNORE = -100  # a label no loss is computed on (prompt and padding)
 PAD_DOCUMENT = -1  # the document id of padding in packed rows (see TransformerTrunk.forward)
 END_OF_TEXT = "<|endoftext|>"  # added to a tokenizer trained here, so responses end with it
-MAX_CHOICES = 20  # at most this many distinct responses make a labelled task (choices)
 
 __all__ = ["Conversation", "SFTDataModule", "Truncation", "encode_conversations", "read_conversations"]
 
@@ -148,6 +147,9 @@ def _message_list(cell: object, origin: str, column: str) -> list[dict[str, str]
         raise DataError(f"{origin}: {err}") from None
     if not checked or checked[-1][0] != "assistant":
         raise DataError(f"{origin}: the conversation must end with an assistant message (the response to train on)")
+    if len(checked) < 2:
+        raise DataError(f"{origin}: the conversation has only the assistant's answer: add the message it answers "
+                        "(a user or system message) before it")
     for role, content in checked:
         if role == "assistant" and not content.strip():
             raise DataError(f"{origin} has an empty assistant message: fill in the response or remove the row")
@@ -297,6 +299,9 @@ class SFTDataModule(ResumableDataModule):
             (trained, and where generation stops).
         system: A system message for every example that has none.
         response_values: Maps a response cell to its text, e.g. {"0": negative, "1": positive}.
+        choices: The answers of a labelled task (default: response_values' texts), for
+            ``SFT``'s choice accuracy (the most likely of them) and answer macro-F1; without
+            either, responses are open-ended and only the generated answer is scored.
         include_prompt_loss: Train on the prompt tokens too (default: response tokens only).
         packing: Pack examples into rows of ``max_length`` tokens (no padding computed); packed
             examples cannot attend to each other and their positions restart (transformers only).
@@ -327,6 +332,7 @@ class SFTDataModule(ResumableDataModule):
         template: str | dict[str, str] | None = "plain",
         system: str | None = None,
         response_values: dict[str, str] | None = None,
+        choices: list[str] | None = None,
         include_prompt_loss: bool = False,
         packing: bool = False,
         max_length: int | None = None,
@@ -352,6 +358,9 @@ class SFTDataModule(ResumableDataModule):
         self.template = ChatTemplate.from_value(template)
         self.system = system
         self.response_values = {str(k): str(v) for k, v in response_values.items()} if response_values else None
+        if choices is not None and len(set(choices)) < 2:
+            raise ConfigError(f"data.choices={choices} must list at least two distinct answers")
+        self.given_choices = [str(choice) for choice in choices] if choices is not None else None
         self.include_prompt_loss, self.packing = include_prompt_loss, packing
         self.max_length, self.batch_size, self.bucket_by_length = max_length, batch_size, bucket_by_length
         self.val_fraction, self.seed, self.num_workers = val_fraction, seed, num_workers
@@ -418,12 +427,13 @@ class SFTDataModule(ResumableDataModule):
 
     @property
     def choices(self) -> list[str] | None:
-        """The answers of a labelled task: response_values' texts, or the distinct responses of the
-        loaded splits when there are at most 20; None for open-ended responses."""
+        """The answers of a labelled task: ``data.choices``, else response_values' texts; None for
+        open-ended responses (only the generated answer is scored)."""
+        if self.given_choices is not None:
+            return list(self.given_choices)
         if self.response_values is not None:
             return list(dict.fromkeys(self.response_values.values()))
-        seen = sorted({c.response for conversations in self.splits.values() for c in conversations})
-        return seen if 0 < len(seen) <= MAX_CHOICES else None
+        return None
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, stage: str | None = None) -> None:

@@ -66,13 +66,14 @@ class BERT(nn.Module):
             self.pooler, made = nn.Linear(config.n_embd, config.n_embd, bias=config.bias), [*made, "pooler"]
         if config.sop_head and self.sop_head is None:
             self.sop_head, made = nn.Linear(config.n_embd, 2), [*made, "sop_head"]
-        device = self.trunk.tok_emb.weight.device
+        embedding = self.trunk.tok_emb.weight
+        trained = embedding.detach().clone()
         for name in made:
-            head = getattr(self, name).to(device)
+            head = getattr(self, name).to(embedding.device)
             init_gpt2_weights(head, config.n_layer)
-            if name == "mlm_head" and config.tie_embeddings:
-                head.decoder.weight = self.trunk.tok_emb.weight  # init touched the tied matrix: tie it back
             setattr(self, name, head)
+        with torch.no_grad():  # a tied decoder is the trained embedding, which the init above drew anew
+            embedding.copy_(trained)
         self.config = config
         return made
 

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from tokenizers import Tokenizer
 
 from lmexp.atomic import write_text
@@ -106,6 +107,10 @@ class SFT(CausalLM):
         datamodule = getattr(trainer, "datamodule", None)
         if self.hparams.answer_scoring == "off" or datamodule is None or not hasattr(datamodule, "answers"):
             return
+        if isinstance(trainer.strategy, FSDPStrategy):  # rank 0 alone cannot run a sharded model
+            rank_zero_warn(f"SFT: {stage} answers are not scored under FSDP (each needs the whole model on one "
+                           "process): score the checkpoint with lmexp test on one device")
+            return
         result = self.score_answers(datamodule, stage, limit) if trainer.is_global_zero else None
         result = trainer.strategy.broadcast(result, src=0)  # the other ranks wait for rank 0's answers
         if not result or not result["rows"]:
@@ -144,9 +149,13 @@ class SFT(CausalLM):
             def decode(ids: list[int]) -> str:
                 return tokenizer.decode([i for i in ids if i < known], skip_special_tokens=False)
 
-            stops = [template.stop] if template.stop else []
+            # The end marker ends an answer where no end-of-text token does: with one, the marker
+            # may also occur inside an answer (a newline), and the answer ends at end-of-text.
+            stops = [template.stop] if template.stop and eos_id is None else []
             answers = complete(self.model, [ids[-room:] for ids in prompts], decode, self.hparams.max_answer_tokens,
                                stops, eos_id, self.hparams.answer_batch_size)
+            if eos_id is not None and template.stop:
+                answers = [answer.removesuffix(template.stop) for answer in answers]
             generated = [answer.strip() for answer in answers]
             correct = [g == e for g, e in zip(generated, expected)]
             for row, answer, ok in zip(rows, answers, correct):
@@ -171,8 +180,8 @@ class SFT(CausalLM):
             metrics["choice_acc"] = sum(c == e for c, e in zip(chosen, expected)) / len(pairs)
             metrics["choice_f1"] = macro_f1(chosen, expected, labels)
         elif mode == "choices":
-            rank_zero_info(f"SFT: {split} has no set of answers to choose from (fewer than 2, or over 20 distinct "
-                           "responses): choice_acc not scored")
+            rank_zero_info(f"SFT: {split} has no set of answers to choose from (data.choices or data.response_values): "
+                           "choice_acc not scored")
         if cut:
             rank_zero_info(f"SFT: {cut} {split} prompt(s) lost their start to fit the context ({self.block_size} tokens)")
         return {"metrics": metrics, "rows": rows}
@@ -205,11 +214,12 @@ class SFT(CausalLM):
 
 def prompt_ids(template: ChatTemplate, tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]]) -> list[int]:
     """The ids of the prompt of ``messages`` (ending with the assistant header) as the training data
-    encodes it: each segment on its own (earlier answers are segments of their own)."""
+    encodes it: each segment on its own (earlier answers are segments of their own, each followed
+    by the tokenizer's end-of-text when it has one)."""
     # An empty answer after the messages renders the header; dropping its (trained) segment
     # leaves the prompt's segments exactly as training splits them.
     segments = template.segments([*messages, {"role": "assistant", "content": ""}])[:-1]
-    return encode_segments(tokenizer, segments, None)[0]
+    return encode_segments(tokenizer, segments, end_of_text_id(tokenizer))[0]
 
 
 def answer_ids(template: ChatTemplate, tokenizer: Tokenizer, answer: str, eos_id: int | None) -> list[int]:

@@ -106,7 +106,9 @@ def generate_text(
     eos_id = None
     if chat is not None:  # the model answers the prompt as it learnt to: up to the end marker or end-of-text
         eos_id = end_of_text_id(tok)
-        if chat.template.stop and chat.template.stop not in stops:
+        # The end marker ends a sample where no end-of-text token does (with one, the marker, a
+        # newline say, may also occur inside an answer).
+        if eos_id is None and chat.template.stop and chat.template.stop not in stops:
             stops.append(chat.template.stop)
     encoded = []
     for text in prompts:

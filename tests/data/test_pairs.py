@@ -121,6 +121,7 @@ def test_bad_pairs_are_refused_in_one_line(tmp_path: Path, header, row, words):
     ([{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}], ["role 'robot'"]),
     ([{"role": "user", "content": "x"}], ["must end with an assistant message"]),
     ([{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}], ["empty assistant message"]),
+    ([{"role": "assistant", "content": "y"}], ["only the assistant's answer"]),
 ])
 def test_bad_conversations_are_refused_in_one_line(tmp_path: Path, messages, words):
     path = tmp_path / "chat.jsonl"

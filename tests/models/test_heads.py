@@ -8,7 +8,7 @@ import torch
 
 from lmexp import ClassificationDataModule, MaskedLM, SequenceClassification
 from lmexp.checkpoints import load_checkpoint
-from lmexp.models import ModelConfig, build_model
+from lmexp.models import BERT, ModelConfig, build_model, from_name
 
 transformers = pytest.importorskip("transformers")
 
@@ -140,3 +140,12 @@ def test_sentence_order_on_a_masked_lm_folder_adds_its_head_and_pooler(tmp_path:
     hidden = objective.model(torch.tensor([[2, 5, 3]]))
     assert objective.model.sop_head(objective.model.pool(hidden)).shape == (1, 2)
     assert objective.model.mlm_head.decoder.weight is objective.model.trunk.tok_emb.weight  # still tied
+
+
+def test_adding_a_tied_masked_lm_head_keeps_the_trained_embedding():
+    config = from_name("bert-tiny", vocab_size=40, n_layer=1, n_embd=32, n_head=2).replace(mlm_head=False)
+    encoder = BERT(config)
+    trained = encoder.trunk.tok_emb.weight.detach().clone()
+    assert encoder.add_heads(config.replace(mlm_head=True)) == ["mlm_head"]
+    torch.testing.assert_close(encoder.trunk.tok_emb.weight, trained)
+    assert encoder.mlm_head.decoder.weight is encoder.trunk.tok_emb.weight  # still tied

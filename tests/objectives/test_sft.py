@@ -51,15 +51,15 @@ def answer_data(expected: list[str], questions: str = "abb") -> SimpleNamespace:
 
 
 def test_answers_are_generated_to_the_end_marker_and_chosen_by_likelihood():
-    data = answer_data(["yes", "no", "yes"])
+    data = answer_data(["maybe", "no", "maybe"], questions="cbb")
     sft = tiny_sft(data.tokenizer.get_vocab_size())
-    sft.model = Scripted(data.tokenizer)  # answers "yes\nxx..." to a, "no\n" to b
+    sft.model = Scripted(data.tokenizer)  # answers "maybe" + end-of-text to c, "no\n" + end-of-text to b
     result = sft.score_answers(data, "test")
-    assert [row["generated"] for row in result["rows"]] == ["yes", "no", "no"]
-    assert [row["chosen"] for row in result["rows"]] == ["yes", "no", "no"]
+    assert [row["generated"] for row in result["rows"]] == ["maybe", "no", "no"]
+    assert [row["chosen"] for row in result["rows"]] == ["maybe", "no", "no"]
     metrics = result["metrics"]
     assert metrics["answer_acc"] == pytest.approx(2 / 3) and metrics["choice_acc"] == pytest.approx(2 / 3)
-    # F1 per choice: yes 2/3 (1 hit, 1 missed), no 2/3 (1 hit, 1 false), maybe 0 (never expected or said).
+    # F1 per choice: maybe 2/3 (1 hit, 1 missed), no 2/3 (1 hit, 1 false), yes 0 (never expected or said).
     assert metrics["answer_f1"] == pytest.approx((2 / 3 + 2 / 3 + 0) / 3)
     assert sft.score_answers(data, "test", limit=1)["metrics"]["answer_acc"] == 1.0
 
