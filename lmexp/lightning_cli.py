@@ -176,7 +176,7 @@ class LmexpCLI(CheckpointMergeMixin, LightningCLI):
         verb, stated = stated_checkpoint(words or [])
         if verb in EVALUATIONS and stated is not None and Path(stated).is_file():
             self.args_given = with_run_settings(words or [], verb, saved_run_config(stated))
-            super().parse_arguments(parser, self.args_given)
+            self._parse_given(parser)
         else:  # no checkpoint file named: --ckpt_path best/last is found from the parsed settings
             super().parse_arguments(parser, args)
             verb = self.config.get("subcommand")
@@ -185,7 +185,7 @@ class LmexpCLI(CheckpointMergeMixin, LightningCLI):
                 saved = saved_run_config(checkpoint) if checkpoint is not None else None
                 if saved:
                     self.args_given = with_run_settings(words, verb, saved)
-                    super().parse_arguments(parser, self.args_given)
+                    self._parse_given(parser)
         verb = self.config.get("subcommand")
         if verb is None:
             return
@@ -216,6 +216,14 @@ class LmexpCLI(CheckpointMergeMixin, LightningCLI):
         # fed back with --config, it starts a new run of the same experiment.
         self.config_yaml = subcommand_parser(self, verb).dump(config, skip_none=False)
         self.config_dict = yaml_to_dict(self.config_yaml)
+
+    def _parse_given(self, parser: LightningArgumentParser) -> None:
+        """Parse the command line with the run's settings added (``args_given``)."""
+        with warnings.catch_warnings():
+            # The words are the command line's own, with the run's settings added: not a program
+            # passing arguments beside a command line, which Lightning warns of.
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            super().parse_arguments(parser, self.args_given)
 
     def _checkpoint_file(self, verb: str) -> str | None:
         """The checkpoint file the parsed command evaluates (``--ckpt_path best`` found), or None."""
@@ -410,9 +418,11 @@ def with_run_settings(words: Sequence[str], verb: str, saved: dict[str, Any] | N
     sections = ("data",) if configs else ("model", "data")
     added = [f"--{name}={json.dumps(_set_values(saved[name]))}" for name in sections
              if isinstance(saved.get(name), dict) and saved[name].get("class_path")]
-    if not configs:  # and where the run's evaluations go: beside it
+    if not configs:  # and where the run's evaluations go: beside it, with its seed
         root = (saved.get("trainer") or {}).get("default_root_dir")
         added += [f"--experiment={saved['experiment']}"] if saved.get("experiment") else []
+        seed = saved.get("seed_everything")
+        added += [f"--seed_everything={json.dumps(seed)}"] if seed is not None and seed is not False else []
         added += [f"--trainer.default_root_dir={root}"] if root else []
     return [*words[:at], *added, *words[at:]]
 

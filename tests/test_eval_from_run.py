@@ -112,9 +112,9 @@ def test_the_runs_settings_go_after_the_config_files_and_before_the_flags():
     ]
     # Without a config file the run's model settings are the base too (the network is the checkpoint's),
     # and the evaluation's folder goes beside the run's.
-    saved.update(experiment="sst2", trainer={"default_root_dir": "/r"})
-    assert with_run_settings(["test", "--ckpt_path", "x.ckpt"], "test", saved)[1:5] == [
+    saved.update(experiment="sst2", trainer={"default_root_dir": "/r"}, seed_everything=7)
+    assert with_run_settings(["test", "--ckpt_path", "x.ckpt"], "test", saved)[1:6] == [
         '--model={"class_path": "M"}', '--data={"class_path": "D", "init_args": {"train": "t.tsv"}}',
-        "--experiment=sst2", "--trainer.default_root_dir=/r",
+        "--experiment=sst2", "--seed_everything=7", "--trainer.default_root_dir=/r",
     ]
     assert with_run_settings(["test"], "test", None) == ["test"]
