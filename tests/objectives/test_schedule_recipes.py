@@ -87,7 +87,7 @@ def test_the_encoder_recipe_builds_with_a_folder_and_says_what_is_missing_withou
     config = check("fit", [ROOT / "configs" / "finetune_encoder.yaml"], {"model.init_args.pretrained": str(folder)})
     model = config["model"]["init_args"]
     assert (model["lr"], model["warmup_fraction"], model["warmup_steps"], model["schedule"], model["min_lr_ratio"],
-            model["weight_decay"], config["trainer"]["max_epochs"]) == (5e-5, 0.1, None, "linear", 0.0, 0.01, 3)
+            model["weight_decay"], config["trainer"]["max_epochs"]) == (5e-5, 0.1, None, "linear", 0.0, 0.01, 2)
     with pytest.raises(ConfigError, match=f"checkpoint '{PLACEHOLDER}' does not exist"):
         check("fit", [ROOT / "configs" / "finetune_encoder.yaml"])
 
