@@ -7,7 +7,10 @@ in two modes that differ in tracking alone:
 
 - ``untracked``: ``--trainer.logger false``;
 - ``tracked``: the default MLflow tracker, into a fresh SQLite store in the run's temporary
-  folder (what a user's first run does with ``./mlflow.db``).
+  folder (what a user's first run does with ``./mlflow.db``), system metrics on (the default);
+- ``no-system``: the same tracker with ``--trainer.logger.system_metrics false``: the ratio
+  tracked / no-system is what sampling system metrics costs the step (``--system-interval S``
+  samples every S seconds instead of the tracker's default 10 s, to bound that cost from above).
 
 Everything else is the config's, in both modes: its callbacks (early stopping, samples), its
 validation every 100 steps (on ``--val-batches`` batches, 8 by default; -1 keeps the config's
@@ -19,7 +22,7 @@ tracked run waits for it at the end of the warm-up (if it is still going), so th
 the steady state. The table gives that wait and the warm-up's own time in both modes, where
 whatever the one-time start costs the training thread shows.
 
-Runs alternate (untracked, tracked, untracked, ...) for ``--repeats`` pairs, so slow drift of a
+Runs alternate (untracked, tracked, no-system, untracked, ...) for ``--repeats`` rounds, so slow drift of a
 shared machine hits both modes alike. The table gives each pair's ms/step and ratio, the medians,
 the ratio of the medians, the time from the last timed step until ``fit`` returned (the
 validation Lightning runs when a run is stopped, the final sample, the last checkpoint and, when
@@ -46,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.bench_train import StepTimer, _threads, add_worker_arguments, answer_worker, run_in_terminal
 
 CONFIG = ROOT / "configs" / "shakespeare_char.yaml"
-MODES = ("untracked", "tracked")
+MODES = ("untracked", "tracked", "no-system")
 TARGET = 1.02  # tracked / untracked ms per step
 
 
@@ -59,6 +62,7 @@ class Job:
     val_batches: int  # -1: the config's
     device: str  # auto | cpu | cuda
     lmexp_args: tuple[str, ...] = ()
+    system_interval: float | None = None  # seconds between system-metrics samples (None: the tracker's default)
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -105,6 +109,11 @@ def worker(job: Job) -> dict:
             args.append(f"--trainer.accelerator={job.device}")
         if job.mode == "untracked":
             args.append("--trainer.logger=false")
+        else:  # the same tracker in both tracked modes, system metrics on or off
+            args += ["--trainer.logger=lmexp.MLflowTracker",
+                     f"--trainer.logger.system_metrics={'false' if job.mode == 'no-system' else 'true'}"]
+            if job.system_interval is not None:
+                args.append(f"--trainer.logger.system_metrics_interval={job.system_interval}")
         run = build("fit", configs=[CONFIG], args=[*args, *job.lmexp_args], callbacks=[Timer()])
         holder["run"] = run
         timer.device = run.trainer.strategy.root_device.type
@@ -126,8 +135,10 @@ def worker(job: Job) -> dict:
             logged = {key: len(points) for key, points in tracker.history.items()}
             client, run_id = MlflowClient(tracker.tracking_uri), tracker.run_id
             stored = {key: len(client.get_metric_history(run_id, key)) for key in logged} if run_id else {}
+            system = len(client.get_metric_history(run_id, "system/cpu_utilization_percentage")) if run_id else 0
             result.update(connected=marks.get("connected"), loss_points_logged=sum(logged.values()),
-                          loss_points_stored=sum(stored.values()), journal_left=tracker.journal_path.exists())
+                          loss_points_stored=sum(stored.values()), journal_left=tracker.journal_path.exists(),
+                          system_samples=system)
     return result
 
 
@@ -143,7 +154,9 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", help="path of tinyshakespeare.txt (required)")
-    parser.add_argument("--repeats", type=int, default=5, help="pairs of runs (untracked, tracked)")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds of runs (untracked, tracked, no-system)")
+    parser.add_argument("--system-interval", type=float, default=None,
+                        help="seconds between system-metrics samples in the tracked mode (default: the tracker's, 10)")
     parser.add_argument("--steps", type=int, default=300, help="timed optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=30, help="untimed steps first")
     parser.add_argument("--val-batches", type=int, default=8,
@@ -178,7 +191,8 @@ def main() -> None:
     for pair in range(1, args.repeats + 1):
         pairs.append({})
         for mode in MODES:
-            job = Job(mode, source, args.steps, args.warmup, args.val_batches, args.device, tuple(args.lmexp_args))
+            job = Job(mode, source, args.steps, args.warmup, args.val_batches, args.device, tuple(args.lmexp_args),
+                      args.system_interval)
             print(f"pair {pair}/{args.repeats}: {mode} ...", flush=True)
             load = os.getloadavg()[0]  # another process busy on a shared machine shows here
             row = {"pair": pair, "load": load, "job": asdict(job),
@@ -195,7 +209,7 @@ def main() -> None:
     def ms(row: dict) -> float | None:
         return row.get("ms_per_step")
 
-    rows, ratios = [], []
+    rows, ratios, system_ratios = [], [], []
     for number, pair in enumerate(pairs, start=1):
         plain, tracked = ms(pair["untracked"]), ms(pair["tracked"])
         ratio = tracked / plain if plain and tracked else None
@@ -203,12 +217,16 @@ def main() -> None:
             ratios.append(ratio)
         stored = pair["tracked"].get("loss_points_stored")
         points = f"{stored}/{pair['tracked']['loss_points_logged']}" if stored is not None else ""
+        quiet = ms(pair["no-system"])
+        system = tracked / quiet if tracked and quiet else None
+        if system is not None:
+            system_ratios.append(system)
         rows.append([
             str(number), _cell(pair["untracked"]), _cell(pair["tracked"]), _fmt(ratio, 3),
             _fmt(pair["tracked"].get("wait_s"), 2),
             f"{_fmt(pair['untracked'].get('warmup_s'), 2)} / {_fmt(pair['tracked'].get('warmup_s'), 2)}",
             f"{_fmt(pair['untracked'].get('fit_end_s'), 2)} / {_fmt(pair['tracked'].get('fit_end_s'), 2)}",
-            points,
+            points, _fmt(system, 3), str(pair["tracked"].get("system_samples", "")),
         ])
     medians = {mode: _median([ms(p[mode]) for p in pairs if ms(p[mode])]) for mode in MODES}
     of_medians = medians["tracked"] / medians["untracked"] if medians["tracked"] and medians["untracked"] else None
@@ -222,10 +240,11 @@ def main() -> None:
         _fmt(median_of("tracked", "wait_s"), 2),
         f"{_fmt(median_of('untracked', 'warmup_s'), 2)} / {_fmt(median_of('tracked', 'warmup_s'), 2)}",
         f"{_fmt(median_of('untracked', 'fit_end_s'), 2)} / {_fmt(median_of('tracked', 'fit_end_s'), 2)}", "",
+        _fmt(_median(system_ratios), 3), "",
     ])
     header = ["pair", "untracked ms/step", "tracked ms/step", "tracked / untracked", "tracked: wait for MLflow s",
               f"{args.warmup} warm-up steps s (untracked / tracked)", "fit end s (untracked / tracked)",
-              "tracked: loss points stored/logged"]
+              "tracked: loss points stored/logged", "system metrics on / off", "system samples stored"]
     table = markdown_table(header, rows)
     if of_medians is not None and of_pairs is not None:
         worst = max(of_medians, of_pairs)
@@ -239,6 +258,10 @@ def main() -> None:
         )
     else:
         table += "\n\nNo complete pair: no ratio."
+    if system_ratios:
+        interval = f"every {args.system_interval:g} s" if args.system_interval else "every 10 s (the default)"
+        table += (f"\nSystem metrics sampled {interval}: tracked with / without them {_median(system_ratios):.3f} "
+                  f"(median of {len(system_ratios)} rounds; range {min(system_ratios):.3f} to {max(system_ratios):.3f}).")
     devices = sorted({r["device"] for r in results if "device" in r})
     loads = [r["load"] for r in results]
     table += (

@@ -43,6 +43,7 @@ __all__ = [
     "exported_step",
     "latest_checkpoint",
     "load_checkpoint",
+    "local_checkpoint",
     "preload_hook",
     "read_checkpoint",
 ]
@@ -50,11 +51,23 @@ __all__ = [
 
 def load_checkpoint(path: str | Path) -> LoadedModel:
     """Load a ``.ckpt`` written by an lmexp objective, a folder written by ``export_safetensors``,
-    or a transformers folder (``save_pretrained``) of a BERT or GPT-2."""
-    path = Path(path)
+    a transformers folder (``save_pretrained``) of a BERT or GPT-2, or a model of the MLflow
+    tracking store (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``models:/m-<id>``: its
+    export, downloaded once into ``~/.cache/lmexp/models``)."""
+    path = local_checkpoint(path)
     if path.is_dir() and is_hf_directory(path):
         return load_hf(path)
     return load_native(path)
+
+
+def local_checkpoint(path: str | Path) -> Path:
+    """The local file or folder ``path`` names: a ``models:/`` URI is downloaded (once) from the
+    tracking store (``$MLFLOW_TRACKING_URI``, else ./mlflow.db); anything else is a path."""
+    if isinstance(path, str) and path.startswith("models:/"):
+        from lmexp.mlflow_models import resolve_model_uri
+
+        return resolve_model_uri(path)
+    return Path(path)
 
 
 def export_checkpoint(checkpoint: str, output: str, overwrite: bool = False) -> Path:

@@ -30,10 +30,11 @@ from lmexp.callbacks import (
     StepProgressBar,
     StopTogether,
 )
-from lmexp.checkpoints import read_checkpoint
+from lmexp.checkpoints import local_checkpoint, read_checkpoint
 from lmexp.errors import CheckpointError, ConfigError
 from lmexp.guards import FiniteLossGuard
 from lmexp.lightning_internals import CheckpointMergeMixin, leave_verb_to_caller, subcommand_parser
+from lmexp.mlflow_models import is_model_uri, model_checkpoint
 from lmexp.mlflow_store import check_experiment_name
 from lmexp.objectives import TrainingObjective
 from lmexp.objectives.base import NETWORK_SETTINGS, SCHEDULE_SETTINGS, check_stated_network
@@ -174,7 +175,11 @@ class LmexpCLI(CheckpointMergeMixin, LightningCLI):
         self.args_given = args
         words = self.raw_args if args is None or isinstance(args, (list, tuple)) else None
         verb, stated = stated_checkpoint(words or [])
-        if verb in EVALUATIONS and stated is not None and Path(stated).is_file():
+        if verb in EVALUATIONS and is_model_uri(stated):  # a registered model: the settings of the run it came from
+            source = model_checkpoint(stated)
+            self.args_given = with_run_settings(words or [], verb, saved_run_config(source) if source else None)
+            self._parse_given(parser)
+        elif verb in EVALUATIONS and stated is not None and Path(stated).is_file():
             self.args_given = with_run_settings(words or [], verb, saved_run_config(stated))
             self._parse_given(parser)
         else:  # no checkpoint file named: --ckpt_path best/last is found from the parsed settings
@@ -195,6 +200,16 @@ class LmexpCLI(CheckpointMergeMixin, LightningCLI):
         config.experiment = self.experiment  # so a run's saved config.yaml reproduces it as it ran
         self.root = Path(config.trainer.default_root_dir or Path("runs") / self.experiment).expanduser()
         self.requested_ckpt = config.ckpt_path
+        if is_model_uri(config.ckpt_path):
+            # A registered model is an export: weights, no trainer state. An evaluation builds the
+            # objective from it (as --model.pretrained does); a fit cannot resume from it.
+            if verb == "fit":
+                raise ConfigError(f"--ckpt_path {config.ckpt_path} is a registered model (weights, no optimizer or "
+                                  f"trainer state): fit cannot resume from it; start from its weights with "
+                                  f"--model.pretrained {config.ckpt_path}")
+            local_checkpoint(config.ckpt_path)  # downloaded now: a bad URI is a one-line error before any run
+            config.model.init_args.pretrained = config.ckpt_path
+            config.ckpt_path = None
         # The file --ckpt_path last/best names, found here: LightningCLI reads the checkpoint's
         # hyperparameters right after parsing, from real files only.
         config.ckpt_path = resolve_named_checkpoint(

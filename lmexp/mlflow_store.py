@@ -7,7 +7,9 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import os
+import re
 import socket
 import sqlite3
 import time
@@ -17,16 +19,24 @@ from typing import Any
 from urllib.parse import urlparse
 
 from lmexp.atomic import (
-    fsync_folder, process_alive, remove_stale_temporaries, storage_error, temporary_sibling, write_text,
+    fsync_folder,
+    process_alive,
+    remove_stale_temporaries,
+    storage_error,
+    temporary_sibling,
+    write_text,
 )
 from lmexp.errors import ConfigError, LmexpError, StorageError
 from lmexp.faults import fault_point
 
 __all__ = [
+    "EXPORT_DIR_TAG",
     "JOURNAL_NAME",
     "MAX_EXPERIMENT_NAME",
     "MAX_KEY_LENGTH",
     "MAX_PARAM_LENGTH",
+    "MODEL_SKIPPED_TAG",
+    "MODEL_TAG",
     "PROBE_SECONDS",
     "PROCESS_TAGS",
     "DamagedStoreError",
@@ -42,6 +52,7 @@ __all__ = [
     "http_store",
     "is_unreachable",
     "list_runs",
+    "log_best_model",
     "probe_server",
     "process_gone",
     "read_journal",
@@ -371,6 +382,9 @@ class TrackingStore:
             out = Path(record["path"])
             if write_loss_curve(history, out, title=f"{self.experiment_name} / {self.run_name}"):
                 self.client.log_artifact(self.run_id, str(out))
+        elif kind == "model":
+            log_best_model(self.client, self.run_id, record.get("export"), record.get("step"), record.get("monitor"),
+                           record.get("score"), float(record.get("max_mb", 100.0)), record.get("checkpoint"))
         elif kind == "end":
             self.client.set_terminated(self.run_id, status=record["status"], end_time=record["time"])
         else:
@@ -382,6 +396,89 @@ class TrackingStore:
             return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
         except Exception:
             return [(int(step), value) for step, value in local]
+
+
+# ------------------------------------------------------------------ a run's best model
+MODEL_TAG = "lmexp.model_id"  # on a run: the LoggedModel of its best checkpoint
+MODEL_SKIPPED_TAG = "lmexp.model_skipped"  # on a run: why it logged no model (a pruned trial)
+EXPORT_DIR_TAG = "lmexp.export_dir"  # on a model: the export folder on the machine that trained it
+_STEP_TAG = "lmexp.step"
+_BAD_NAME = re.compile(r"[/:.%\"']")  # characters MLflow refuses in a LoggedModel's name
+
+
+def _export_megabytes(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) / 1e6
+
+
+def _run_metrics_at(client: Any, run: Any, step: int | None, monitor: str | None, score: float | None) -> list[Any]:
+    """The validation metrics of the best checkpoint, as the run logged them (same step and time,
+    so linking them to the model adds no point to the run's history): the validation whose
+    ``monitor`` value is the checkpoint's score, else the last one logged at or before its step."""
+    keys = [key for key in run.data.metrics if key.startswith("val/")]
+    histories = {key: client.get_metric_history(run.info.run_id, key) for key in keys}
+    chosen: int | None = None
+    if monitor in histories and score is not None:
+        matches = [m.step for m in histories[monitor] if math.isclose(m.value, score, rel_tol=1e-6, abs_tol=1e-9)]
+        chosen = max(matches) if matches else None
+    if chosen is None:
+        steps = [m.step for points in histories.values() for m in points if step is None or m.step <= step]
+        chosen = max(steps) if steps else None
+    if chosen is None:
+        return []
+    picked = []
+    for points in histories.values():
+        at = [m for m in points if m.step == chosen]
+        if at:
+            picked.append(max(at, key=lambda m: m.timestamp))
+    return picked
+
+
+def _existing_model(client: Any, run: Any, step: int | None) -> Any | None:
+    """The model an earlier try logged for this checkpoint (a journal sent twice logs it once)."""
+    found = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
+    for model in found:
+        if model.tags.get(_STEP_TAG) == str(step):
+            return model
+    return None
+
+
+def log_best_model(client: Any, run_id: str, export: str | Path | None, step: int | None = None,
+                   monitor: str | None = None, score: float | None = None, max_mb: float = 100.0,
+                   checkpoint: str | None = None) -> str:
+    """Log a run's best checkpoint as a LoggedModel; returns its id.
+
+    Its artifacts are the export folder's files when the folder exists and is at most ``max_mb``
+    MB (else the model records where the export lies, and loads from there on that machine); its
+    metrics are the run's validation metrics at the checkpoint; its params the network and size.
+    """
+    from mlflow.entities import LoggedModelOutput, Metric
+
+    run = client.get_run(run_id)
+    folder = Path(export) if export else None
+    model = _existing_model(client, run, step)
+    if model is not None and str(model.status) in ("READY", "LoggedModelStatus.READY"):
+        return model.model_id
+    if model is None:
+        params = {k: v for k, v in run.data.params.items() if k.startswith("network.") or k == "n_parameters"}
+        tags = {_STEP_TAG: str(step), "lmexp.run_dir": run.data.tags.get("run_dir", "")}
+        if checkpoint:
+            tags["lmexp.checkpoint"] = str(checkpoint)
+        if folder is not None:
+            tags[EXPORT_DIR_TAG] = str(folder.resolve())
+        name = _BAD_NAME.sub("-", run.info.run_name or "model") or "model"
+        model = client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id, tags=tags,
+                                           params=params, model_type=run.data.tags.get("objective") or None)
+    model_id = model.model_id
+    if folder is not None and folder.is_dir() and 0 < _export_megabytes(folder) <= max_mb:
+        client.log_model_artifacts(model_id, str(folder))
+    metrics = _run_metrics_at(client, run, step, monitor, score)
+    if metrics:
+        linked = [Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id) for m in metrics]
+        client.log_batch(run_id, metrics=linked, synchronous=True)
+    client.log_outputs(run_id, [LoggedModelOutput(model_id, step if step is not None else 0)])
+    client.finalize_logged_model(model_id, "READY")
+    client.set_tag(run_id, MODEL_TAG, model_id)
+    return model_id
 
 
 PROBE_SECONDS = 3.0  # a tracking server that takes longer to accept a connection counts as down

@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lmexp.atomic import write_text
+from lmexp.checkpoints import exported_step
 from lmexp.faults import fault_point
 from lmexp.hardware import cpu_model
 from lmexp.mlflow_store import flatten
@@ -137,6 +138,7 @@ class RunRecorder(pl.Callback):
             tracker.log_text(datamodule.tokenizer.to_str(), "tokenizer.json")
         tracker.log_hyperparams(params)
         tracker.log_artifact(self.run_dir / "config.yaml")
+        tracker.start_system_metrics()
 
     def _record_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         tracker = tracker_of(trainer)
@@ -183,7 +185,7 @@ class RunRecorder(pl.Callback):
             return  # failed before the run began (bad data): nothing to record
         if isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
             tracker.stop_reason = "killed"
-        self._upload_results(trainer, tracker)
+        self._upload_results(trainer, tracker, finished=False)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Called before Lightning finalizes the loggers (only when the verb succeeded).
@@ -193,7 +195,7 @@ class RunRecorder(pl.Callback):
         if tracker is not None and trainer.is_global_zero:
             self._upload_results(trainer, tracker)
 
-    def _upload_results(self, trainer: pl.Trainer, tracker: MLflowTracker) -> None:
+    def _upload_results(self, trainer: pl.Trainer, tracker: MLflowTracker, finished: bool = True) -> None:
         samples = self.run_dir / "samples.txt"
         if samples.is_file():
             tracker.log_artifact(samples)
@@ -209,10 +211,12 @@ class RunRecorder(pl.Callback):
             tags["checkpoint.last"] = last
         tracker.set_tags(tags)
         export = Path(best).with_suffix("") if best else None
-        if export is not None and export.is_dir():
-            size_mb = sum(f.stat().st_size for f in export.iterdir() if f.is_file()) / 1e6
-            if 0 < size_mb <= tracker.export_max_mb:
-                tracker.log_artifact(export, "export")
+        if finished and export is not None and export.is_dir():
+            # The best checkpoint as the run's MLflow model, its export as the model's artifacts
+            # (a failed or stopped fit logs none: `lmexp runs register` can log it later).
+            score = getattr(checkpoint, "best_model_score", None)
+            tracker.log_best_model(export, exported_step(export), best, getattr(checkpoint, "monitor", None),
+                                   float(score) if score is not None else None)
         tracker.log_loss_curve()
         store = tracker.tracking_uri
         compare = f"tracked at {store}" if store.startswith("http") else f"mlflow ui --backend-store-uri {store}"

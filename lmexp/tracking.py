@@ -31,9 +31,20 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from lmexp.atomic import write_text
 from lmexp.errors import ConfigError
 from lmexp.mlflow_store import (
-    JOURNAL_NAME, DamagedStoreError, TrackingStore, append_journal, check_experiment_name, check_tracking_uri,
-    default_tracking_uri, flatten, is_unreachable, read_journal, write_journal, write_loss_curve,
+    JOURNAL_NAME,
+    DamagedStoreError,
+    TrackingStore,
+    append_journal,
+    check_experiment_name,
+    check_tracking_uri,
+    default_tracking_uri,
+    flatten,
+    is_unreachable,
+    read_journal,
+    write_journal,
+    write_loss_curve,
 )
+from lmexp.system_metrics import DEFAULT_INTERVAL, SystemSampler
 
 __all__ = [
     "MLflowTracker",
@@ -64,9 +75,15 @@ class MLflowTracker(Logger):
         run_id: Continue this MLflow run instead of starting one (set from a checkpoint on resume).
         tags: Extra tags for the run.
         save_dir: The run folder (the journal goes there); the run builder sets it.
-        export_max_mb: Upload the best checkpoint's safetensors export as an artifact when it is
-            at most this many MB (0: never).
+        export_max_mb: Upload the best checkpoint's safetensors export (as the artifacts of the
+            run's logged model) when it is at most this many MB (0: never; the model then records
+            where the export lies on this machine).
         retry_seconds: While the store is unreachable, how often to try again.
+        system_metrics: Record CPU, memory, disk and GPU use as ``system/*`` metrics (the MLflow
+            UI's System metrics tab); ``false`` turns it off.
+        system_metrics_interval: Seconds between two system-metrics samples.
+        log_model: At the end of a fit, log the best checkpoint's export as an MLflow model
+            (LoggedModel) with its validation metrics, unless ``skip_model`` was called.
     """
 
     def __init__(
@@ -79,6 +96,9 @@ class MLflowTracker(Logger):
         save_dir: str | None = None,
         export_max_mb: float = 100.0,
         retry_seconds: float = 30.0,
+        system_metrics: bool = True,
+        system_metrics_interval: float = DEFAULT_INTERVAL,
+        log_model: bool = True,
     ) -> None:
         super().__init__()
         self.tracking_uri = check_tracking_uri(tracking_uri or default_tracking_uri())
@@ -91,6 +111,15 @@ class MLflowTracker(Logger):
         self._save_dir = save_dir
         self.export_max_mb = export_max_mb
         self.retry_seconds = retry_seconds
+        if system_metrics_interval <= 0:
+            raise ConfigError(f"system_metrics_interval={system_metrics_interval} must be positive: "
+                              f"use seconds between samples, e.g. {DEFAULT_INTERVAL:g}")
+        self.system_metrics = system_metrics
+        self.system_metrics_interval = system_metrics_interval
+        self.log_model = log_model
+        self.model_skipped: str | None = None  # why this run logs no model (skip_model)
+        self._sampler: SystemSampler | None = None
+        self._last_step = 0  # the step system metrics are logged at: the training step they belong to
         self.stop_reason: str | None = None  # "killed" after Ctrl-C or SIGTERM
         self.history: dict[str, list[list[float]]] = collections.defaultdict(list)  # key -> [[step, value]]
         self._store: TrackingStore | None = None
@@ -166,6 +195,7 @@ class MLflowTracker(Logger):
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         values = {k: float(v) for k, v in metrics.items()}
         step = int(step or 0)
+        self._last_step = step
         for key, value in values.items():
             if "loss" in key:
                 self.history[key].append([step, value])
@@ -197,6 +227,43 @@ class MLflowTracker(Logger):
             return
         self.log_artifact(path)
 
+    def skip_model(self, reason: str) -> None:
+        """Log no model for this run at the end of its fit (a pruned or failed sweep trial); the
+        run is tagged ``lmexp.model_skipped`` with ``reason``. Safe to call on every rank, any
+        number of times, at any point before the fit ends."""
+        self.model_skipped = reason or "skipped"
+
+    @rank_zero_only
+    def log_best_model(self, export: str | Path | None, step: int | None, checkpoint: str | None = None,
+                       monitor: str | None = None, score: float | None = None) -> None:
+        """Log the best checkpoint's export as the run's MLflow model (sent like any record, so
+        an outage keeps it in the journal); nothing when ``log_model`` is off or the model was
+        skipped (then the run is tagged with the reason)."""
+        if not self.log_model:
+            return
+        if self.model_skipped is not None:
+            self.set_tags({"lmexp.model_skipped": self.model_skipped})
+            return
+        self._send({"kind": "model", "export": str(Path(export).resolve()) if export else None, "step": step,
+                    "checkpoint": checkpoint, "monitor": monitor, "score": score, "max_mb": self.export_max_mb})
+
+    @rank_zero_only
+    def start_system_metrics(self) -> None:
+        """Start sampling system metrics (when ``system_metrics`` is on) until the run ends: the
+        run builder's recorder calls it as the run begins, on rank 0 only (one sampler per job;
+        it reads the whole machine, GPUs included)."""
+        if not self.system_metrics or self._sampler is not None:
+            return
+        self._start()
+        self._sampler = SystemSampler(self._sample_system, self.system_metrics_interval, disk=self._save_dir or os.sep)
+        self._sampler.start()
+
+    def _sample_system(self, values: dict[str, float]) -> None:
+        """The sampler's records join the queue (never restart a finished run's thread)."""
+        if not self._ended:
+            self._queue.put({"kind": "metrics", "values": values, "step": self._last_step,
+                             "time": int(time.time() * 1000)})
+
     @rank_zero_only
     def log_loss_curve(self) -> None:
         """Plot every ``*loss`` metric against the step into ``loss_curve.png`` and upload it."""
@@ -214,6 +281,9 @@ class MLflowTracker(Logger):
         if status == "finished":
             self.flush()
             return
+        if self._sampler is not None:  # its last sample goes before the end
+            self._sampler.stop()
+            self._sampler = None
         end = {"kind": "end", "status": _END_STATUS.get(self.stop_reason or status, "FAILED"),
                "time": int(time.time() * 1000)}
         self._ended = True
@@ -292,13 +362,13 @@ class MLflowTracker(Logger):
     def __getstate__(self) -> dict[str, Any]:
         # ddp_spawn pickles the trainer's loggers: the thread, queue and event stay behind.
         state = self.__dict__.copy()
-        for name in ("_thread", "_queue", "_connected", "_pending", "_store"):
+        for name in ("_thread", "_queue", "_connected", "_pending", "_store", "_sampler"):
             state.pop(name)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._thread, self._store = None, None
+        self._thread, self._store, self._sampler = None, None, None
         self._queue, self._connected, self._pending = queue.Queue(), threading.Event(), collections.deque()
 
     # --------------------------------------------------------------------- the worker

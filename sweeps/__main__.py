@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -74,6 +75,7 @@ def run_command(args: argparse.Namespace) -> None:
     from sweeps.study import (
         PARENT_RUN_ATTR, ROOT_ATTR, check_space, create_or_resume, default_storage, open_storage, shown_url,
     )
+    from sweeps.samplers import describe_sampler
     from sweeps.tracking import StudyRun
 
     spec = load_spec(args.config)
@@ -95,6 +97,7 @@ def run_command(args: argparse.Namespace) -> None:
     threads = spec.threads or max(1, (os.cpu_count() or 1) // spec.workers)
     print(f"study {spec.study} in {shown_url(storage_url)}: {spec.workers} worker(s), {threads} thread(s) per trial; "
           f"trials in {root}, progress in {root / 'sweep.log'}", flush=True)
+    print(describe_sampler(spec), flush=True)
     if spec.workers == 1:
         stopped = _work(spec, study, storage, storage_url, root, threads, config, index=0, heartbeat=args.heartbeat)
     else:
@@ -109,6 +112,7 @@ def run_command(args: argparse.Namespace) -> None:
     parent.end("KILLED" if stopped else "FAILED" if short else "FINISHED")
     print(f"study {spec.study}: {len(study.trials)} trials in {elapsed:.0f} s; report in {out}; "
           f"dashboard: optuna-dashboard {shown_url(storage_url)}", flush=True)
+    print(disk_use(root), flush=True)
     if stopped:
         print(f"interrupted: continue with python -m sweeps run --config {args.config} --resume", file=sys.stderr)
         raise SystemExit(130)
@@ -160,10 +164,29 @@ def incomplete(study: Any, spec: Any, resume: str) -> str:
     missing = missing_trials(study, spec)
     if not missing:
         return ""
-    running = [str(t.number) for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
-    still = f" (trial {', '.join(running)} still running)" if running else ""
+    from sweeps.study import INTERRUPTED_ATTR
+
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    interrupted = [str(t.number) for t in running if t.user_attrs.get(INTERRUPTED_ATTR)]
+    others = [str(t.number) for t in running if not t.user_attrs.get(INTERRUPTED_ATTR)]
+    still = "".join([f" (trial {', '.join(others)} still running)" if others else "",
+                     f" (trial {', '.join(interrupted)} interrupted: it resumes from its checkpoint)" if interrupted
+                     else ""])
     return (f"error: study {spec.study} is incomplete: {missing} of its {spec.n_trials} trials are missing{still}; "
             f"continue it with {resume}")
+
+
+def disk_use(root: Path) -> str:
+    """One line: what the study's folder holds on disk, in all and in checkpoints."""
+    total = checkpoints = 0
+    for path in root.rglob("*"):
+        with contextlib.suppress(OSError):
+            if path.is_file() and not path.is_symlink():
+                size = path.stat().st_size
+                total += size
+                checkpoints += size if "checkpoints" in path.relative_to(root).parts else 0
+    return (f"disk: {total / 1e6:.1f} MB in {root} ({checkpoints / 1e6:.1f} MB of checkpoints and exports; "
+            "pruned and failed trials keep none)")
 
 
 def study_root(config: dict[str, Any], study: str) -> Path:

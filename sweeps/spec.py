@@ -7,6 +7,7 @@ config can set, a sweep can search::
     fit:
       config: [configs/shakespeare_char.yaml]
     objectives: [{metric: val/loss, direction: minimize}]
+    constraints: [{metric: n_parameters, max: 2.0e6}]   # trials over it are infeasible, not failed
     n_trials: 16
     sampler: {name: tpe, seed: 0}
     pruner: {name: hyperband, min_resource: 100}
@@ -34,7 +35,9 @@ import yaml
 
 from lmexp.errors import ConfigError
 
-SAMPLERS = ("tpe", "random", "grid", "gp", "cmaes", "nsga2")
+SAMPLERS = ("auto", "tpe", "random", "grid", "gp", "cmaes", "nsga2")
+DEFAULT_SAMPLER = "auto"
+"""The sampler of a sweep file that names none (``auto`` picks GP or TPE per space: sweeps.samplers)."""
 PRUNERS = ("none", "median", "successive_halving", "hyperband", "threshold")
 DIRECTIONS = ("minimize", "maximize")
 # Measures every trial reports besides its logged metrics: the cost side of a Pareto front.
@@ -105,6 +108,38 @@ class Target:
         return measured <= self.value if self.direction == "minimize" else measured >= self.value
 
 
+@dataclass(frozen=True)
+class Constraint:
+    """A bound on a measure or logged metric: a trial outside it is infeasible (told to the study
+    with its value, never taken for the best), not failed."""
+
+    metric: str
+    max: float | None = None
+    min: float | None = None
+    reduce: Literal["best", "last"] = "best"
+    """For a logged metric: its best value over the validations, or the last one (as objectives)."""
+    direction: str = "minimize"
+    """What 'best' means for a logged metric: that of the objective of the same metric, else
+    minimize for a ``max`` bound and maximize for a ``min`` bound."""
+
+    def excess(self, value: float) -> float:
+        """How far ``value`` is outside the bounds, as a fraction of the bound it crosses (Optuna's
+        convention: <= 0 is satisfied). Relative, so the violations of a parameter count and of a
+        loss add up sensibly in TPE's and NSGA-II's ranking of infeasible trials."""
+        excesses = []
+        if self.max is not None:
+            excesses.append((value - self.max) / (abs(self.max) or 1.0))
+        if self.min is not None:
+            excesses.append((self.min - value) / (abs(self.min) or 1.0))
+        return max(excesses)
+
+    def describe(self) -> str:
+        """``n_parameters <= 2e+06``, ``0.8 <= val/acc``: the bound as people read it."""
+        low = f"{self.min:.4g} <= " if self.min is not None else ""
+        high = f" <= {self.max:.4g}" if self.max is not None else ""
+        return f"{low}{self.metric}{high}"
+
+
 @dataclass
 class SweepSpec:
     """A parsed, checked sweep file."""
@@ -117,7 +152,7 @@ class SweepSpec:
     objectives: list[Objective] = field(default_factory=lambda: [Objective()])
     n_trials: int | None = None
     timeout: float | None = None
-    sampler: dict[str, Any] = field(default_factory=lambda: {"name": "tpe"})
+    sampler: dict[str, Any] = field(default_factory=lambda: {"name": DEFAULT_SAMPLER})
     pruner: dict[str, Any] = field(default_factory=lambda: {"name": "none"})
     workers: int = 1
     threads: int | None = None
@@ -125,6 +160,8 @@ class SweepSpec:
     tracking_uri: str | None = None
     source: str | None = None
     target: Target | None = None
+    constraints: list[Constraint] = field(default_factory=list)
+    keep_checkpoints: bool = False  # pruned, failed and infeasible trials keep their checkpoints and export
 
     @property
     def multi_objective(self) -> bool:
@@ -147,6 +184,9 @@ class SweepSpec:
             "groups": [asdict(g) for g in self.groups],
             "objectives": [asdict(o) for o in self.objectives],
             **({"target": asdict(self.target)} if self.target else {}),
+            # Another constraint is another problem (another best trial), and GP reads only studies
+            # whose complete trials all carry the same constraints.
+            **({"constraints": [asdict(c) for c in self.constraints]} if self.constraints else {}),
         }
         return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -159,6 +199,7 @@ class SweepSpec:
             "sampler": self.sampler, "pruner": self.pruner, "workers": self.workers, "threads": self.threads,
             "storage": self.storage, "tracking_uri": self.tracking_uri, "source": self.source,
             "target": asdict(self.target) if self.target else None,
+            "constraints": [asdict(c) for c in self.constraints], "keep_checkpoints": self.keep_checkpoints,
         }
 
     @classmethod
@@ -168,6 +209,7 @@ class SweepSpec:
         values["groups"] = [Group(**g) for g in values.get("groups", [])]
         values["objectives"] = [Objective(**o) for o in values.get("objectives", [])]
         values["target"] = Target(**values["target"]) if values.get("target") else None
+        values["constraints"] = [Constraint(**c) for c in values.get("constraints") or []]
         return cls(**values)
 
 
@@ -187,7 +229,7 @@ def load_spec(path: str | Path) -> SweepSpec:
 
 
 _TOP_LEVEL = {"study", "fit", "space", "objectives", "n_trials", "timeout", "sampler", "pruner", "workers", "threads",
-              "storage", "tracking_uri", "target"}
+              "storage", "tracking_uri", "target", "constraints", "keep_checkpoints"}
 
 
 def parse_spec(data: Mapping[str, Any], default_study: str = "sweep", source: str | None = None) -> SweepSpec:
@@ -216,7 +258,10 @@ def parse_spec(data: Mapping[str, Any], default_study: str = "sweep", source: st
         raise ConfigError(f"n_trials={n_trials!r} must be a positive integer")
     if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
         raise ConfigError(f"timeout={timeout!r} must be a positive number of seconds")
-    sampler = _named("sampler", data.get("sampler") or {"name": "tpe"}, SAMPLERS)
+    constraints = _constraints(data.get("constraints"), objectives, target)
+    sampler = _named("sampler", data.get("sampler") or {"name": DEFAULT_SAMPLER}, SAMPLERS)
+    if constraints and sampler["name"] == "cmaes":
+        raise ConfigError("sampler cmaes ignores constraints: use auto, tpe, gp or nsga2, which keep to feasible regions")
     pruner = _named("pruner", data.get("pruner") or {"name": "none"}, PRUNERS)
     if pruner["name"] != "none" and len(objectives) > 1:
         raise ConfigError("pruning needs a single objective (Optuna prunes on one reported value): "
@@ -227,6 +272,9 @@ def parse_spec(data: Mapping[str, Any], default_study: str = "sweep", source: st
     threads = data.get("threads")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"threads={threads!r} must be a positive integer")
+    keep_checkpoints = data.get("keep_checkpoints", False)
+    if not isinstance(keep_checkpoints, bool):
+        raise ConfigError(f"keep_checkpoints={keep_checkpoints!r} must be true or false")
     study = str(data.get("study") or default_study)
     if not study.strip() or "/" in study:
         raise ConfigError(f"study name {study!r} must be non-empty and contain no '/'")
@@ -234,7 +282,7 @@ def parse_spec(data: Mapping[str, Any], default_study: str = "sweep", source: st
         study=study, configs=[str(c) for c in configs], overrides=overrides, params=params, groups=groups,
         objectives=objectives, n_trials=n_trials, timeout=timeout, sampler=sampler, pruner=pruner, workers=workers,
         threads=threads, storage=data.get("storage"), tracking_uri=data.get("tracking_uri"), source=source,
-        target=target,
+        target=target, constraints=constraints, keep_checkpoints=keep_checkpoints,
     )
 
 
@@ -331,6 +379,67 @@ def _target(value: Any) -> Target | None:
     if target.direction not in DIRECTIONS:
         raise ConfigError(f"target {target.metric}: direction={target.direction!r} must be minimize or maximize")
     return target
+
+
+def _constraints(value: Any, objectives: list[Objective], target: Target | None) -> list[Constraint]:
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        raise ConfigError(f"constraints {value!r}: expected a list such as [{{metric: n_parameters, max: 2.0e6}}]")
+    constraints = [_constraint(item, objectives, target) for item in value]
+    metrics = [c.metric for c in constraints]
+    repeated = sorted({m for m in metrics if metrics.count(m) > 1})
+    if repeated:
+        raise ConfigError(f"constraints name {', '.join(repeated)} twice: give one entry with both min and max")
+    return constraints
+
+
+def _constraint(value: Any, objectives: list[Objective], target: Target | None) -> Constraint:
+    if not isinstance(value, dict) or not isinstance(value.get("metric"), str):
+        raise ConfigError(f"constraint {value!r}: expected {{metric: n_parameters, max: 2.0e6}} (and/or min: VALUE)")
+    metric = value["metric"]
+    allowed = {"metric", "max", "min", "reduce", "direction"}
+    unknown = sorted(set(value) - allowed)
+    if unknown:
+        raise ConfigError(f"constraint {metric}: unknown setting(s) {', '.join(unknown)}; use {', '.join(sorted(allowed))}")
+    if value.get("max") is None and value.get("min") is None:
+        raise ConfigError(f"constraint {metric}: give 'max' and/or 'min', e.g. {{metric: {metric}, max: 2.0e6}}")
+    for bound in ("max", "min"):
+        number = value.get(bound)
+        if number is not None and (isinstance(number, bool) or not isinstance(number, (int, float))
+                                   or not math.isfinite(number)):
+            raise ConfigError(f"constraint {metric}: {bound}={number!r} is not a finite number "
+                              "(write 2.0e6, not 2e6 without a dot)")
+    low, high = value.get("min"), value.get("max")
+    if low is not None and high is not None and low > high:
+        raise ConfigError(f"constraint {metric}: min={low:g} is greater than max={high:g}: swap them")
+    if metric == "seconds_to_target" and target is None:
+        raise ConfigError("constraint seconds_to_target needs a target: add 'target: {metric: val/loss, value: 1.9}'")
+    reduce = value.get("reduce", "best")
+    if reduce not in ("best", "last"):
+        raise ConfigError(f"constraint {metric}: reduce={reduce!r} must be best or last")
+    objective = next((o for o in objectives if o.metric == metric), None)
+    direction = value.get("direction") or (objective.direction if objective else None)
+    if direction is None:
+        if low is not None and high is not None and reduce == "best" and metric not in MEASURES:
+            raise ConfigError(f"constraint {metric}: with both min and max, say which value is the best "
+                              "(direction: minimize or maximize) or use reduce: last")
+        direction = "minimize" if high is not None else "maximize"
+    if direction not in DIRECTIONS:
+        raise ConfigError(f"constraint {metric}: direction={direction!r} must be minimize or maximize")
+    if objective is not None and direction != objective.direction:
+        raise ConfigError(f"constraint {metric}: direction={direction} differs from its objective's "
+                          f"({objective.direction}): leave it out")
+    return Constraint(metric=metric, max=None if high is None else float(high), min=None if low is None else float(low),
+                      reduce=reduce, direction=direction)
+
+
+def param_name(key: str) -> str:
+    """How Optuna names a fit option: ``model.init_args.network_overrides.n_layer`` -> ``model.n_layer``,
+    short enough for a plot's axis, and unique since a class's options have unique names."""
+    return key.replace(".init_args.network_overrides.", ".").replace(".init_args.", ".")
 
 
 def _named(kind: str, value: Any, names: tuple[str, ...]) -> dict[str, Any]:

@@ -2,14 +2,16 @@
 
 Storage follows Optuna's own advice: a SQLite file by default (one worker, or a few on one
 host), a journal file (``journal:PATH``) for many workers on one host, and a database server
-(``postgresql://...``, any SQLAlchemy URL) for workers on several machines. Database storages
-keep a heartbeat per running trial, so a dead worker's trial is failed and run again.
+(``postgresql://...``, any SQLAlchemy URL) for workers on several machines. Every running trial
+has a heartbeat and names its worker, so a trial whose worker died (or was stopped) is resumed
+from its own last checkpoint by the next worker, under its own number.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import socket
 import time
 import warnings
 from collections.abc import Sequence
@@ -23,7 +25,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from lmexp.errors import ConfigError
 from lmexp.runs import check
-from sweeps.spec import SweepSpec
+# GridSampler, exhausted, make_sampler and param_name stay importable from here (sweeps.samplers, sweeps.spec).
+from sweeps.samplers import GridSampler, construct, exhausted, make_sampler  # noqa: F401
+from sweeps.spec import SweepSpec, param_name
 
 SPEC_ATTR = "sweep.spec"
 SIGNATURE_ATTR = "sweep.signature"
@@ -32,8 +36,14 @@ ROOT_ATTR = "sweep.root"  # the folder of the trials' run folders, logs and repo
 FAIL_REASON_ATTR = "fail_reason"
 INTERRUPTED = "interrupted"  # a trial stopped by Ctrl-C or SIGTERM: run again, not counted
 HEARTBEAT_SECONDS = 30
-HEARTBEAT_ATTR = "heartbeat"  # journal storages: when the trial's worker last showed life (Unix time)
-RETRY_OF_ATTR = "retry_of"  # journal storages: the dead trial a queued trial runs again
+HEARTBEAT_ATTR = "heartbeat"  # when the trial's worker last showed life (Unix time)
+RETRY_OF_ATTR = "retry_of"  # studies of the earlier kind: the dead trial a queued trial ran again
+INTERRUPTED_ATTR = "interrupted"  # stopped by Ctrl-C or SIGTERM with a checkpoint: resumed by the next worker
+CLAIM_ATTR = "sweep.claim"  # the worker that last claimed an orphaned trial
+RESUMES_ATTR = "resumes"  # how many times a trial was resumed after its worker died or was stopped
+RESTARTED_ATTR = "restarted"  # why a resumed trial had to train again from its first step
+RUN_NAME_ATTR = "run_name"  # the trial's run folder under the study's root
+BEST_CHECKPOINT_ATTR = "best_checkpoint"  # a complete trial's best checkpoint
 STALE_AFTER_BEATS = 4
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -98,49 +108,7 @@ def open_storage(url: str | None = None, heartbeat_seconds: int | None = HEARTBE
         raise ConfigError(f"storage {shown_url(url)} cannot be reached: {first}") from None
 
 
-# ---------------------------------------------------------------------------- samplers and pruners
-def make_sampler(spec: SweepSpec, worker_index: int = 0) -> optuna.samplers.BaseSampler:
-    """The spec's sampler. Each worker gets its own seed (seed + worker index), so workers that
-    start together do not propose the same trials."""
-    options = dict(spec.sampler)
-    name = options.pop("name")
-    seed = options.pop("seed", None)
-    if seed is not None:
-        seed = int(seed) + worker_index
-    samplers = {
-        "tpe": optuna.samplers.TPESampler,
-        "random": optuna.samplers.RandomSampler,
-        "gp": optuna.samplers.GPSampler,
-        "cmaes": optuna.samplers.CmaEsSampler,
-        "nsga2": optuna.samplers.NSGAIISampler,
-    }
-    if name == "grid":
-        grid = {param_name(p.name): p.grid() for p in spec.params}
-        grid.update({g.name: list(g.choices) for g in spec.groups})
-        return _construct("sampler", name, GridSampler, {"search_space": grid, "seed": seed, **options})
-    if name == "cmaes":
-        try:
-            import cmaes  # noqa: F401
-        except ImportError:
-            raise ConfigError("sampler cmaes needs the cmaes package: pip install cmaes") from None
-    return _construct("sampler", name, samplers[name], {"seed": seed, **options})
-
-
-class GridSampler(optuna.samplers.GridSampler):
-    """Optuna's grid sampler, for workers that ask and tell. After a trial Optuna's only calls
-    ``Study.stop`` when the grid is done, which works only inside ``Study.optimize``; a worker
-    asks ``exhausted`` before each trial instead."""
-
-    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
-                    values: Sequence[float] | None) -> None:
-        pass
-
-
-def exhausted(study: optuna.Study) -> bool:
-    """True when the study's sampler has nothing left to propose (a finished grid)."""
-    return isinstance(study.sampler, optuna.samplers.GridSampler) and study.sampler.is_exhausted(study)
-
-
+# ------------------------------------------------------------------------------------ pruners
 def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
     """The spec's pruner; its steps are training steps (each validation reports one value)."""
     options = dict(spec.pruner)
@@ -152,25 +120,10 @@ def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
         "hyperband": optuna.pruners.HyperbandPruner,
         "threshold": optuna.pruners.ThresholdPruner,  # stop a trial whose metric leaves [lower, upper]
     }
-    return _construct("pruner", name, pruners[name], options)
-
-
-def _construct(kind: str, name: str, factory: Any, options: dict[str, Any]) -> Any:
-    try:
-        return factory(**options)
-    except TypeError as err:
-        raise ConfigError(f"{kind} {name}: {err} (the options are those of {factory.__module__}.{factory.__name__})") from None
-    except ValueError as err:
-        raise ConfigError(f"{kind} {name}: {err}") from None
+    return construct("pruner", name, pruners[name], options)
 
 
 # ------------------------------------------------------------------------------- the search space
-def param_name(key: str) -> str:
-    """How Optuna names a fit option: ``model.init_args.network_overrides.n_layer`` -> ``model.n_layer``,
-    short enough for a plot's axis, and unique since a class's options have unique names."""
-    return key.replace(".init_args.network_overrides.", ".").replace(".init_args.", ".")
-
-
 def suggest(trial: optuna.Trial, spec: SweepSpec) -> dict[str, Any]:
     """The trial's fit overrides: the spec's fixed ones plus one value of every searched option."""
     overrides = dict(spec.overrides)
@@ -285,48 +238,110 @@ def stored_spec(study: optuna.Study) -> SweepSpec:
 
 
 def record_heartbeat(storage: optuna.storages.BaseStorage, trial_id: int) -> None:
-    """Note that a trial's worker is alive: in the heartbeat table of a database storage, in a
-    user attribute elsewhere (Optuna 5's journal storage keeps no heartbeats of its own)."""
-    if isinstance(storage, RDBStorage):
-        storage.record_heartbeat(trial_id)
-    else:
-        storage.set_trial_user_attr(trial_id, HEARTBEAT_ATTR, time.time())
+    """Note that a trial's worker is alive, as a user attribute of the trial (the same for every
+    storage; Optuna keeps heartbeats for database storages only, and fails a stale trial where
+    a sweep resumes it)."""
+    storage.set_trial_user_attr(trial_id, HEARTBEAT_ATTR, time.time())
 
 
-def fail_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStorage,
-                      heartbeat_seconds: int | None) -> list[int]:
-    """Fail the running trials whose worker stopped beating and queue each to run again; return
-    the numbers of the trials failed (the caller ends their MLflow runs, which no one else will).
+@dataclass
+class Owner:
+    """The worker running a trial, and the process it runs it in, as the trial's attributes say."""
 
-    Database storages do it with Optuna's own heartbeat and ``RetryHeartbeatStaleTrialCallback``;
-    for a journal storage a trial is stale when its heartbeat attribute is older than
-    ``STALE_AFTER_BEATS`` beats, and its parameters are queued again with ``enqueue_trial``.
+    host: str
+    worker_pid: int
+    trial_pid: int | None = None
+
+    ATTR = "sweep.owner"
+
+    @classmethod
+    def of(cls, trial: FrozenTrial) -> Owner | None:
+        data = trial.user_attrs.get(cls.ATTR)
+        return cls(data["host"], int(data["worker_pid"]), data.get("trial_pid")) if isinstance(data, dict) else None
+
+    def to_attr(self) -> dict[str, Any]:
+        return {"host": self.host, "worker_pid": self.worker_pid, "trial_pid": self.trial_pid}
+
+    def gone(self) -> bool:
+        """True when this host ran the trial and neither its worker nor its trial process is alive."""
+        if self.host != socket.gethostname():
+            return False
+        return not any(_alive(pid) for pid in (self.worker_pid, self.trial_pid) if pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # an ended process not yet reaped by its parent is gone too
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def orphaned_trials(study: optuna.Study, heartbeat_seconds: int | None) -> list[tuple[FrozenTrial, str]]:
+    """Running trials that nobody runs any more, each with why: interrupted by Ctrl-C or SIGTERM
+    (its worker marked it so), its worker and trial process gone from this host, or its heartbeat
+    older than ``STALE_AFTER_BEATS`` beats. A worker resumes them (``claim_trial``).
+
+    Trials of the earlier kind of study (no heartbeat attribute in a database storage) are left to
+    ``fail_legacy_stale_trials``.
     """
-    if isinstance(storage, RDBStorage):
-        running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        if not running:
-            return []
-        optuna.storages.fail_stale_trials(study)
-        return [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number in running]
-    if not heartbeat_seconds:
-        return []
-    study_id = storage.get_study_id_from_name(study.study_name)
     now = time.time()
-    failed = []
+    found = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         beat = trial.user_attrs.get(HEARTBEAT_ATTR)
-        if beat is None or now - beat < STALE_AFTER_BEATS * heartbeat_seconds:
-            continue
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
-        try:
-            storage.set_trial_user_attr(trial_id, FAIL_REASON_ATTR, f"its worker stopped beating ({now - beat:.0f} s)")
-            if not storage.set_trial_state_values(trial_id, TrialState.FAIL):
-                continue
-        except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
-            continue  # another worker failed it first
-        study.enqueue_trial(trial.params, user_attrs={RETRY_OF_ATTR: trial.number}, skip_if_exists=False)
-        failed.append(trial.number)
-    return failed
+        owner = Owner.of(trial)
+        if trial.user_attrs.get(INTERRUPTED_ATTR):
+            found.append((trial, "it was interrupted"))
+        elif owner is not None and owner.gone():
+            found.append((trial, f"its worker (pid {owner.worker_pid}) is gone"))
+        elif beat is not None and heartbeat_seconds and now - beat >= STALE_AFTER_BEATS * heartbeat_seconds:
+            found.append((trial, f"its worker stopped beating {now - beat:.0f} s ago"))
+    return found
+
+
+def claim_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, trial: FrozenTrial, owner: Owner,
+                settle_seconds: float = 0.5) -> bool:
+    """Take over an orphaned trial for this worker; False when another worker took it first.
+
+    Workers of one host claim under their shared lock; across hosts each writes its claim, waits
+    ``settle_seconds`` and keeps the trial only if its claim is the one stored and nobody has
+    taken the trial over meanwhile (the owner is still the one found gone).
+    """
+    study_id = storage.get_study_id_from_name(study.study_name)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+    claim = f"{owner.host}:{owner.worker_pid}:{time.time_ns()}"
+    try:
+        storage.set_trial_user_attr(trial_id, CLAIM_ATTR, claim)
+        time.sleep(settle_seconds)
+        current = storage.get_trial(trial_id)
+        if (current.state != TrialState.RUNNING or current.user_attrs.get(CLAIM_ATTR) != claim
+                or current.user_attrs.get(Owner.ATTR) != trial.user_attrs.get(Owner.ATTR)):
+            return False
+        storage.set_trial_user_attr(trial_id, HEARTBEAT_ATTR, time.time())
+        storage.set_trial_user_attr(trial_id, Owner.ATTR, owner.to_attr())
+        storage.set_trial_user_attr(trial_id, INTERRUPTED_ATTR, False)
+        storage.set_trial_user_attr(trial_id, RESUMES_ATTR, int(current.user_attrs.get(RESUMES_ATTR, 0)) + 1)
+    except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
+        return False  # finished meanwhile
+    return True
+
+
+def fail_legacy_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) -> list[int]:
+    """Fail the stale trials of workers of the earlier kind (Optuna's heartbeat in a database storage,
+    no heartbeat attribute), each queued again with its parameters; return their numbers."""
+    if not isinstance(storage, RDBStorage) or storage.get_heartbeat_interval() is None:
+        return []
+    running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+               if HEARTBEAT_ATTR not in t.user_attrs}
+    if not running:
+        return []
+    optuna.storages.fail_stale_trials(study)
+    return [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number in running]
 
 
 def heartbeat_age(trial: FrozenTrial) -> float | None:

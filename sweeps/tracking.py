@@ -1,5 +1,12 @@
 """The study's MLflow run: every trial's run is nested under it, and it holds the best so far.
 
+It names the objective for the MLflow UI as far as MLflow lets a run do so: the tags
+``sweep.objective`` and ``sweep.direction``, and the best value so far as a metric named after the
+objective (``val/loss``), logged before any other metric of the run. MLflow 3.17's compare view
+opens its parallel-coordinates plot on the first metric the compared runs share, in the order
+each was first logged (the store keeps that order); its charts' settings live in the browser, and
+no tag or experiment setting chooses them.
+
 Tracking never stops a study: a store that fails is reported once and the trials go on (each
 trial's own tracker keeps its records through outages).
 """
@@ -25,8 +32,10 @@ log = logging.getLogger(__name__)
 class StudyRun:
     """The parent MLflow run of a study (in the experiment named after the study)."""
 
-    def __init__(self, tracking_uri: str | None, experiment: str, run_id: str | None) -> None:
+    def __init__(self, tracking_uri: str | None, experiment: str, run_id: str | None,
+                 objective: str | None = None) -> None:
         self.tracking_uri = tracking_uri
+        self.objective = objective  # the metric the best value is logged as (single-objective studies)
         self.experiment = experiment
         self.run_id = run_id
         self._client: Any = None
@@ -39,8 +48,8 @@ class StudyRun:
         if spec.tracking_uri is False:
             return cls(None, spec.study, None)
         uri = _uri(spec)
-        store = TrackingStore(uri, spec.study, f"study {spec.study}", run_id=run_id,
-                              tags={"optuna.study": spec.study, "optuna.storage": storage_url, "sweep.kind": "study"})
+        tags = {"optuna.study": spec.study, "optuna.storage": storage_url, "sweep.kind": "study", **objective_tags(spec)}
+        store = TrackingStore(uri, spec.study, f"study {spec.study}", run_id=run_id, tags=tags)
         store.connect()
         if not store.resumed:
             settings = {"sampler": spec.sampler, "pruner": spec.pruner, "n_trials": spec.n_trials,
@@ -51,7 +60,7 @@ class StudyRun:
             store.apply({"kind": "params", "values": flatten({"sweep": settings})})
             if spec.source and Path(spec.source).is_file():
                 store.client.log_artifact(store.run_id, spec.source)
-        run = cls(uri, spec.study, store.run_id)
+        run = cls(uri, spec.study, store.run_id, spec.objectives[0].metric if not spec.multi_objective else None)
         run._client = store.client
         return run
 
@@ -60,7 +69,7 @@ class StudyRun:
         """The run a study made, for a worker that joins it (nothing is created)."""
         if spec.tracking_uri is False:
             return cls(None, spec.study, None)
-        return cls(_uri(spec), spec.study, run_id)
+        return cls(_uri(spec), spec.study, run_id, spec.objectives[0].metric if not spec.multi_objective else None)
 
     @property
     def client(self) -> Any:
@@ -110,21 +119,24 @@ class StudyRun:
                   for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
         step = sum(counts.values())
         now = int(time.time() * 1000)
-        calls: list[tuple[Any, ...]] = [
-            (self.client.log_metric, self.run_id, f"trials_{state.name.lower()}", count, now, step)
-            for state, count in counts.items()]
+        calls: list[tuple[Any, ...]] = []
         if len(study.directions) == 1:
             try:
                 best = study.best_trial
             except ValueError:
                 best = None
             if best is not None:
+                # First: the compare view opens on the first metric a run logged.
+                if self.objective:
+                    calls.append((self.client.log_metric, self.run_id, self.objective, best.value, now, step))
                 calls.append((self.client.log_metric, self.run_id, "best_value", best.value, now, step))
                 calls.append((self.client.set_tag, self.run_id, "best_trial", str(best.number)))
                 calls += [(self.client.set_tag, self.run_id, f"best.{k}", str(v)) for k, v in best.params.items()]
         else:
             front = ", ".join(str(t.number) for t in study.best_trials)
             calls.append((self.client.set_tag, self.run_id, "pareto_front_trials", front))
+        calls += [(self.client.log_metric, self.run_id, f"trials_{state.name.lower()}", count, now, step)
+                  for state, count in counts.items()]
         self._safely("update the study's run", *calls)
 
     def end_trial_run(self, study_name: str, number: int, reason: str, status: str = "FAILED",
@@ -158,12 +170,23 @@ class StudyRun:
         return self.client.search_runs([experiment.experiment_id], filter_string=" and ".join(found))
 
     def log_artifacts(self, folder: Path, artifact_path: str = "report") -> None:
+        """Upload the report's images, tables and text. Its HTML plots stay on disk: they load plotly's
+        script from beside the study folders, which an artifact store does not have."""
         if self.client is not None and self.run_id:
-            self._safely("upload the report", (self.client.log_artifacts, self.run_id, str(folder), artifact_path))
+            files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".png", ".csv", ".txt"))
+            self._safely("upload the report", *[(self.client.log_artifact, self.run_id, str(p), artifact_path)
+                                                for p in files])
 
     def end(self, status: str = "FINISHED") -> None:
         if self.client is not None and self.run_id:
             self._safely("end the study's run", (self.client.set_terminated, self.run_id, status))
+
+
+def objective_tags(spec: SweepSpec) -> dict[str, str]:
+    """``sweep.objective`` (the metric, or metrics in order) and ``sweep.direction``: what the study
+    optimizes, for the UI's filters and for a trial's run (``tags.`sweep.objective` = 'val/loss'``)."""
+    return {"sweep.objective": ", ".join(o.metric for o in spec.objectives),
+            "sweep.direction": ", ".join(o.direction for o in spec.objectives)}
 
 
 def _uri(spec: SweepSpec) -> str:

@@ -23,10 +23,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from lmexp.errors import find_user_error
+from lmexp.errors import CheckpointError, find_user_error
 from lmexp.models import count_parameters
 from lmexp.runs import build
 from lmexp.tracking import MLflowTracker, tracker_of
+from sweeps.samplers import constraint_watch, infeasible_before_training
 from sweeps.spec import MEASURES, Objective, SweepSpec
 
 
@@ -55,6 +56,7 @@ class ReportToStudy(pl.Callback):
             self.watched.append(Objective(target.metric, target.direction))
             if self.monitor in MEASURES:  # seconds_to_target: report the target's metric as the run goes
                 self.monitor = target.metric
+        self.watched += constraint_watch(self.spec)  # logged metrics only a constraint bounds
         # Optuna keeps intermediate values of single-objective studies only; reported with or
         # without a pruner, they draw the learning curves of the report.
         self.reporting = not self.spec.multi_objective
@@ -70,6 +72,7 @@ class ReportToStudy(pl.Callback):
         self._validation_start = 0.0
         self._trial: Any = None
         self.n_parameters: int | None = None
+        self.started_at_step = 0
 
     # ------------------------------------------------------------------- study access (rank 0)
     def _optuna_trial(self) -> Any:
@@ -86,7 +89,13 @@ class ReportToStudy(pl.Callback):
     # ---------------------------------------------------------------------------- hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._train_start = self.clock()
+        self.started_at_step = trainer.global_step  # above 0 for a resumed trial
         self.n_parameters = count_parameters(getattr(pl_module, "model", None) or pl_module)
+        # A model over a parameter budget is infeasible as it is: stopped before its first step.
+        infeasible = trainer.strategy.broadcast(infeasible_before_training(self.spec, self.n_parameters), src=0)
+        if infeasible:
+            self.state, self.reason = "infeasible", infeasible
+            self._stop_without_model(trainer)
         if trainer.is_global_zero:
             tracker = tracker_of(trainer)
             write_result(self.job, {"state": "running", "run_id": tracker.wait_for_run() if tracker else None,
@@ -120,11 +129,18 @@ class ReportToStudy(pl.Callback):
         prune, diverged = trainer.strategy.broadcast((prune, diverged), src=0)
         if diverged:
             self.state, self.reason = "failed", f"{self.monitor} is not finite at step {trainer.global_step}"
-            trainer.should_stop = True
+            self._stop_without_model(trainer)
         elif prune:
             self.state, self.pruned_at = "pruned", trainer.global_step
             self.reason = f"pruned at step {trainer.global_step}"
-            trainer.should_stop = True
+            self._stop_without_model(trainer)
+
+    def _stop_without_model(self, trainer: pl.Trainer) -> None:
+        """Stop the run; a trial that did not complete logs no MLflow model (its checkpoints go too)."""
+        trainer.should_stop = True
+        tracker = tracker_of(trainer)
+        if tracker is not None:
+            tracker.skip_model(self.reason)
 
     def _reached_target(self, trainer: pl.Trainer) -> bool:
         """Stop the run at the first validation that reaches the spec's target (rank 0 decides)."""
@@ -159,6 +175,7 @@ class ReportToStudy(pl.Callback):
         measured = {
             "state": self.state, "reason": self.reason, "best": self.best, "last": self.last,
             "n_parameters": self.n_parameters, "train_seconds": self.train_seconds, "pruned_at": self.pruned_at,
+            "started_at_step": self.started_at_step,
         }
         if self.spec.target is not None:
             measured["reached_target"] = self.seconds_to_target is not None
@@ -184,13 +201,9 @@ def write_result(job: dict[str, Any], values: dict[str, Any]) -> None:
 def run_trial(job: dict[str, Any]) -> int:
     """Train the job's trial; return the process exit status (0 also for pruned or diverged trials)."""
     reporter = ReportToStudy(job)
-    logger: Any = False
-    if job.get("tracking_uri"):
-        logger = MLflowTracker(tracking_uri=job["tracking_uri"], tags=job.get("tags") or {})
     rank_zero = True
     try:
-        run = build("fit", job["configs"], job["overrides"], callbacks=[reporter], logger=logger,
-                    experiment=job["study"], run_name=job["run_name"])
+        run = _build(job, reporter)
         rank_zero = run.trainer.is_global_zero
         run.execute()
     except Exception as err:
@@ -204,26 +217,72 @@ def run_trial(job: dict[str, Any]) -> int:
     return 0
 
 
-def stop_when_orphaned(worker_pid: int, interval: float = 2.0) -> None:
-    """SIGTERM this trial (it checkpoints and stops) once its worker is gone, so a killed worker
-    leaves no trial training on; the study runs that trial again from its heartbeat."""
+def _build(job: dict[str, Any], reporter: ReportToStudy) -> Any:
+    """The trial's run; a resumed trial continues its run folder from its newest checkpoint, or,
+    when none can be resumed, trains again from its first step in a new folder (and says so)."""
+
+    def build_run(run_name: str, ckpt_path: str | None) -> Any:
+        logger: Any = False
+        if job.get("tracking_uri"):
+            logger = MLflowTracker(tracking_uri=job["tracking_uri"], tags=job.get("tags") or {})
+        return build("fit", job["configs"], job["overrides"], callbacks=[reporter], logger=logger,
+                     experiment=job["study"], run_name=run_name, ckpt_path=ckpt_path)
+
+    if not job.get("resume"):
+        return build_run(job["run_name"], None)
+    try:
+        return build_run(job["run_name"], "last")
+    except CheckpointError as err:
+        reason = f"its checkpoint could not be resumed ({str(err).splitlines()[0]})"
+        print(f"trial: {reason}; training again from the first step", flush=True)
+        write_result(job, {"restarted": reason})
+        return build_run(f"{job['run_name']}-restarted", None)
+
+
+def stop_when_orphaned(parent_pid: int, interval: float = 2.0) -> None:
+    """SIGTERM this trial (it checkpoints and stops) once the process that started it is gone, so
+    a killed worker leaves no trial training on; the study resumes that trial from its checkpoint.
+
+    ``parent_pid`` is the worker, or the worker's trial server, which exits with the worker."""
 
     def watch() -> None:
-        while os.getppid() == worker_pid:
+        while os.getppid() == parent_pid:
             time.sleep(interval)
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, daemon=True, name="worker-watch").start()
 
 
+def run_job_file(job_path: str | Path) -> int:
+    job = json.loads(Path(job_path).read_text())
+    if job.get("worker_pid") and os.environ.get("LOCAL_RANK", "0") == "0":  # DDP's other ranks follow rank 0
+        stop_when_orphaned(os.getppid())
+    return run_trial(job)
+
+
+def run_forked(job_path: str, log_path: str, threads: int) -> None:
+    """A trial forked from the worker's trial server (lmexp, torch and Lightning already imported):
+    its own session, like a trial process, with its output in the trial's log."""
+    os.setsid()  # the worker stops the trial's whole process group, and Ctrl-C reaches only the worker
+    log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    sys.stdout.reconfigure(line_buffering=True)
+    sys.stderr.reconfigure(line_buffering=True)
+    import torch
+
+    torch.set_num_threads(threads)
+    raise SystemExit(run_job_file(job_path))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         raise SystemExit("usage: python -m sweeps.trial JOB.json (started by a sweep worker)")
-    job = json.loads(Path(args[0]).read_text())
-    if job.get("worker_pid") and os.environ.get("LOCAL_RANK", "0") == "0":  # DDP's other ranks follow rank 0
-        stop_when_orphaned(job["worker_pid"])
-    raise SystemExit(run_trial(job))
+    raise SystemExit(run_job_file(args[0]))
 
 
 if __name__ == "__main__":

@@ -13,8 +13,11 @@ import contextlib
 import importlib
 import json
 import math
+import multiprocessing
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -28,22 +31,30 @@ import optuna
 from filelock import FileLock
 from optuna.trial import TrialState
 
+from sweeps.samplers import record_constraints, untrained_values
 from sweeps.spec import MEASURES, SweepSpec
 from sweeps.study import (
     FAIL_REASON_ATTR,
     INTERRUPTED,
     PARENT_RUN_ATTR,
     TrialOutcome,
+    BEST_CHECKPOINT_ATTR,
+    INTERRUPTED_ATTR,
+    RESTARTED_ATTR,
+    RUN_NAME_ATTR,
+    Owner,
+    claim_trial,
     counted_trials,
     exhausted,
-    fail_stale_trials,
+    fail_legacy_stale_trials,
     heartbeat_age,
+    orphaned_trials,
     record_heartbeat,
     retried_trial_number,
     shown_url,
     suggest,
 )
-from sweeps.tracking import StudyRun
+from sweeps.tracking import StudyRun, objective_tags
 
 _RENAMED = {"Outcome": "sweeps.study.TrialOutcome"}
 
@@ -56,6 +67,53 @@ def __getattr__(name: str) -> Any:
     warnings.warn(f"{__name__}.{name} is deprecated and goes in the next release: use {_RENAMED[name]}",
                   DeprecationWarning, stacklevel=2)
     return getattr(importlib.import_module(module), new_name)
+
+
+TRIAL_SERVER_PRELOAD = ["sweeps.trial", "optuna", "mlflow", "matplotlib.pyplot"]
+
+
+def start_trial_server(threads: int) -> bool:
+    """Start the process that forks every trial of this worker, with lmexp, torch, Lightning, Optuna
+    and MLflow imported once (several seconds a trial otherwise); False where forking is not possible.
+
+    Each trial is still its own process, forked from this server and not from the worker, whose
+    threads (heartbeats) a fork would not carry. The server reads its environment once, so the
+    trials' thread counts are set here.
+    """
+    if os.environ.get("LMEXP_SWEEP_FORK", "1") == "0" or "forkserver" not in multiprocessing.get_all_start_methods():
+        return False
+    os.environ.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"})
+    os.environ.pop("LMEXP_RUN_DIR", None)
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(TRIAL_SERVER_PRELOAD)
+    from multiprocessing import forkserver
+
+    forkserver.ensure_running()
+    return True
+
+
+class ForkedTrial:
+    """A trial forked from the trial server; waited for and stopped like a ``subprocess.Popen``."""
+
+    def __init__(self, job_path: Path, log_path: Path, threads: int) -> None:
+        context = multiprocessing.get_context("forkserver")
+        self.process = context.Process(target=_run_forked, args=(str(job_path), str(log_path), threads),
+                                       name="lmexp-trial", daemon=False)
+        self.process.start()
+        self.pid = self.process.pid
+
+    def poll(self) -> int | None:
+        return self.process.exitcode
+
+    def wait(self) -> int:
+        self.process.join()
+        return int(self.process.exitcode if self.process.exitcode is not None else 1)
+
+
+def _run_forked(job_path: str, log_path: str, threads: int) -> None:
+    from sweeps.trial import run_forked  # imported in the server already; the worker never imports torch
+
+    run_forked(job_path, log_path, threads)
 
 
 class Worker:
@@ -76,7 +134,9 @@ class Worker:
         self.heartbeat_seconds = heartbeat_seconds
         self.study_id = storage.get_study_id_from_name(study.study_name)
         self.tracking = StudyRun.attach(spec, study.user_attrs.get(PARENT_RUN_ATTR))
-        self._child: subprocess.Popen | None = None
+        self._child: subprocess.Popen | ForkedTrial | None = None
+        # Trials of one device are forked from a warm trial server; DDP trials are started as processes.
+        self.fork_trials = self.devices == 1 and start_trial_server(max(1, threads))
         self.stopped = False  # by Ctrl-C or SIGTERM
         self._grid_done_said = False
         self._waited: tuple[set[int], float] = (set(), 0.0)  # the trials last named in a waiting line, and when
@@ -93,12 +153,12 @@ class Worker:
                 if deadline is not None and time.monotonic() >= deadline:
                     self.say(f"{self.name}: timeout of {self.spec.timeout:g} s reached")
                     break
-                trial = self._ask()
-                if trial is None:
+                asked = self._ask()
+                if asked is None:
                     if self._wait_for_others():
-                        continue  # asked again: the trial waited for is done, or failed and queued again
+                        continue  # asked again: the trial waited for is done, or orphaned and resumed here
                     break
-                outcomes.append(self._run(trial))
+                outcomes.append(self._run(*asked))
                 if self._hopeless(outcomes):
                     break
         finally:
@@ -124,10 +184,14 @@ class Worker:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self._child.pid, signal.SIGTERM)  # the trial checkpoints and stops
 
-    def _ask(self) -> optuna.Trial | None:
+    def _ask(self) -> tuple[optuna.Trial, str] | None:
+        """The next trial to run, and why it is resumed ("" for a new one); None when the study is done."""
         # Counting and asking under one lock: workers on this host never start more than n_trials.
         with self._trial_slot():
-            self._fail_stale_trials()
+            for frozen, why in orphaned_trials(self.study, self.heartbeat_seconds):
+                if claim_trial(self.study, self.storage, frozen, self._owner()):
+                    return optuna.Trial(self.study, self._trial_id(frozen.number)), why
+            self._fail_legacy_stale_trials()
             trials = self.study.get_trials(deepcopy=False)
             if self.spec.n_trials is not None and counted_trials(trials) >= self.spec.n_trials:
                 return None
@@ -138,16 +202,21 @@ class Worker:
                     self.say(f"{self.name}: every point of the grid has been tried")
                 return None
             trial = self.study.ask()
-            if self.heartbeat_seconds:  # alive from the start: a trial with no beat is never taken for stale
-                record_heartbeat(self.storage, self._trial_id(trial.number))
-            return trial
+            trial_id = self._trial_id(trial.number)
+            # Alive and owned from the start: a trial with no beat is never taken for orphaned.
+            record_heartbeat(self.storage, trial_id)
+            self.storage.set_trial_user_attr(trial_id, Owner.ATTR, self._owner().to_attr())
+            return trial, ""
+
+    def _owner(self, trial_pid: int | None = None) -> Owner:
+        return Owner(socket.gethostname(), os.getpid(), trial_pid)
 
     def _trial_id(self, number: int) -> int:
         return self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
 
-    def _fail_stale_trials(self) -> None:
-        """Fail the trials of dead workers (each is queued to run again) and end their MLflow runs."""
-        for number in fail_stale_trials(self.study, self.storage, self.heartbeat_seconds):
+    def _fail_legacy_stale_trials(self) -> None:
+        """Fail the trials of dead workers of the earlier kind (queued to run again) and end their MLflow runs."""
+        for number in fail_legacy_stale_trials(self.study, self.storage):
             trial = self.storage.get_trial(self._trial_id(number))
             reason = trial.user_attrs.get(FAIL_REASON_ATTR) or "its worker stopped beating"
             self.say(f"{self.name}: trial {number} of {trial.user_attrs.get('worker', 'a worker')} failed: {reason}; "
@@ -189,23 +258,36 @@ class Worker:
 
 
     # ----------------------------------------------------------------------------- one trial
-    def _run(self, trial: optuna.Trial) -> TrialOutcome:
+    def _run(self, trial: optuna.Trial, resumed_because: str = "") -> TrialOutcome:
         started = time.perf_counter()
-        overrides = suggest(trial, self.spec)
+        overrides = suggest(trial, self.spec)  # a resumed trial gets the parameters it had
         trial.set_user_attr("overrides", overrides)
         trial.set_user_attr("worker", self.name)
         trial_id = self._trial_id(trial.number)
-        run_name = self._run_name(trial.number)
+        frozen = self.storage.get_trial(trial_id)
+        run_name = frozen.user_attrs.get(RUN_NAME_ATTR) if resumed_because else None
+        resume = bool(run_name) and (self.root / run_name).is_dir()
+        if resumed_because:
+            how = "from its last checkpoint" if resume else "from its first step: it left no run folder"
+            self.say(f"{self.name}: trial {trial.number} resumed {how} ({resumed_because})")
+        run_name = run_name if resume else self._run_name(trial.number)
+        trial.set_user_attr(RUN_NAME_ATTR, run_name)
+        if resumed_because and not resume:
+            trial.set_user_attr(RESTARTED_ATTR, "its worker left no run folder")
         log_path = self.root / "logs" / f"{run_name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="lmexp-trial-") as scratch:
-            job = self._job(trial, trial_id, overrides, run_name, Path(scratch))
+            job = self._job(trial, trial_id, overrides, run_name, Path(scratch), resume)
             job_path = Path(scratch) / "job.json"
             job_path.write_text(json.dumps(job, default=str))
             code = self._launch(job_path, log_path, trial_id)
             result_path = Path(job["result"])
             result = json.loads(result_path.read_text()) if result_path.is_file() else {}
-        return self._finish(trial, code, result, log_path, time.perf_counter() - started)
+        if result.get("restarted"):
+            trial.set_user_attr(RESTARTED_ATTR, result["restarted"])
+        elif resume and result.get("state") in ("complete", "pruned") and not result.get("started_at_step"):
+            trial.set_user_attr(RESTARTED_ATTR, "no checkpoint had been saved: trained from its first step")
+        return self._finish(trial, code, result, log_path, time.perf_counter() - started, self.root / run_name)
 
     def _run_name(self, number: int) -> str:
         base = f"trial-{number:04d}"
@@ -216,10 +298,11 @@ class Worker:
         return name
 
     def _job(self, trial: optuna.Trial, trial_id: int, overrides: dict[str, Any], run_name: str,
-             scratch: Path) -> dict[str, Any]:
+             scratch: Path, resume: bool = False) -> dict[str, Any]:
         tags = {"optuna.study": self.study.study_name, "optuna.trial": str(trial.number),
                 "optuna.storage": shown_url(self.storage_url), "sweep.worker": self.name}
         tags.update({f"optuna.param.{k}": str(v) for k, v in trial.params.items()})
+        tags.update(objective_tags(self.spec))  # runs filter by tags.`sweep.objective`
         retry_of = retried_trial_number(self.storage.get_trial(trial_id))
         if retry_of is not None:
             tags["sweep.retry_of"] = str(retry_of)
@@ -229,7 +312,7 @@ class Worker:
             "study": self.study.study_name, "storage": self.storage_url, "trial_id": trial_id,
             "configs": self.spec.configs, "overrides": overrides, "run_name": run_name,
             "spec": self.spec.to_dict(), "tracking_uri": self.tracking.tracking_uri,
-            "tags": tags, "result": str(scratch / "result.json"), "worker_pid": os.getpid(),
+            "tags": tags, "result": str(scratch / "result.json"), "worker_pid": os.getpid(), "resume": resume,
         }
 
     def _launch(self, job_path: Path, log_path: Path, trial_id: int) -> int:
@@ -250,44 +333,67 @@ class Worker:
 
             threading.Thread(target=beat, daemon=True, name="trial-heartbeat").start()
         try:
-            with open(log_path, "ab") as log:
-                # Its own session: Ctrl-C in the terminal reaches the worker, which stops the trial cleanly.
-                self._child = subprocess.Popen([sys.executable, "-m", "sweeps.trial", str(job_path)], env=env,
-                                               stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                               start_new_session=True)
-                return self._child.wait()
+            if self.devices == 1 and self.fork_trials:
+                self._child = ForkedTrial(job_path, log_path, int(per_rank))
+            else:  # DDP: Lightning starts the other ranks by running the trial's command line again
+                with open(log_path, "ab") as log:
+                    # Its own session: Ctrl-C in the terminal reaches the worker, which stops the trial cleanly.
+                    self._child = subprocess.Popen([sys.executable, "-m", "sweeps.trial", str(job_path)], env=env,
+                                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                                   start_new_session=True)
+            with contextlib.suppress(Exception):  # who runs the trial: found gone when this host has no such process
+                self.storage.set_trial_user_attr(trial_id, Owner.ATTR, self._owner(self._child.pid).to_attr())
+            return self._child.wait()
         finally:
             stop_beat.set()
             self._child = None
 
-    def _finish(self, trial: optuna.Trial, code: int, result: dict[str, Any], log_path: Path, seconds: float) -> TrialOutcome:
+    def _finish(self, trial: optuna.Trial, code: int, result: dict[str, Any], log_path: Path, seconds: float,
+                run_dir: Path) -> TrialOutcome:
         state_name = result.get("state", "failed")
         reason = result.get("reason") or ""
         values: list[float] | None = None
-        finished = code == 0 and state_name in ("complete", "pruned")
-        if self.stopped and not finished:  # stopped by Ctrl-C or SIGTERM: not counted, run again on --resume
-            state_name, reason = "failed", INTERRUPTED
-        elif code != 0:
+        finished = code == 0 and state_name in ("complete", "pruned", "infeasible")
+        for key in MEASURES:
+            if result.get(key) is not None:
+                trial.set_user_attr(key, result[key])
+        if result.get("run_id"):
+            trial.set_user_attr("mlflow_run_id", result["run_id"])
+        if result.get("started_at_step"):
+            trial.set_user_attr("resumed_at_step", result["started_at_step"])
+        trial.set_user_attr("log", str(log_path))
+        if self.stopped and not finished:
+            # Stopped by Ctrl-C or SIGTERM after a checkpoint: left running, for the next worker
+            # (or --resume) to resume; not failed, not counted twice.
+            trial.set_user_attr(INTERRUPTED_ATTR, True)
+            outcome = TrialOutcome(trial.number, TrialState.RUNNING, None, INTERRUPTED, seconds, result, "KILLED")
+            self.say(f"{self.name}: trial {trial.number} interrupted; it resumes from its checkpoint with --resume")
+            return outcome
+        if code != 0:
             state_name = "failed"
             reason = reason or _exit_reason(code)
         if state_name == "complete":
             values, missing = objective_values(self.spec, result)
             if missing:
                 state_name, reason = "failed", missing
-        for key in MEASURES:
-            if result.get(key) is not None:
-                trial.set_user_attr(key, result[key])
         if "reached_target" in result:
             trial.set_user_attr("reached_target", result["reached_target"])
-        if result.get("run_id"):
-            trial.set_user_attr("mlflow_run_id", result["run_id"])
-        trial.set_user_attr("log", str(log_path))
         if state_name == "failed":
             trial.set_user_attr(FAIL_REASON_ATTR, reason)
-        state = {"complete": TrialState.COMPLETE, "pruned": TrialState.PRUNED}.get(state_name, TrialState.FAIL)
+        elif state_name in ("complete", "pruned"):  # before tell: a told trial takes no constraints
+            reason = record_constraints(trial, self.spec, result)
+        elif state_name == "infeasible":  # stopped before training: told complete at the worst value
+            record_constraints(trial, self.spec, result, trained=False)
+            values = untrained_values(self.spec)
+        run_dir = Path(result.get("run_dir") or run_dir)
+        if state_name == "complete" and (run_dir / "checkpoints" / "best.ckpt").is_file():
+            trial.set_user_attr(BEST_CHECKPOINT_ATTR, str(run_dir / "checkpoints" / "best.ckpt"))
+        elif not self.spec.keep_checkpoints:
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # pruned or failed: nothing to go back to
+        state = {"complete": TrialState.COMPLETE, "infeasible": TrialState.COMPLETE,
+                 "pruned": TrialState.PRUNED}.get(state_name, TrialState.FAIL)
         self.study.tell(trial, values if state == TrialState.COMPLETE else None, state=state)
-        killed = reason == INTERRUPTED or code < 0
-        outcome = TrialOutcome(trial.number, state, values, reason, seconds, result, "KILLED" if killed else "FAILED")
+        outcome = TrialOutcome(trial.number, state, values, reason, seconds, result, "KILLED" if code < 0 else "FAILED")
         self.tracking.trial_finished(self.study, outcome)
         self.say(self._line(trial, outcome, log_path))
         return outcome
@@ -295,13 +401,17 @@ class Worker:
     # ---------------------------------------------------------------------------- progress
     def _line(self, trial: optuna.Trial, outcome: TrialOutcome, log_path: Path) -> str:
         params = ", ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
-        if outcome.state == TrialState.COMPLETE:
+        if outcome.result.get("state") == "infeasible":
+            what = f"infeasible, not trained: {outcome.reason}"
+        elif outcome.state == TrialState.COMPLETE:
             shown = ", ".join(f"{o.metric}={v:.4g}" for o, v in zip(self.spec.objectives, outcome.values or []))
-            what = f"complete {shown}"
+            what = f"complete {shown}" + (f", infeasible: {outcome.reason}" if outcome.reason else "")
         elif outcome.state == TrialState.PRUNED:
             what = f"pruned at step {outcome.result.get('pruned_at')}"
         else:
             what = f"failed: {outcome.reason} (log: {log_path})"
+        if outcome.result.get("started_at_step"):
+            what += f", resumed at step {outcome.result['started_at_step']}"
         line = f"{self.name}: trial {trial.number} [{params}] {what} ({outcome.seconds:.0f} s)"
         if not self.spec.multi_objective:
             with contextlib.suppress(ValueError):

@@ -63,8 +63,10 @@ def test_sweeps_import_no_private_lmexp_module():
 LAYERS: dict[float, tuple[str, ...]] = {
     0: ("lmexp.errors", "lmexp.faults", "lmexp.arguments", "lmexp.deprecation", "lmexp.hardware",
         "lmexp.atomic", "lmexp.lightning_internals"),
-    1: ("lmexp.models.*", "lmexp.data.*", "lmexp.generation", "lmexp.text_metrics", "lmexp.mlflow_store"),
+    1: ("lmexp.models.*", "lmexp.data.*", "lmexp.generation", "lmexp.text_metrics", "lmexp.mlflow_store",
+        "lmexp.system_metrics"),
     2: ("lmexp.formats.*",),
+    2.5: ("lmexp.mlflow_models",),
     3: ("lmexp.checkpoints",),
     4: ("lmexp.objectives.*", "lmexp.tracking", "lmexp.guards", "lmexp.callbacks", "lmexp.strategies",
         "lmexp.prompting", "lmexp.precision"),

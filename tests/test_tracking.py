@@ -77,8 +77,9 @@ def test_a_fit_records_config_metrics_artifacts_and_tags_and_a_second_run_keeps_
     assert history(run, "train/loss") == [4, 9, 14, 19]
     assert history(run, "val/loss") == [9, 19]
     assert {"train/tokens_per_sec", "val/ppl", "val/bpb", "lr-AdamW/pg1"} <= set(run.data.metrics)
-    assert {"config.yaml", "tokenizer.json", "samples.txt", "loss_curve.png", "export"} <= artifacts(run)
-    assert artifacts(run, "export") == {"export/model.safetensors", "export/config.json", "export/tokenizer.json"}
+    assert {"config.yaml", "tokenizer.json", "samples.txt", "loss_curve.png"} <= artifacts(run)
+    assert {a.path for a in client().list_logged_model_artifacts(run.data.tags["lmexp.model_id"])} == {
+        "model.safetensors", "config.json", "tokenizer.json"}  # the best export is the run's model, not a run artifact
     png = Path(tags["run_dir"]) / "loss_curve.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -546,7 +547,10 @@ def test_a_tracking_server_run_and_an_outage_in_the_middle_of_one(tmp_path: Path
         main(tracked_args(tmp_path / "first"))  # read back over the REST API
         (run,) = runs_in(tmp_path / "first", uri)
         assert run.info.status == "FINISHED" and history(run, "train/loss", uri) == [4, 9, 14, 19]
-        assert {"config.yaml", "export", "loss_curve.png"} <= artifacts(run, uri=uri)
+        model = client(uri).get_logged_model(run.data.tags["lmexp.model_id"])
+        assert {"config.yaml", "loss_curve.png"} <= artifacts(run, uri=uri) and str(model.status).endswith("READY")
+        from lmexp.mlflow_models import resolve_model_uri
+        assert (resolve_model_uri(f"models:/{model.model_id}", uri) / "model.safetensors").is_file()
 
         # The server goes away after step 8: training goes on, one warning names the journal.
         with pytest.warns(UserWarning) as warned:

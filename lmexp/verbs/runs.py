@@ -1,4 +1,5 @@
-"""``lmexp runs``: list tracked runs, send a journal kept during a tracking outage, clean up."""
+"""``lmexp runs``: list tracked runs, send a journal kept during a tracking outage, register a
+run's best model, clean up."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 from lmexp.arguments import json_parser
 
-__all__ = ["format_runs", "list_tracked_runs", "run", "run_runs", "sync_journal_file"]
+__all__ = ["format_runs", "list_tracked_runs", "register_model", "run", "run_runs", "sync_journal_file"]
 
 
 def list_tracked_runs(experiment: str | None = None, limit: int = 20, tracking_uri: str | None = None) -> list[dict]:
@@ -37,8 +38,22 @@ def sync_journal_file(journal: str, tracking_uri: str | None = None) -> str:
     return sync_journal(journal, tracking_uri)
 
 
+def register_model(run: str, name: str, tracking_uri: str | None = None) -> str:
+    """Put a run's best model in the MLflow model registry as a new version of NAME.
+
+    Args:
+        run: The run: its folder (runs/<experiment>/<run>), its MLflow run id, or its name as lmexp runs lists it.
+        name: The registered model's name; each registration adds a version (models:/NAME/1, 2, ...).
+        tracking_uri: The tracking store (default: $MLFLOW_TRACKING_URI, else ./mlflow.db).
+    """
+    from lmexp.mlflow_models import register_run
+
+    return register_run(run, name, tracking_uri)
+
+
 def run(argv: list[str]) -> None:
-    """``lmexp runs`` (a table of the newest runs), ``lmexp runs sync JOURNAL``, ``lmexp runs clean``."""
+    """``lmexp runs`` (a table of the newest runs), ``lmexp runs sync JOURNAL``, ``lmexp runs register
+    RUN NAME``, ``lmexp runs clean``."""
     if argv and argv[0] == "clean":
         from lmexp.verbs.clean import run as run_clean
 
@@ -51,8 +66,16 @@ def run(argv: list[str]) -> None:
         run_id = sync_journal_file(config.journal, config.tracking_uri)
         print(f"sent {config.journal} to MLflow run {run_id}")
         return
+    if argv and argv[0] == "register":
+        parser = json_parser(prog="lmexp runs register", description=register_model.__doc__.splitlines()[0])
+        parser.add_function_arguments(register_model, as_positional=True)
+        config = parser.parse_args(argv[1:])
+        uri = register_model(config.run, config.name, config.tracking_uri)
+        print(f"registered {config.run} as {uri}")
+        return
     parser = json_parser(prog="lmexp runs", description=list_tracked_runs.__doc__.splitlines()[0]
-                         + " (lmexp runs sync JOURNAL: send records kept during a tracking outage)")
+                         + " (lmexp runs sync JOURNAL: send records kept during a tracking outage; "
+                         "lmexp runs register RUN NAME: put a run's best model in the model registry)")
     parser.add_function_arguments(list_tracked_runs, as_positional=False)
     config = parser.parse_args(argv)
     rows = list_tracked_runs(**{k: v for k, v in config.as_dict().items() if k != "config"})

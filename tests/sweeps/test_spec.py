@@ -10,6 +10,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState, create_trial
 
 from lmexp.errors import ConfigError
+from sweeps.samplers import choose_sampler
 from sweeps.spec import load_spec, parse_spec
 from sweeps.study import (
     FAIL_REASON_ATTR,
@@ -17,9 +18,7 @@ from sweeps.study import (
     check_space,
     counted_trials,
     create_or_resume,
-    exhausted,
     make_pruner,
-    make_sampler,
     open_storage,
     param_name,
     suggest,
@@ -51,12 +50,44 @@ def spec_with(space=None, **settings):
     (None, {"target": {"metric": "val/loss", "value": "low"}}, "with a numeric value"),
     (None, {"target": {"value": 1.9, "when": "early"}}, "target: unknown setting(s) when"),
     (None, {"target": {"value": 0.9, "direction": "up"}}, "direction='up' must be minimize or maximize"),
+    (None, {"constraints": [{"metric": "n_parameters"}]}, "constraint n_parameters: give 'max' and/or 'min'"),
+    (None, {"constraints": [{"metric": "n_parameters", "max": 2e6, "below": 1}]},
+     "constraint n_parameters: unknown setting(s) below"),
+    (None, {"constraints": [{"metric": "val/acc", "min": 0.9, "max": 0.5}]}, "min=0.9 is greater than max=0.5: swap them"),
+    (None, {"constraints": [{"metric": "n_parameters", "max": "2e6"}]}, "max='2e6' is not a finite number"),
+    (None, {"constraints": [{"max": 2.0e6}]}, "expected {metric: n_parameters, max: 2.0e6}"),
+    (None, {"constraints": "n_parameters < 2e6"}, "expected a list such as"),
+    (None, {"constraints": [{"metric": "train_seconds", "max": 60}, {"metric": "train_seconds", "min": 5}]},
+     "constraints name train_seconds twice"),
+    (None, {"constraints": [{"metric": "seconds_to_target", "max": 60}]}, "constraint seconds_to_target needs a target"),
+    (None, {"constraints": [{"metric": "val/acc", "min": 0.5, "max": 0.9}]}, "say which value is the best"),
+    (None, {"constraints": [{"metric": "val/loss", "max": 2.0, "direction": "maximize"}]},
+     "differs from its objective's (minimize)"),
+    (None, {"constraints": [{"metric": "val/loss", "max": 2.0, "reduce": "mean"}]}, "reduce='mean' must be best or last"),
+    (None, {"constraints": [{"metric": "n_parameters", "max": 2.0e6}], "sampler": {"name": "cmaes"}},
+     "sampler cmaes ignores constraints"),
 ])
 def test_bad_sweep_files_are_one_line_errors(space, settings, expected):
     with pytest.raises(ConfigError) as caught:
         spec_with(space, **settings)
     assert expected in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_constraints_are_parsed_kept_and_part_of_the_study_identity():
+    spec = spec_with(constraints=[{"metric": "n_parameters", "max": 2.0e6}, {"metric": "val/acc", "min": 0.5},
+                                  {"metric": "val/loss", "max": 3, "reduce": "last"}])
+    budget, accuracy, loss = spec.constraints
+    assert (budget.max, budget.min, budget.describe()) == (2.0e6, None, "n_parameters <= 2e+06")
+    assert (accuracy.direction, accuracy.describe()) == ("maximize", "0.5 <= val/acc")  # its best is its highest
+    assert (loss.direction, loss.reduce, loss.max) == ("minimize", "last", 3.0)  # as its objective
+    assert type(spec).from_dict(spec.to_dict()).constraints == spec.constraints
+    # A constraint changes which trial is best: the same study name with another one is another study.
+    assert spec.space_signature() != spec_with().space_signature()
+    assert spec_with(constraints={"metric": "n_parameters", "max": 2.0e6}).constraints == [budget]
+    # A sweep file that names no sampler lets the space choose: GP here, TPE where it has choices or groups.
+    default = parse_spec({**BASE, "space": {"model.init_args.lr": {"low": 1e-3, "high": 1e-2}}, "n_trials": 20})
+    assert default.sampler == {"name": "auto"} and choose_sampler(default)[0] == "gp"
 
 
 def test_a_missing_sweep_file_names_itself(tmp_path):
@@ -87,29 +118,11 @@ def test_ranges_choices_and_groups_become_fit_overrides():
     assert param_name("model.init_args.network_overrides.n_layer") == "model.n_layer"
 
 
-def test_grid_sampler_walks_choices_steps_and_groups():
-    spec = parse_spec({**BASE, "sampler": {"name": "grid"}, "space": {
-        "model.init_args.warmup_steps": {"low": 0, "high": 10, "step": 5}, "size": {"choices": SIZES}}})
-    study = optuna.create_study(sampler=make_sampler(spec))
-    seen = set()
-    while not exhausted(study):
-        trial = study.ask()
-        suggest(trial, spec)
-        seen.add((trial.params["model.warmup_steps"], trial.params["size"]))
-        study.tell(trial, 0.0)
-    assert len(study.trials) == 6
-    assert seen == {(w, s) for w in (0, 5, 10) for s in SIZES}
-    with pytest.raises(ConfigError, match="grid sampler needs"):
-        make_sampler(spec_with(sampler={"name": "grid"}))
-
-
 def test_sampler_and_pruner_options_are_checked():
     assert isinstance(make_pruner(spec_with(pruner={"name": "hyperband", "min_resource": 10})),
                       optuna.pruners.HyperbandPruner)
     with pytest.raises(ConfigError, match="pruner median: .*patience"):
         make_pruner(spec_with(pruner={"name": "median", "patience": 3}))
-    assert make_sampler(spec_with(sampler={"name": "tpe", "seed": 4}), worker_index=1)._rng.rng.randint(10**9) == \
-        make_sampler(spec_with(sampler={"name": "tpe", "seed": 5}))._rng.rng.randint(10**9)
 
 
 def test_every_key_and_group_is_checked_against_the_fit_schema(workdir):

@@ -16,8 +16,8 @@ import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from sweeps.study import open_storage, retried_trial_number
-from tests.sweeps.conftest import sweeps_command, write_sweep
+from sweeps.study import open_storage
+from tests.sweeps.conftest import SIZES, sweeps_command, write_sweep
 from tests.sweeps.trial_callbacks import WAIT_SECONDS
 
 
@@ -41,6 +41,13 @@ def test_a_study_runs_tracks_reports_and_resumes(workdir, isolated_tracking):
         overrides = trial.user_attrs["overrides"]
         assert overrides["model.init_args.lr"] == trial.params["model.lr"]
     assert "trial 2 [" in result.stdout and "report in" in result.stdout
+    # Pruned trials keep no checkpoints; complete ones keep theirs, and the best is named.
+    for trial in trials:
+        checkpoints = workdir / "runs" / "lr-size" / f"trial-{trial.number:04d}" / "checkpoints"
+        assert checkpoints.exists() == (trial.state == TrialState.COMPLETE), trial.number
+        if trial.state == TrialState.COMPLETE:
+            assert trial.user_attrs["best_checkpoint"] == str(checkpoints / "best.ckpt")
+    assert "disk: " in result.stdout and "best trial" in result.stdout and "best.ckpt" in result.stdout
     log = (workdir / "runs" / "lr-size" / "sweep.log").read_text()
     assert log.count("] complete") + log.count("] pruned") == 3  # progress also in the log file
     report = workdir / "runs" / "lr-size" / "report"
@@ -70,6 +77,22 @@ def test_a_study_runs_tracks_reports_and_resumes(workdir, isolated_tracking):
     assert len(trials_of("lr-size", storage)) == 4
     shown = sweeps_command("report", "--study", "lr-size")
     assert "study lr-size" in shown.stdout and "complete" in shown.stdout
+
+
+def test_a_model_over_the_parameter_budget_is_infeasible_and_not_trained(workdir):
+    sweep = write_sweep(workdir, "budget", n_trials=2, tracking_uri=False, sampler={"name": "grid"},
+                        space={"size": {"choices": SIZES}}, constraints=[{"metric": "n_parameters", "max": 12000}])
+    result = sweeps_command("run", "--config", str(sweep))
+    trials = {t.params["size"]: t for t in trials_of("budget", f"sqlite:///{workdir / 'optuna.db'}")}
+    small, medium = trials["small"], trials["medium"]
+    assert small.user_attrs["n_parameters"] <= 12000 < medium.user_attrs["n_parameters"]  # the budget splits them
+    assert small.state == medium.state == TrialState.COMPLETE  # infeasible is not failed
+    assert small.constraints["n_parameters"] <= 0 < medium.constraints["n_parameters"]
+    assert medium.value == float("inf") and not medium.intermediate_values  # stopped before its first step
+    assert "n_parameters" in medium.user_attrs["infeasible"]
+    assert not (workdir / "runs" / "budget" / f"trial-{medium.number:04d}" / "checkpoints").exists()
+    assert f"trial {medium.number} [size=medium] infeasible, not trained" in result.stdout
+    assert "sampler: grid (named in the sweep file)" in result.stdout
 
 
 def test_a_failing_trial_is_one_failed_trial_not_a_dead_study(workdir):
@@ -131,7 +154,8 @@ def test_pruning_stops_every_rank_of_a_ddp_trial(workdir):
     fit = (workdir / "fit.yaml").read_text().replace("devices: 1", "devices: 2\n  strategy: ddp")
     (workdir / "fit.yaml").write_text(fit)
     # No loss of this model goes below 0.5: the threshold pruner stops the trial at its first validation.
-    sweep = write_sweep(workdir, "ddp", n_trials=1, pruner={"name": "threshold", "upper": 0.5})
+    # keep_checkpoints: the pruned trial keeps the checkpoint its ranks saved together when they stopped.
+    sweep = write_sweep(workdir, "ddp", n_trials=1, pruner={"name": "threshold", "upper": 0.5}, keep_checkpoints=True)
     sweeps_command("run", "--config", str(sweep))
     (trial,) = trials_of("ddp", f"sqlite:///{workdir / 'optuna.db'}")
     assert trial.state == TrialState.PRUNED
@@ -174,7 +198,7 @@ def test_two_workers_share_a_postgresql_study(workdir, postgres_url, isolated_tr
 
 @pytest.mark.fault  # kills a worker: part of the fault-injection suite
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
-def test_a_dead_workers_trial_is_found_by_heartbeat_and_run_again(workdir, kind):
+def test_a_dead_workers_trial_is_resumed_from_its_checkpoint_under_its_number(workdir, kind):
     storage = f"sqlite:///{workdir / 'optuna.db'}" if kind == "sqlite" else f"journal:{workdir / 'optuna.journal'}"
     held = workdir / "held.pid"  # the first trial to reach step 2 writes it, then trains on only after a SIGTERM
     with_callbacks(workdir, {"class_path": "tests.sweeps.trial_callbacks.HoldUntilSigterm",
@@ -208,15 +232,18 @@ def test_a_dead_workers_trial_is_found_by_heartbeat_and_run_again(workdir, kind)
     assert "training stopped by SIGTERM at step 2" in log  # by the stop it was sent, not by an error
     assert (workdir / "runs" / "heartbeat" / name / "checkpoints" / "interrupted.ckpt").is_file()
 
-    # A new worker finds the trial stale once its beats are older than the grace period (waiting
-    # for that, as for any running trial of another worker), fails it and runs it again.
-    sweeps_command("worker", "--study", "heartbeat", "--storage", storage, "--heartbeat", "1", timeout=3 * WAIT_SECONDS)
+    # A new worker on this host finds the trial's worker and process gone and resumes it: the same
+    # trial, from the checkpoint it saved when it stopped, with what it reported to the pruner.
+    reported = dict(running.intermediate_values)
+    result = sweeps_command("worker", "--study", "heartbeat", "--storage", storage, "--heartbeat", "1",
+                            timeout=3 * WAIT_SECONDS)
     trials = trials_of("heartbeat", storage)
-    assert {t.number: t.state for t in trials if t.state != TrialState.COMPLETE} == {running.number: TrialState.FAIL}
-    assert sum(t.state == TrialState.COMPLETE for t in trials) == 2
-    (retried,) = [t for t in trials if retried_trial_number(t) is not None]
-    assert retried_trial_number(retried) == running.number and retried.params == running.params
-    assert retried.state == TrialState.COMPLETE
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE]  # no retry trial
+    resumed = trials[running.number]
+    assert resumed.params == running.params and resumed.user_attrs["resumes"] == 1
+    assert resumed.user_attrs["resumed_at_step"] == 2 and "restarted" not in resumed.user_attrs
+    assert all(resumed.intermediate_values[step] == value for step, value in reported.items())
+    assert f"trial {running.number} resumed from its last checkpoint (its worker" in result.stdout
 
 
 def alive(pid: int) -> bool:
@@ -247,7 +274,7 @@ def test_sweep_bad_input_is_one_line(workdir):
 
 
 @pytest.mark.fault  # interrupts a sweep: part of the fault-injection suite
-def test_ctrl_c_stops_the_trial_cleanly_and_resume_runs_it_again(workdir, isolated_tracking):
+def test_ctrl_c_stops_the_trial_cleanly_and_resume_continues_it(workdir, isolated_tracking):
     storage = f"sqlite:///{workdir / 'optuna.db'}"
     held = workdir / "held.pid"  # the trial holds after step 2 until its SIGTERM: it is caught running
     with_callbacks(workdir, {"class_path": "tests.sweeps.trial_callbacks.HoldUntilSigterm",
@@ -269,12 +296,18 @@ def test_ctrl_c_stops_the_trial_cleanly_and_resume_runs_it_again(workdir, isolat
     assert run.returncode == 130, out + err
     assert "continue with python -m sweeps run --config" in err
     (trial,) = trials_of("stop", storage)
-    assert trial.state == TrialState.FAIL and trial.user_attrs["fail_reason"] == "interrupted"
+    # Left running, marked interrupted: --resume continues it from its checkpoint, not from scratch.
+    assert trial.state == TrialState.RUNNING and trial.user_attrs["interrupted"] is True
     assert (workdir / "runs" / "stop" / "trial-0000" / "checkpoints" / "interrupted.ckpt").is_file()
     client = MlflowClient(isolated_tracking)
     runs = client.search_runs([client.get_experiment_by_name("stop").experiment_id])
     assert {r.info.status for r in runs} == {"KILLED"}  # the study's run and the trial's
 
-    sweeps_command("run", "--config", str(sweep), "--resume")  # the marker is there: this trial trains on
-    trials = trials_of("stop", storage)
-    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]  # the interrupted one does not count
+    result = sweeps_command("run", "--config", str(sweep), "--resume")  # the marker is there: this trial trains on
+    (trial,) = trials_of("stop", storage)
+    assert trial.state == TrialState.COMPLETE and trial.user_attrs["resumes"] == 1
+    assert trial.user_attrs["resumed_at_step"] == 2
+    assert "trial 0 resumed from its last checkpoint (it was interrupted)" in result.stdout
+    trial_runs = client.search_runs([client.get_experiment_by_name("stop").experiment_id],
+                                    filter_string="tags.`optuna.trial` = '0'")
+    assert [r.info.status for r in trial_runs] == ["FINISHED"]  # its MLflow run continued, not a second one

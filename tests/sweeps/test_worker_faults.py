@@ -19,7 +19,6 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 import sweeps.__main__ as cli
-from sweeps.report import trial_rows
 from sweeps.spec import load_spec
 from sweeps.study import (
     PARENT_RUN_ATTR, create_or_resume, finished_trials, open_storage, record_heartbeat, retried_trial_number, suggest,
@@ -75,28 +74,86 @@ def other_workers_trial(worker: Worker) -> tuple[optuna.Trial, int, str]:
     return trial, trial_id, run.info.run_id
 
 
-def test_a_dead_workers_last_trial_is_waited_for_failed_and_run_again(workdir, isolated_tracking, monkeypatch, capsys):
+def test_a_dead_workers_last_trial_is_waited_for_and_resumed_under_its_number(workdir, isolated_tracking, monkeypatch,
+                                                                             capsys):
     monkeypatch.setattr(Worker, "_launch", fake_trial())
     worker = make_worker(workdir, "dead-other", n_trials=2)
-    dead, _, dead_run = other_workers_trial(worker)  # its worker is gone: no beat after this one
+    dead, dead_id, _ = other_workers_trial(worker)  # its worker is gone: no beat after this one
+    optuna.Trial(worker.study, dead_id).report(1.5, step=100)  # what the pruner saw before the worker died
 
     with open(worker.root / "sweep.log", "a", encoding="utf-8") as worker.log:
         worker.run()  # its own trial is done long before the dead one goes stale (4 beats of 1 s)
 
     trials = worker.study.get_trials()
-    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE]  # no third trial: resumed
     assert finished_trials(trials) == 2
-    assert retried_trial_number(trials[2]) == 0 and trials[2].params == dead.params
+    resumed = trials[0]
+    assert resumed.params == dead.params and resumed.user_attrs["resumes"] == 1
+    assert resumed.intermediate_values == {100: 1.5}  # its reports to the pruner kept
+    # The other worker left no run folder here: trained again from its first step, and marked so.
+    assert resumed.user_attrs["restarted"] == "its worker left no run folder"
     out = capsys.readouterr().out
     assert "waiting for trial 0 (worker 9, last heartbeat" in out
-    assert "waiting for trial 0 (worker 9" in (worker.root / "sweep.log").read_text()
-    client = MlflowClient(isolated_tracking)
-    assert client.get_run(dead_run).info.status == "KILLED"  # found by its tags, ended by this worker
-    retry_runs = client.search_runs([client.get_experiment_by_name("dead-other").experiment_id],
-                                    filter_string="tags.`optuna.trial` = '2'")
-    assert [r.data.tags.get("sweep.retry_of") for r in retry_runs] == ["0"]
-    rows = {row["trial"]: row for row in trial_rows(worker.study, worker.spec)}
-    assert rows[2]["retry_of"] == 0 and rows[1]["retry_of"] is None
+    assert "trial 0 resumed from its first step" in out
+    assert "trial 0 resumed" in (worker.root / "sweep.log").read_text()
+
+
+def test_an_interrupted_trial_is_resumed_from_its_run_folder(workdir, monkeypatch, capsys):
+    jobs: list[dict[str, Any]] = []
+
+    def launch(self: Worker, job_path: Path, log_path: Path, trial_id: int) -> int:
+        job = json.loads(Path(job_path).read_text())
+        jobs.append(job)
+        (self.root / job["run_name"]).mkdir(exist_ok=True)
+        if len(jobs) == 1:  # Ctrl-C while the first trial trains
+            self.stopped = True
+            return -15
+        Path(job["result"]).write_text(json.dumps({"state": "complete", "best": {"val/loss": 1.0},
+                                                   "last": {"val/loss": 1.0}, "started_at_step": 200}))
+        return 0
+
+    monkeypatch.setattr(Worker, "_launch", launch)
+    worker = make_worker(workdir, "interrupted", n_trials=1)
+    worker.tracking.tracking_uri = None
+    worker.run()
+    (trial,) = worker.study.get_trials()
+    assert trial.state == TrialState.RUNNING and trial.user_attrs["interrupted"] is True  # left for --resume
+
+    again = Worker(worker.study, worker.spec, worker.storage, worker.storage_url, worker.root, threads=1,
+                   name="worker 1", heartbeat_seconds=1)
+    again.run()
+    (trial,) = worker.study.get_trials()
+    assert trial.state == TrialState.COMPLETE and trial.user_attrs["resumes"] == 1
+    assert jobs[1]["resume"] is True and jobs[1]["run_name"] == jobs[0]["run_name"] == "trial-0000"
+    assert jobs[0]["resume"] is False
+    assert "trial 0 resumed from its last checkpoint (it was interrupted)" in capsys.readouterr().out
+
+
+def test_a_stale_trial_of_an_earlier_database_study_is_failed_and_run_again(workdir, monkeypatch):
+    """Workers of the earlier kind beat in Optuna's heartbeat table only; their dead trials are retried as before."""
+
+    def launch(self: Worker, job_path: Path, log_path: Path, trial_id: int) -> int:
+        job = json.loads(Path(job_path).read_text())
+        Path(job["result"]).write_text(json.dumps({"state": "complete", "best": {"val/loss": 1.0}}))
+        return 0
+
+    monkeypatch.setattr(Worker, "_launch", launch)
+    url = f"sqlite:///{workdir / 'optuna.db'}"
+    spec = load_spec(write_sweep(workdir, "legacy", n_trials=1, storage=url))
+    storage = open_storage(url, heartbeat_seconds=1)
+    study = create_or_resume(spec, storage, url, resume=False)
+    old = study.ask()
+    suggest(old, spec)
+    storage.record_heartbeat(old._trial_id)  # Optuna's own heartbeat, no heartbeat attribute
+    time.sleep(5)  # past the grace period of 4 beats
+    root = workdir / "runs" / "legacy"
+    root.mkdir(parents=True)
+    worker = Worker(study, spec, storage, url, root, threads=1, name="worker 0", heartbeat_seconds=1)
+    worker.tracking.tracking_uri = None
+    worker.run()
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert retried_trial_number(trials[1]) == 0 and trials[1].params == old.params
 
 
 def test_a_live_workers_trial_is_waited_for_and_counted(workdir, monkeypatch, capsys):
