@@ -199,7 +199,12 @@ def resolve_model_uri(uri: str, tracking_uri: str | None = None) -> Path:
     target = model_cache_root() / model_id
     if (target / "config.json").is_file():
         return target
-    model = client.get_logged_model(model_id)
+    try:
+        model = client.get_logged_model(model_id)
+    except Exception as err:  # noqa: BLE001  (a deleted model: one line, with the fix)
+        raise CheckpointError(f"{uri!r}: model {model_id} cannot be read from the store "
+                              f"({str(err).splitlines()[0] if str(err) else type(err).__name__}): "
+                              "register the run again with lmexp runs register RUN NAME") from None
     import mlflow.artifacts
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -222,7 +227,11 @@ def resolve_model_uri(uri: str, tracking_uri: str | None = None) -> Path:
         why = failure if downloaded is None else "its artifacts hold no export"
         raise CheckpointError(f"{uri!r} (model {model_id}) cannot be loaded ({why}): register a run whose "
                               "export was uploaded, or load its checkpoints/best folder directly")
-    os.replace(downloaded, target) if downloaded != staging else os.replace(staging, target)
+    try:
+        os.replace(downloaded, target)
+    except OSError:  # another process put the same model there first
+        if not (target / "config.json").is_file():
+            raise
     shutil.rmtree(staging, ignore_errors=True)
     return target
 

@@ -112,7 +112,7 @@ def run_command(args: argparse.Namespace) -> None:
     parent.end("KILLED" if stopped else "FAILED" if short else "FINISHED")
     print(f"study {spec.study}: {len(study.trials)} trials in {elapsed:.0f} s; report in {out}; "
           f"dashboard: optuna-dashboard {shown_url(storage_url)}", flush=True)
-    print(disk_use(root), flush=True)
+    print(disk_use(root, spec.keep_checkpoints), flush=True)
     if stopped:
         print(f"interrupted: continue with python -m sweeps run --config {args.config} --resume", file=sys.stderr)
         raise SystemExit(130)
@@ -176,7 +176,7 @@ def incomplete(study: Any, spec: Any, resume: str) -> str:
             f"continue it with {resume}")
 
 
-def disk_use(root: Path) -> str:
+def disk_use(root: Path, keep_checkpoints: bool = False) -> str:
     """One line: what the study's folder holds on disk, in all and in checkpoints."""
     total = checkpoints = 0
     for path in root.rglob("*"):
@@ -185,8 +185,9 @@ def disk_use(root: Path) -> str:
                 size = path.stat().st_size
                 total += size
                 checkpoints += size if "checkpoints" in path.relative_to(root).parts else 0
-    return (f"disk: {total / 1e6:.1f} MB in {root} ({checkpoints / 1e6:.1f} MB of checkpoints and exports; "
-            "pruned and failed trials keep none)")
+    kept = "every trial keeps its own: keep_checkpoints" if keep_checkpoints else \
+        "only complete, feasible trials keep theirs"
+    return f"disk: {total / 1e6:.1f} MB in {root} ({checkpoints / 1e6:.1f} MB of checkpoints and exports; {kept})"
 
 
 def study_root(config: dict[str, Any], study: str) -> Path:

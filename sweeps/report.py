@@ -713,9 +713,14 @@ def write_plots(study: optuna.Study, spec: SweepSpec, out: Path) -> tuple[list[P
             written.append(png)
             continue
         plot.figure.savefig(png, dpi=DPI, metadata={"Title": plot.title})
-        script = script or shared_plotly_script(out)
-        source = Path(os.path.relpath(script, out.resolve())).as_posix()
-        plot.html.write_html(out / f"{plot.stem}.html", include_plotlyjs=source)
+        if script is None:
+            try:
+                script = Path(os.path.relpath(shared_plotly_script(out), out.resolve())).as_posix()
+            except OSError as err:  # the folder above the study's cannot be written: a copy beside the plots
+                log.warning(f"plotly's script cannot be shared beside the study folders ({err.strerror}): "
+                            f"one copy in {out}")
+                script = "directory"
+        plot.html.write_html(out / f"{plot.stem}.html", include_plotlyjs=script)
         written += [png, out / f"{plot.stem}.html"]
     drawn = [f"  {p.stem}: {p.stem}.png, {p.stem}.html" for p in plots if not p.skipped]
     skipped = [f"  {p.stem}: {p.skipped} ({p.stem}.png says so)" for p in plots if p.skipped]
@@ -745,7 +750,8 @@ def report(study: optuna.Study, spec: SweepSpec, out: Path) -> tuple[str, list[P
     ``trials.csv``, ``plots.txt`` and the plots into ``out``. Returns the printed text and the files."""
     out.mkdir(parents=True, exist_ok=True)
     rows = trial_rows(study, spec)
-    counts = {s: sum(1 for r in rows if r["state"] == s) for s in ("complete", "pruned", "fail", "running")}
+    counts = {s: sum(1 for r in rows if r["state"] == s)
+              for s in ("complete", "pruned", "fail", "running", "interrupted")}
     title = f"study {study.study_name}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     text = print_table(rows, title, best_numbers(study))
     write_csv(rows, out / "trials.csv")

@@ -162,6 +162,7 @@ class SweepSpec:
     target: Target | None = None
     constraints: list[Constraint] = field(default_factory=list)
     keep_checkpoints: bool = False  # pruned, failed and infeasible trials keep their checkpoints and export
+    sampler_named: bool = True  # False when the file names no sampler: a resumed study keeps its own
 
     @property
     def multi_objective(self) -> bool:
@@ -283,6 +284,7 @@ def parse_spec(data: Mapping[str, Any], default_study: str = "sweep", source: st
         objectives=objectives, n_trials=n_trials, timeout=timeout, sampler=sampler, pruner=pruner, workers=workers,
         threads=threads, storage=data.get("storage"), tracking_uri=data.get("tracking_uri"), source=source,
         target=target, constraints=constraints, keep_checkpoints=keep_checkpoints,
+        sampler_named=data.get("sampler") is not None,
     )
 
 

@@ -62,6 +62,7 @@ class TrialOutcome:
     seconds: float
     result: dict[str, Any]
     end_status: str = "FAILED"  # how a failed trial's MLflow run ends: FAILED, or KILLED by a signal or Ctrl-C
+    infeasible: str = ""  # why a complete trial breaks a constraint
 
 
 def default_storage() -> str:
@@ -200,6 +201,9 @@ def create_or_resume(spec: SweepSpec, storage: optuna.storages.BaseStorage, stor
             raise ConfigError(
                 f"study {spec.study!r} exists in {shown_url(storage_url)} with {len(study.trials)} trials: "
                 "continue it with --resume, or start a new one with --study NAME")
+        if not spec.sampler_named:  # the default sampler has changed across versions: the study keeps its own
+            spec.sampler = stored_spec(study).sampler
+            study.sampler = make_sampler(spec, worker_index)
         study.set_user_attr(SPEC_ATTR, spec.to_dict())  # n_trials, timeout or workers may have changed
         return study
     if resume:
@@ -266,10 +270,14 @@ class Owner:
         """True when this host ran the trial and neither its worker nor its trial process is alive."""
         if self.host != socket.gethostname():
             return False
-        return not any(_alive(pid) for pid in (self.worker_pid, self.trial_pid) if pid)
+        return not any(process_alive(pid) for pid in (self.worker_pid, self.trial_pid) if pid)
+
+    def here(self) -> bool:
+        return self.host == socket.gethostname()
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host runs (an ended one its parent has not reaped does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -295,10 +303,13 @@ def orphaned_trials(study: optuna.Study, heartbeat_seconds: int | None) -> list[
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         beat = trial.user_attrs.get(HEARTBEAT_ATTR)
         owner = Owner.of(trial)
-        if trial.user_attrs.get(INTERRUPTED_ATTR):
-            found.append((trial, "it was interrupted"))
-        elif owner is not None and owner.gone():
-            found.append((trial, f"its worker (pid {owner.worker_pid}) is gone"))
+        here = owner is not None and owner.here()
+        if trial.user_attrs.get(INTERRUPTED_ATTR):  # its worker marked it once its process had ended
+            if not (here and owner.trial_pid and process_alive(owner.trial_pid)):
+                found.append((trial, "it was interrupted"))
+        elif here:  # this host sees its processes: never taken from a live one, whatever its beats say
+            if owner.gone():
+                found.append((trial, f"its worker (pid {owner.worker_pid}) is gone"))
         elif beat is not None and heartbeat_seconds and now - beat >= STALE_AFTER_BEATS * heartbeat_seconds:
             found.append((trial, f"its worker stopped beating {now - beat:.0f} s ago"))
     return found

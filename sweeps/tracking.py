@@ -18,7 +18,15 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmexp.mlflow_store import TrackingStore, check_tracking_uri, default_tracking_uri, ensure_store, flatten
+from lmexp.mlflow_store import (
+    MODEL_SKIPPED_TAG,
+    MODEL_TAG,
+    TrackingStore,
+    check_tracking_uri,
+    default_tracking_uri,
+    ensure_store,
+    flatten,
+)
 
 if TYPE_CHECKING:
     import optuna
@@ -107,11 +115,15 @@ class StudyRun:
             self.end_trial_run(study.study_name, outcome.number, outcome.reason, outcome.end_status,
                                outcome.result.get("run_id"))
         elif outcome.result.get("run_id"):
+            run_id = outcome.result["run_id"]
             tags = {"optuna.state": outcome.state.name}
             if outcome.values:
                 tags["optuna.values"] = ", ".join(f"{v:.6g}" for v in outcome.values)
-            self._safely("tag the trial's run", *[(self.client.set_tag, outcome.result["run_id"], k, v)
-                                                  for k, v in tags.items()])
+            if outcome.infeasible:
+                tags["optuna.infeasible"] = outcome.infeasible[:500]
+            self._safely("tag the trial's run", *[(self.client.set_tag, run_id, k, v) for k, v in tags.items()])
+            if outcome.infeasible:  # kept out of the models to rank, as pruned trials are
+                self._safely("drop the infeasible trial's model", (self._drop_model, run_id, outcome.infeasible))
         if self.run_id is None:  # the study's own run was never made
             return
         trials = study.get_trials(deepcopy=False)
@@ -138,6 +150,12 @@ class StudyRun:
         calls += [(self.client.log_metric, self.run_id, f"trials_{state.name.lower()}", count, now, step)
                   for state, count in counts.items()]
         self._safely("update the study's run", *calls)
+
+    def _drop_model(self, run_id: str, reason: str) -> None:
+        model_id = self.client.get_run(run_id).data.tags.get(MODEL_TAG)
+        if model_id:
+            self.client.delete_logged_model(model_id)
+            self.client.set_tag(run_id, MODEL_SKIPPED_TAG, f"infeasible: {reason}"[:500])
 
     def end_trial_run(self, study_name: str, number: int, reason: str, status: str = "FAILED",
                       run_id: str | None = None) -> None:

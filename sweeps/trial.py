@@ -69,6 +69,7 @@ class ReportToStudy(pl.Callback):
         self.validation_seconds = 0.0
         self.seconds_to_target: float | None = None
         self._train_start: float | None = None
+        self._trained_before = 0.0  # training seconds of this trial before the checkpoint it resumed from
         self._validation_start = 0.0
         self._trial: Any = None
         self.n_parameters: int | None = None
@@ -103,7 +104,24 @@ class ReportToStudy(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._train_start is not None:
-            self.train_seconds = self.clock() - self._train_start
+            self.train_seconds = self._trained_seconds()
+
+    def _trained_seconds(self) -> float:
+        """Training time of the whole trial: before the checkpoint it resumed from, and since."""
+        since = self.clock() - self._train_start if self._train_start is not None else 0.0
+        return self._trained_before + since
+
+    # A resumed trial measures the whole trial, not the part after its checkpoint: what it measured
+    # travels in the checkpoint (Lightning saves and restores a callback's state).
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": dict(self.best), "last": dict(self.last), "trained_seconds": self._trained_seconds(),
+                "validation_seconds": self.validation_seconds}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best.update(state_dict.get("best", {}))
+        self.last.update(state_dict.get("last", {}))
+        self._trained_before = float(state_dict.get("trained_seconds", 0.0))
+        self.validation_seconds = float(state_dict.get("validation_seconds", 0.0))
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._validation_start = self.clock()
@@ -151,7 +169,7 @@ class ReportToStudy(pl.Callback):
         reached = trainer.is_global_zero and value is not None and math.isfinite(value) and target.reached(value)
         if not trainer.strategy.broadcast(reached, src=0):
             return False
-        self.seconds_to_target = self.clock() - self._train_start - self.validation_seconds
+        self.seconds_to_target = self._trained_seconds() - self.validation_seconds
         trainer.should_stop = True
         return True
 
@@ -205,6 +223,8 @@ def run_trial(job: dict[str, Any]) -> int:
     try:
         run = _build(job, reporter)
         rank_zero = run.trainer.is_global_zero
+        if rank_zero:  # the folder it trains in, also when it fails
+            write_result(job, {"run_dir": str(run.run_dir)})
         run.execute()
     except Exception as err:
         user_error = find_user_error(err)
@@ -239,14 +259,18 @@ def _build(job: dict[str, Any], reporter: ReportToStudy) -> Any:
         return build_run(f"{job['run_name']}-restarted", None)
 
 
-def stop_when_orphaned(parent_pid: int, interval: float = 2.0) -> None:
-    """SIGTERM this trial (it checkpoints and stops) once the process that started it is gone, so
-    a killed worker leaves no trial training on; the study resumes that trial from its checkpoint.
+def stop_when_orphaned(worker_pid: int, interval: float = 2.0) -> None:
+    """SIGTERM this trial (it checkpoints and stops) once its worker is gone, so a killed worker
+    leaves no trial training on; the study resumes that trial from its checkpoint.
 
-    ``parent_pid`` is the worker, or the worker's trial server, which exits with the worker."""
+    The worker is watched itself: a forked trial's parent is the worker's trial server, which
+    outlives the worker while the trial runs."""
+    from sweeps.study import process_alive
+
+    parent = os.getppid()
 
     def watch() -> None:
-        while os.getppid() == parent_pid:
+        while os.getppid() == parent and process_alive(worker_pid):
             time.sleep(interval)
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -256,7 +280,7 @@ def stop_when_orphaned(parent_pid: int, interval: float = 2.0) -> None:
 def run_job_file(job_path: str | Path) -> int:
     job = json.loads(Path(job_path).read_text())
     if job.get("worker_pid") and os.environ.get("LOCAL_RANK", "0") == "0":  # DDP's other ranks follow rank 0
-        stop_when_orphaned(os.getppid())
+        stop_when_orphaned(job["worker_pid"])
     return run_trial(job)
 
 
@@ -272,10 +296,18 @@ def run_forked(job_path: str, log_path: str, threads: int) -> None:
     os.close(log)
     sys.stdout.reconfigure(line_buffering=True)
     sys.stderr.reconfigure(line_buffering=True)
+    import atexit
+
     import torch
 
     torch.set_num_threads(threads)
-    raise SystemExit(run_job_file(job_path))
+    try:
+        code = run_job_file(job_path)
+    finally:
+        # A forked process ends with os._exit, which skips exit handlers: run them as a process
+        # of its own would (the tracker's last flush and finalize among them).
+        atexit._run_exitfuncs()
+    raise SystemExit(code)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -102,9 +102,6 @@ class ForkedTrial:
         self.process.start()
         self.pid = self.process.pid
 
-    def poll(self) -> int | None:
-        return self.process.exitcode
-
     def wait(self) -> int:
         self.process.join()
         return int(self.process.exitcode if self.process.exitcode is not None else 1)
@@ -158,6 +155,9 @@ class Worker:
                     if self._wait_for_others():
                         continue  # asked again: the trial waited for is done, or orphaned and resumed here
                     break
+                if self.stopped:  # stopped while asking: the trial is left for --resume, not started
+                    self._leave_interrupted(asked[0])
+                    break
                 outcomes.append(self._run(*asked))
                 if self._hopeless(outcomes):
                     break
@@ -180,9 +180,22 @@ class Worker:
 
     def _stop(self, signum: int, frame: Any) -> None:
         self.stopped = True
-        if self._child is not None and self._child.poll() is None:
+        self._stop_child()
+
+    def _stop_child(self) -> None:
+        """SIGTERM the running trial (it checkpoints and stops): its process group, or the process
+        alone when it has not made its group yet (a forked trial sets up its session first).
+        Nothing here reads the trial's exit status, which the waiting loop must get."""
+        child = self._child
+        if child is None:
+            return
+        try:
+            os.killpg(child.pid, signal.SIGTERM)
+        except ProcessLookupError:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self._child.pid, signal.SIGTERM)  # the trial checkpoints and stops
+                os.kill(child.pid, signal.SIGTERM)
+        except PermissionError:
+            pass
 
     def _ask(self) -> tuple[optuna.Trial, str] | None:
         """The next trial to run, and why it is resumed ("" for a new one); None when the study is done."""
@@ -203,10 +216,16 @@ class Worker:
                 return None
             trial = self.study.ask()
             trial_id = self._trial_id(trial.number)
-            # Alive and owned from the start: a trial with no beat is never taken for orphaned.
-            record_heartbeat(self.storage, trial_id)
+            # Owned from the start, and alive by heartbeat when beats are on: a trial with no beat
+            # is never taken for orphaned by another host's worker.
             self.storage.set_trial_user_attr(trial_id, Owner.ATTR, self._owner().to_attr())
+            if self.heartbeat_seconds:
+                record_heartbeat(self.storage, trial_id)
             return trial, ""
+
+    def _leave_interrupted(self, trial: optuna.Trial) -> None:
+        trial.set_user_attr(INTERRUPTED_ATTR, True)
+        self.say(f"{self.name}: trial {trial.number} interrupted before it started; it runs with --resume")
 
     def _owner(self, trial_pid: int | None = None) -> Owner:
         return Owner(socket.gethostname(), os.getpid(), trial_pid)
@@ -272,7 +291,7 @@ class Worker:
             self.say(f"{self.name}: trial {trial.number} resumed {how} ({resumed_because})")
         run_name = run_name if resume else self._run_name(trial.number)
         trial.set_user_attr(RUN_NAME_ATTR, run_name)
-        if resumed_because and not resume:
+        if resumed_because and not resume and frozen.user_attrs.get(RUN_NAME_ATTR):
             trial.set_user_attr(RESTARTED_ATTR, "its worker left no run folder")
         log_path = self.root / "logs" / f"{run_name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -283,6 +302,8 @@ class Worker:
             code = self._launch(job_path, log_path, trial_id)
             result_path = Path(job["result"])
             result = json.loads(result_path.read_text()) if result_path.is_file() else {}
+        if result.get("run_dir"):  # a trial that could not resume trains in another folder
+            trial.set_user_attr(RUN_NAME_ATTR, Path(result["run_dir"]).name)
         if result.get("restarted"):
             trial.set_user_attr(RESTARTED_ATTR, result["restarted"])
         elif resume and result.get("state") in ("complete", "pruned") and not result.get("started_at_step"):
@@ -341,6 +362,8 @@ class Worker:
                     self._child = subprocess.Popen([sys.executable, "-m", "sweeps.trial", str(job_path)], env=env,
                                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                                    start_new_session=True)
+            if self.stopped:  # stopped while the trial started
+                self._stop_child()
             with contextlib.suppress(Exception):  # who runs the trial: found gone when this host has no such process
                 self.storage.set_trial_user_attr(trial_id, Owner.ATTR, self._owner(self._child.pid).to_attr())
             return self._child.wait()
@@ -383,17 +406,19 @@ class Worker:
         elif state_name in ("complete", "pruned"):  # before tell: a told trial takes no constraints
             reason = record_constraints(trial, self.spec, result)
         elif state_name == "infeasible":  # stopped before training: told complete at the worst value
-            record_constraints(trial, self.spec, result, trained=False)
+            reason = record_constraints(trial, self.spec, result, trained=False)
             values = untrained_values(self.spec)
+        infeasible = reason if state_name in ("complete", "infeasible") else ""
         run_dir = Path(result.get("run_dir") or run_dir)
-        if state_name == "complete" and (run_dir / "checkpoints" / "best.ckpt").is_file():
+        if state_name == "complete" and not infeasible and (run_dir / "checkpoints" / "best.ckpt").is_file():
             trial.set_user_attr(BEST_CHECKPOINT_ATTR, str(run_dir / "checkpoints" / "best.ckpt"))
         elif not self.spec.keep_checkpoints:
-            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # pruned or failed: nothing to go back to
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # pruned, failed, infeasible: none to go back to
         state = {"complete": TrialState.COMPLETE, "infeasible": TrialState.COMPLETE,
                  "pruned": TrialState.PRUNED}.get(state_name, TrialState.FAIL)
         self.study.tell(trial, values if state == TrialState.COMPLETE else None, state=state)
-        outcome = TrialOutcome(trial.number, state, values, reason, seconds, result, "KILLED" if code < 0 else "FAILED")
+        outcome = TrialOutcome(trial.number, state, values, reason, seconds, result, "KILLED" if code < 0 else "FAILED",
+                               infeasible)
         self.tracking.trial_finished(self.study, outcome)
         self.say(self._line(trial, outcome, log_path))
         return outcome

@@ -73,7 +73,8 @@ def test_a_fit_logs_its_best_model_which_registers_and_loads_by_uri(tmp_path: Pa
     # An evaluation takes the registered model, with the data of the run it came from.
     main(["validate", "--ckpt_path", "models:/tiny-gpt/1", "--trainer.limit_val_batches=1",
           "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path / 'eval'}"])
-    (evaluation,) = [r for r in client().search_runs([run.info.experiment_id]) if r.data.tags.get("verb") == "validate"]
+    (evaluation,) = [r for r in client().search_runs([run.info.experiment_id]) if r.data.tags.get("verb") == "validate"
+                     and r.data.tags.get("run_dir", "").startswith(str(tmp_path / "eval"))]  # the store is the session's
     assert evaluation.data.metrics["val/loss"] == pytest.approx(run.data.metrics["val/loss"], rel=1e-5)
 
 

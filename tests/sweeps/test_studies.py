@@ -214,7 +214,8 @@ def test_a_dead_workers_trial_is_resumed_from_its_checkpoint_under_its_number(wo
         (running,) = [t for t in trials_of("heartbeat", storage) if t.state == TrialState.RUNNING]  # the held one
     finally:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(first.pid, signal.SIGKILL)  # the worker dies without a word; its trial, a session of its own, lives
+            # The worker alone dies without a word: its trial (a session of its own) and the trial server live on.
+            os.kill(first.pid, signal.SIGKILL)
         first.communicate()
 
     # The orphaned trial notices its worker is gone and stops itself (SIGTERM: a checkpoint, then exit).

@@ -65,6 +65,7 @@ def other_workers_trial(worker: Worker) -> tuple[optuna.Trial, int, str]:
     suggest(trial, worker.spec)
     trial_id = worker.storage.get_trial_id_from_study_id_trial_number(worker.study_id, trial.number)
     worker.storage.set_trial_user_attr(trial_id, "worker", "worker 9")
+    worker.storage.set_trial_user_attr(trial_id, "run_name", f"trial-{trial.number:04d}")  # on the other host
     record_heartbeat(worker.storage, trial_id)
     client = MlflowClient(worker.tracking.tracking_uri)
     experiment = client.get_experiment_by_name(worker.study.study_name)
@@ -206,3 +207,64 @@ def test_a_study_left_short_of_n_trials_makes_run_exit_non_zero(workdir, monkeyp
     assert len(err) == 1, err
     assert "study short is incomplete: 2 of its 5 trials are missing" in err[0]
     assert f"python -m sweeps run --config {sweep} --resume" in err[0]
+
+
+def test_a_resumed_trial_measures_the_whole_trial(workdir):
+    """What a trial measured before its checkpoint travels in it: the best validation and the
+    training time count both parts of a resumed trial, not only the part after the resume."""
+    from sweeps.trial import ReportToStudy
+
+    spec = load_spec(write_sweep(workdir, "measures", objectives=["val/loss"]))
+    job = {"spec": spec.to_dict(), "result": str(workdir / "result.json")}
+    now = [100.0]
+    first = ReportToStudy(job, clock=lambda: now[0])
+    first._train_start = now[0]
+    first.best, first.last = {"val/loss": 1.5}, {"val/loss": 1.7}
+    first.validation_seconds = 4.0
+    now[0] += 30.0  # 30 s of training, then the checkpoint
+    saved = first.state_dict()
+
+    resumed = ReportToStudy(job, clock=lambda: now[0])
+    resumed.load_state_dict(saved)
+    resumed._train_start = now[0]
+    now[0] += 20.0
+    resumed.on_train_end(None, None)
+    measured = resumed.measured()
+    assert measured["best"] == {"val/loss": 1.5}  # a better validation before the resume is kept
+    assert measured["train_seconds"] == 50.0 and resumed.validation_seconds == 4.0
+
+
+def test_a_study_made_with_another_default_sampler_keeps_it_on_resume(workdir):
+    url = f"sqlite:///{workdir / 'optuna.db'}"
+    storage = open_storage(url, heartbeat_seconds=None)
+    made = load_spec(write_sweep(workdir, "keep-sampler", sampler={"name": "tpe", "seed": 3}))
+    create_or_resume(made, storage, url, resume=False)
+    again = load_spec(write_sweep(workdir, "keep-sampler", sampler=None))  # the file names none: default auto
+    assert not again.sampler_named and again.sampler["name"] == "auto"
+    study = create_or_resume(again, storage, url, resume=True)
+    assert type(study.sampler).__name__ == "TPESampler" and again.sampler == {"name": "tpe", "seed": 3}
+
+
+def test_an_infeasible_trained_trial_keeps_no_checkpoints(workdir, monkeypatch):
+    def launch(self: Worker, job_path: Path, log_path: Path, trial_id: int) -> int:
+        job = json.loads(Path(job_path).read_text())
+        checkpoints = self.root / job["run_name"] / "checkpoints"
+        checkpoints.mkdir(parents=True)
+        (checkpoints / "best.ckpt").write_bytes(b"weights")
+        Path(job["result"]).write_text(json.dumps({"state": "complete", "best": {"val/loss": 1.0},
+                                                   "train_seconds": 30.0, "run_dir": str(checkpoints.parent)}))
+        return 0
+
+    monkeypatch.setattr(Worker, "_launch", launch)
+    url = f"sqlite:///{workdir / 'optuna.db'}"
+    spec = load_spec(write_sweep(workdir, "over-time", n_trials=1, tracking_uri=False,
+                                 constraints=[{"metric": "train_seconds", "max": 10}]))
+    storage = open_storage(url, heartbeat_seconds=None)
+    study = create_or_resume(spec, storage, url, resume=False)
+    root = workdir / "runs" / "over-time"
+    root.mkdir(parents=True)
+    Worker(study, spec, storage, url, root, threads=1, name="worker 0").run()
+    (trial,) = study.get_trials()
+    assert trial.state == TrialState.COMPLETE and "train_seconds" in trial.user_attrs["infeasible"]
+    assert "best_checkpoint" not in trial.user_attrs
+    assert not (root / "trial-0000" / "checkpoints").exists()
