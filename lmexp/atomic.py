@@ -142,7 +142,7 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
 
 
 def process_alive(pid: int) -> bool:
-    """Whether process ``pid`` runs on this machine (this process counts)."""
+    """Whether process ``pid`` runs on this machine (this process counts; a zombie does not)."""
     if pid <= 0:
         return False
     if pid == os.getpid():
@@ -153,7 +153,10 @@ def process_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # an ended process its parent has not reaped yet is gone too
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from lmexp.atomic import write_text
 from sweeps.spec import SweepSpec
 from sweeps.samplers import INFEASIBLE_ATTR
 from sweeps.study import BEST_CHECKPOINT_ATTR, INTERRUPTED_ATTR, RESTARTED_ATTR, RESUMES_ATTR, retried_trial_number
@@ -118,7 +119,7 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
-    path.write_text(buffer.getvalue(), encoding="utf-8")
+    write_text(path, buffer.getvalue())
 
 
 def best_numbers(study: optuna.Study) -> set[int]:
@@ -692,9 +693,7 @@ def shared_plotly_script(out: Path) -> Path:
     script = folder / f"plotly-{get_plotlyjs_version()}.min.js"
     if not script.is_file():
         folder.mkdir(parents=True, exist_ok=True)
-        partial = folder / f".{script.name}.{os.getpid()}.tmp"
-        partial.write_text(get_plotlyjs(), encoding="utf-8")
-        os.replace(partial, script)
+        write_text(script, get_plotlyjs())
     return script
 
 
@@ -726,7 +725,7 @@ def write_plots(study: optuna.Study, spec: SweepSpec, out: Path) -> tuple[list[P
     skipped = [f"  {p.stem}: {p.skipped} ({p.stem}.png says so)" for p in plots if p.skipped]
     listing = [f"plots of study {study.study_name}, objectives: {', '.join(trials_metrics(spec))}",
                "written:", *(drawn or ["  (none)"]), "skipped:", *(skipped or ["  (none)"])]
-    (out / "plots.txt").write_text("\n".join(listing) + "\n", encoding="utf-8")
+    write_text(out / "plots.txt", "\n".join(listing) + "\n")
     written.append(out / "plots.txt")
     return written, [p for p in plots if p.skipped]
 
@@ -762,5 +761,5 @@ def report(study: optuna.Study, spec: SweepSpec, out: Path) -> tuple[str, list[P
     if notes:
         print("\n".join(notes))
         text += "\n".join(notes) + "\n"
-    (out / "trials.txt").write_text(text, encoding="utf-8")
+    write_text(out / "trials.txt", text)
     return text, [out / "trials.txt", out / "trials.csv", *written]

@@ -23,6 +23,7 @@ import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
+from lmexp.atomic import process_alive
 from lmexp.errors import ConfigError
 from lmexp.runs import check
 # GridSampler, exhausted, make_sampler and param_name stay importable from here (sweeps.samplers, sweeps.spec).
@@ -274,20 +275,6 @@ class Owner:
 
     def here(self) -> bool:
         return self.host == socket.gethostname()
-
-
-def process_alive(pid: int) -> bool:
-    """Whether process ``pid`` of this host runs (an ended one its parent has not reaped does not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # an ended process not yet reaped by its parent is gone too
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def orphaned_trials(study: optuna.Study, heartbeat_seconds: int | None) -> list[tuple[FrozenTrial, str]]:

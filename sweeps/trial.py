@@ -265,7 +265,7 @@ def stop_when_orphaned(worker_pid: int, interval: float = 2.0) -> None:
 
     The worker is watched itself: a forked trial's parent is the worker's trial server, which
     outlives the worker while the trial runs."""
-    from sweeps.study import process_alive
+    from lmexp.atomic import process_alive
 
     parent = os.getppid()
 
